@@ -1,0 +1,69 @@
+"""The one settings object. Every knob is an environment variable named RETRIEVAL_<FIELD>."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RETRIEVAL_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("data"), description="Root for models/, indexes/, images/ and the SQLite file.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default is SQLite at <data_dir>/retrieval.db."
+    )
+    device: str = Field("auto", description="'auto' picks CUDA when present, else 'cpu'; or 'cpu', 'cuda:0'.")
+    embedder: str = Field(
+        "efficientnet_lite0",
+        description="Embedder used when no model version is active: a built-in name or a checkpoint dir.",
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Limits on what a client may send.
+    max_upload_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted upload, checked while streaming.")
+    max_image_pixels: int = Field(40_000_000, description="Largest width*height decoded (pixel-bomb guard).")
+    max_k: int = 100
+
+    # Batch job.
+    batch_size: int = 32
+    num_workers: int = Field(2, description="DataLoader decode workers for the index build.")
+
+    # Micro-batching of concurrent queries onto the device.
+    max_batch_size: int = 16
+    max_batch_wait_ms: float = 5.0
+    max_queue: int = Field(256, description="Queued queries beyond which the service answers 503.")
+
+    # Versions kept on disk after publishing a new one.
+    keep_versions: int = 3
+
+    # Auth: reads may be left open; writes need an API key with the 'write' scope.
+    auth_enabled: bool = False
+    open_reads: bool = True
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'retrieval.db').resolve()}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def indexes_dir(self) -> Path:
+        return self.data_dir / "indexes"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
