@@ -1,0 +1,103 @@
+"""The one safe image decoder: bytes -> RGB PIL image, or an ImageError that says what was wrong.
+
+Every path that turns bytes into pixels (uploads, the batch index job, the worker) goes through `decode_image`.
+Guards, in order: empty input, byte limit, format sniffing, pixel count read from the header before any pixel is
+decoded (decompression bombs), a full decode that fails loudly on truncated data, then EXIF orientation and a
+mode conversion that keeps 16-bit and transparent images looking right.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Truncated files must fail, not come back half grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Our own pixel limit is checked first; Pillow's stays as a second fence for formats that lie in headers.
+Image.MAX_IMAGE_PIXELS = None
+
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+@dataclass
+class ImageError(Exception):
+    """A client-side problem with an image; `status` is the HTTP status the API answers with."""
+
+    status: int
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # Scale high-bit-depth greys into 8 bits instead of letting Pillow clip everything above 255.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Composite transparency onto white, the way the image looks on a page.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode untrusted bytes into an upright RGB image or raise ImageError (4xx)."""
+    if not data:
+        raise ImageError(400, "the upload is empty: expected image bytes")
+    if len(data) > max_bytes:
+        raise ImageError(413, f"the image is {len(data)} bytes; the limit is {max_bytes} bytes")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError(415, "the file is not an image in a format this service reads (JPEG, PNG, GIF, "
+                              "WebP, BMP, TIFF)") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on hostile headers
+        raise ImageError(400, f"the image header could not be read: {exc}") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageError(400, f"the image has invalid dimensions {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageError(
+            413, f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if getattr(image, "is_animated", False):
+                image.seek(0)  # animated GIF / WebP / APNG: the first frame
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            rgb = _to_rgb(image)
+            rgb.load()
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(400, f"the image is truncated or corrupt and could not be decoded: {exc}") from None
+    return rgb
+
+
+def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a file from disk with the same guards as an upload (the size is checked before reading)."""
+    import os
+
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise ImageError(413, f"{path} is {size} bytes; the limit is {max_bytes} bytes")
+    with open(path, "rb") as handle:
+        return decode_image(handle.read(), max_bytes=max_bytes, max_pixels=max_pixels)

@@ -1,0 +1,84 @@
+"""Model and index versions: registering, finding the active pair, and promoting a pair atomically.
+
+The active IndexVersion row (and the ModelVersion it was built with) is what the service serves. Files are
+written first (checkpoint dirs, index dirs renamed into place); the SQL flip to 'active' comes last, in one
+transaction, so a reader never sees a half-built version.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.db.models import IndexVersion, ModelVersion
+from app.settings import Settings
+
+
+def new_version_name(prefix: str) -> str:
+    return f"{prefix}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}"
+
+
+def active_index(session: Session) -> IndexVersion | None:
+    return session.scalar(select(IndexVersion).where(IndexVersion.status == "active"))
+
+
+def active_model(session: Session) -> ModelVersion | None:
+    return session.scalar(select(ModelVersion).where(ModelVersion.status == "active"))
+
+
+def register_model(session: Session, settings: Settings, checkpoint_dir: Path | None, name: str,
+                   arch: str, dim: int, metrics: dict | None = None, status: str = "candidate") -> ModelVersion:
+    version = ModelVersion(name=name, arch=arch, dim=dim, path=str(checkpoint_dir), metrics=metrics or {},
+                           status=status)
+    if status == "active":
+        session.execute(update(ModelVersion).where(ModelVersion.status == "active").values(status="retired"))
+        version.activated_at = datetime.now(UTC)
+    session.add(version)
+    session.flush()
+    return version
+
+
+def ensure_model_version(session: Session, settings: Settings) -> ModelVersion:
+    """The model the next build embeds with: the active one, else `settings.embedder` saved as a version."""
+    active = active_model(session)
+    if active is not None:
+        return active
+    from models.checkpoint import is_checkpoint, read_config, save_checkpoint
+    from models.zoo import create_embedder
+
+    name = Path(settings.embedder).name if is_checkpoint(settings.embedder) else settings.embedder
+    existing = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
+    if existing is not None:
+        existing.status = "active"
+        existing.activated_at = datetime.now(UTC)
+        return existing
+    target = settings.models_dir / name
+    if not is_checkpoint(target):
+        save_checkpoint(create_embedder(settings.embedder), target)
+    config = read_config(target)
+    arch = config.arch if config.arch != "timm" else config.backbone
+    return register_model(session, settings, target.resolve(), name, arch, config.dim, status="active")
+
+
+def promote(session: Session, index_version: IndexVersion) -> None:
+    """Make `index_version` and its model the active pair; retire the previous pair. One transaction."""
+    now = datetime.now(UTC)
+    session.execute(
+        update(IndexVersion)
+        .where(IndexVersion.status == "active", IndexVersion.id != index_version.id)
+        .values(status="retired")
+    )
+    session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.status == "active", ModelVersion.id != index_version.model_version_id)
+        .values(status="retired")
+    )
+    index_version.status = "active"
+    index_version.activated_at = now
+    model = session.get(ModelVersion, index_version.model_version_id)
+    if model is not None and model.status != "active":
+        model.status = "active"
+        model.activated_at = now
