@@ -1,0 +1,157 @@
+"""Shared fixtures: a migrated database on SQLite and on a real PostgreSQL server, settings on a temp data dir,
+small generated images, and a real uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.postgres import PostgresServer, find_bin_dir
+
+REPO = Path(__file__).resolve().parents[1]
+# In CI PostgreSQL must be there: a missing server is a failure, not a skip.
+REQUIRE_POSTGRES = os.environ.get("CI") == "true" or os.environ.get("RETRIEVAL_TEST_REQUIRE_POSTGRES") == "1"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    if find_bin_dir() is None:
+        if REQUIRE_POSTGRES:
+            pytest.fail("PostgreSQL binaries are required here (apt-get install postgresql)")
+        pytest.skip("PostgreSQL binaries not installed")
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty, migrated database: SQLite in tmp_path, or a fresh database on the test PostgreSQL server."""
+    from app.db.migrate import upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'retrieval.db'}"
+    else:
+        url = request.getfixturevalue("postgres_server").create_database()
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    from app.db.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'retrieval.db'}"
+    upgrade(url)
+    return url
+
+
+def make_settings(data_dir: Path, database_url: str, **overrides):
+    from app.settings import Settings
+
+    values = {"data_dir": data_dir, "database_url": database_url, "num_workers": 0, "batch_size": 16}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_env(settings) -> dict[str, str]:
+    """The same settings as RETRIEVAL_* environment variables, for subprocesses."""
+    env = dict(os.environ)
+    for name in ("data_dir", "database_url", "embedder", "num_workers", "batch_size", "device"):
+        env[f"RETRIEVAL_{name.upper()}"] = str(getattr(settings, name))
+    return env
+
+
+CLASS_COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (230, 220, 30),
+}
+
+
+def class_image(label: str, seed: int, size: int = 96) -> Image.Image:
+    """A class-coloured image with a class-specific stripe pattern and per-image noise."""
+    rng = np.random.default_rng(seed)
+    base = np.array(CLASS_COLOURS[label], dtype=np.float32)
+    img = np.tile(base, (size, size, 1))
+    period = 8 + 6 * list(CLASS_COLOURS).index(label)
+    stripes = (np.arange(size) // period) % 2
+    img[:, stripes == 1] *= 0.55
+    img += rng.normal(0, 18, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A folder corpus: <label>/<n>.jpg, 6 images for each of 4 classes."""
+    root = tmp_path / "corpus"
+    for label in CLASS_COLOURS:
+        (root / label).mkdir(parents=True)
+        for n in range(6):
+            class_image(label, seed=hash((label, n)) % 10_000).save(root / label / f"{n}.jpg", quality=92)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """`retrieval serve` in a real uvicorn subprocess on loopback."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> LiveServer:
+        import httpx
+
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log_path.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
