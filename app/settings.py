@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     # Versions kept on disk after publishing a new one.
     keep_versions: int = 3
 
+    # Training worker (`retrieval worker`): how often it heartbeats and polls, and when a silent job is stale.
+    worker_heartbeat_s: float = Field(5.0, description="Seconds between a running job's heartbeats.")
+    worker_stale_after_s: float = Field(
+        60.0, description="A running job with no heartbeat for this long is re-queued (or failed past max_attempts)."
+    )
+    worker_poll_s: float = Field(2.0, description="Seconds an idle worker waits before looking for a job again.")
+    job_max_attempts: int = Field(3, description="Runs a job gets (a dead worker's run counts) before it fails.")
+
     # Auth: reads may be left open; writes need an API key with the 'write' scope.
     auth_enabled: bool = False
     open_reads: bool = True
@@ -62,6 +70,10 @@ class Settings(BaseSettings):
     @property
     def images_dir(self) -> Path:
         return self.data_dir / "images"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
 
 
 @lru_cache
