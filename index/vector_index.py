@@ -1,11 +1,30 @@
 """VectorIndex: a FAISS index over L2-normalised vectors (inner product = cosine) whose ids are images.id.
 
-Pure FAISS + numpy. Saved with its parameters next to it; writes go to a temporary file renamed into place.
+Pure FAISS + numpy. One class behind four index families, picked by a FAISS factory string:
+
+- exact:    "Flat"                        (IndexIDMap2 over IndexFlatIP)
+- HNSW:     "HNSW32"                      (IndexIDMap2 over IndexHNSWFlat)
+- IVF-Flat: "IVF1024,Flat"                (IndexIVFFlat, native 64-bit ids)
+- IVF-PQ:   "OPQ32,IVF4096,PQ32"          (IndexPreTransform(OPQ) over IndexIVFPQ, native ids)
+
+`choose_factory(n, dim, memory_budget_bytes)` picks one from the corpus size (autofaiss-style rules, written
+here because autofaiss pins numpy<2). Deletion is right for every type: Flat and IVF remove vectors for real;
+HNSW cannot, so removed ids become tombstones, persisted with the index and applied through an IDSelector at
+search time; a rebuild compacts them away.
+
+Search-parameter knobs, stored in `params` (index.json) and applied on every search:
+- "nprobe"   (IVF types): inverted lists scanned per query; tuned at build time by `tune()`.
+- "efSearch" (HNSW): size of the dynamic candidate list; tuned at build time by `tune()`.
+- "recall_target", "recall_at_k", "tuned_k", "tuned_queries": what the tuning aimed for and reached,
+  measured against exact search on a sample of the indexed vectors.
+Filtered searches (allowed_ids / exclude_ids) escalate nprobe / efSearch when too few results come back, so
+they still return k results when k matching vectors exist.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +35,9 @@ import numpy as np
 
 INDEX_FILE = "index.faiss"
 PARAMS_FILE = "index.json"
+TOMBSTONES_FILE = "tombstones.npy"
+
+DEFAULT_RECALL_TARGET = 0.95
 
 
 def _as_float32(vectors: np.ndarray) -> np.ndarray:
@@ -29,58 +51,259 @@ def _as_ids(ids: np.ndarray | list[int]) -> np.ndarray:
     return np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
 
 
+def gpu_available() -> bool:
+    """True when this FAISS build (faiss-gpu, the `gpu` extra) sees a GPU."""
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    return bool(get_num_gpus and get_num_gpus() > 0)
+
+
+def _pow2(x: float) -> int:
+    return int(2 ** max(0, round(math.log2(max(1.0, x)))))
+
+
+def choose_factory(n: int, dim: int, memory_budget_bytes: int = 4 << 30) -> str:
+    """Pick an index type from corpus size, dimension and memory budget (autofaiss-style rules).
+
+    - up to 50k vectors: exact Flat (a brute-force scan is a few ms and recall is 1.0);
+    - up to 2M vectors, when float32 vectors plus the graph fit: HNSW32 (best recall/speed on CPU);
+    - otherwise IVF with ~4*sqrt(n) lists: IVF-Flat when the float32 vectors fit the budget, else OPQ + IVF-PQ
+      with as many PQ bytes per vector as the budget allows (m divides dim).
+    """
+    raw = n * dim * 4
+    if n <= 50_000 and raw <= memory_budget_bytes:
+        return "Flat"
+    hnsw_m = 32
+    if n <= 2_000_000 and raw + n * (hnsw_m * 2 * 4 + 16) <= memory_budget_bytes:
+        return f"HNSW{hnsw_m}"
+    nlist = min(65536, _pow2(4 * math.sqrt(n)))
+    # Keep >= 39 training points per list, FAISS's own lower bound for k-means.
+    nlist = max(16, min(nlist, _pow2(n / 39)))
+    if raw + n * 8 <= memory_budget_bytes:
+        return f"IVF{nlist},Flat"
+    per_vector = memory_budget_bytes / max(n, 1) - 8  # 8 bytes of id per vector
+    candidates = [m for m in (8, 12, 16, 24, 32, 48, 64, 96) if dim % m == 0 and m <= per_vector]
+    m = max(candidates) if candidates else next((m for m in (8, 4, 2, 1) if dim % m == 0), 1)
+    return f"OPQ{m},IVF{nlist},PQ{m}"
+
+
 class VectorIndex:
     """Inner-product FAISS index with 64-bit ids, built from a factory string ("Flat" by default)."""
 
     def __init__(self, dim: int, factory: str = "Flat", index: faiss.Index | None = None,
-                 params: dict[str, Any] | None = None) -> None:
+                 params: dict[str, Any] | None = None, tombstones: np.ndarray | None = None) -> None:
         self.dim = dim
         self.factory = factory
         self.params: dict[str, Any] = dict(params or {})
         if index is None:
             base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-            index = base if factory.startswith("IDMap") else faiss.IndexIDMap2(base)
+            # IVF types take ids natively (and must, so remove_ids and shard merges see images.id);
+            # Flat and HNSW need the IDMap2 wrapper.
+            native_ids = faiss.try_extract_index_ivf(base) is not None or factory.startswith("IDMap")
+            index = base if native_ids else faiss.IndexIDMap2(base)
         self.index = index
+        self.tombstones = np.unique(_as_ids(tombstones if tombstones is not None else []))
+        self._ids_cache: np.ndarray | None = None
+
+    # -- introspection --------------------------------------------------------------------------------
+    @property
+    def ivf(self) -> faiss.IndexIVF | None:
+        return faiss.try_extract_index_ivf(self.index)
+
+    @property
+    def hnsw(self) -> faiss.IndexHNSW | None:
+        inner = faiss.downcast_index(self.index.index) if hasattr(self.index, "id_map") else self.index
+        return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+    @property
+    def kind(self) -> str:
+        """'hnsw', 'ivf' or 'flat'."""
+        if self.hnsw is not None:
+            return "hnsw"
+        return "ivf" if self.ivf is not None else "flat"
+
+    @property
+    def supports_remove(self) -> bool:
+        return self.hnsw is None
 
     def __len__(self) -> int:
+        """Live vectors: those held minus tombstones."""
+        return int(self.index.ntotal) - len(self.tombstones)
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors physically held, tombstoned ones included."""
         return int(self.index.ntotal)
 
     @property
     def is_trained(self) -> bool:
         return bool(self.index.is_trained)
 
+    def ids(self) -> np.ndarray:
+        """Every id physically held (tombstoned ones included), in storage order."""
+        if self._ids_cache is None:
+            if hasattr(self.index, "id_map"):
+                self._ids_cache = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+            else:
+                self._ids_cache = self._ivf_ids()
+        return self._ids_cache
+
+    def live_ids(self) -> np.ndarray:
+        ids = self.ids()
+        if len(self.tombstones) == 0:
+            return ids
+        return ids[~np.isin(ids, self.tombstones)]
+
+    def _ivf_ids(self) -> np.ndarray:
+        ivf = self.ivf
+        if ivf is None:
+            raise TypeError(f"cannot list ids of {type(self.index).__name__}")
+        invlists, out = ivf.invlists, []
+        for list_no in range(ivf.nlist):
+            size = invlists.list_size(list_no)
+            if size:
+                ptr = invlists.get_ids(list_no)
+                out.append(faiss.rev_swig_ptr(ptr, size).copy())
+                invlists.release_ids(list_no, ptr)
+        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+
+    def _contains(self, ids: np.ndarray) -> np.ndarray:
+        return np.isin(ids, self.ids())
+
+    # -- writes ---------------------------------------------------------------------------------------
     def train(self, vectors: np.ndarray) -> None:
         if not self.index.is_trained:
             self.index.train(_as_float32(vectors))
 
     def add(self, ids: np.ndarray | list[int], vectors: np.ndarray) -> None:
+        """Add vectors; an id already held is replaced (Flat/IVF) or refused (HNSW: rebuild instead)."""
         vectors, ids = _as_float32(vectors), _as_ids(ids)
         if vectors.shape != (len(ids), self.dim):
             raise ValueError(f"{len(ids)} ids for vectors of shape {vectors.shape}, dim {self.dim}")
         if len(ids) == 0:
             return
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("duplicate ids in one add() call")
+        if self.index.ntotal:
+            present = ids[self._contains(ids)]
+            if len(present):
+                if not self.supports_remove:
+                    raise ValueError(f"ids already in this HNSW index (tombstoned or live): {present[:10]}; "
+                                     "HNSW cannot replace vectors, rebuild the index instead")
+                self.remove(present)
         self.train(vectors)
         self.index.add_with_ids(vectors, ids)
+        self._ids_cache = None
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
-        ids = _as_ids(ids)
-        if len(ids) == 0:
+        """Remove ids; returns how many live vectors went away. HNSW records tombstones instead."""
+        ids = np.unique(_as_ids(ids))
+        if len(ids) == 0 or self.index.ntotal == 0:
             return 0
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+        if self.supports_remove:
+            removed = int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+            self._ids_cache = None
+            return removed
+        fresh = ids[self._contains(ids) & ~np.isin(ids, self.tombstones)]
+        self.tombstones = np.union1d(self.tombstones, fresh)
+        return len(fresh)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids), each [Q, k]; missing neighbours have id -1."""
+    # -- search ---------------------------------------------------------------------------------------
+    def _search_params(self, selector: faiss.IDSelector | None, scale: int = 1) -> faiss.SearchParameters:
+        ivf, hnsw = self.ivf, self.hnsw
+        if ivf is not None:
+            params = faiss.SearchParametersIVF()
+            params.nprobe = min(ivf.nlist, int(self.params.get("nprobe", ivf.nprobe)) * scale)
+        elif hnsw is not None:
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = int(self.params.get("efSearch", hnsw.hnsw.efSearch)) * scale
+        else:
+            params = faiss.SearchParameters()
+        if selector is not None:
+            params.sel = selector
+        return params
+
+    def _can_escalate(self, scale: int) -> bool:
+        ivf, hnsw = self.ivf, self.hnsw
+        if ivf is not None:
+            return int(self.params.get("nprobe", ivf.nprobe)) * scale < ivf.nlist
+        if hnsw is not None:
+            return int(self.params.get("efSearch", hnsw.hnsw.efSearch)) * scale < max(self.ntotal, 64) * 2
+        return False
+
+    def search(self, queries: np.ndarray, k: int, *, allowed_ids: np.ndarray | None = None,
+               exclude_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids), each [Q, k]; missing neighbours have id -1 and score -inf.
+
+        allowed_ids restricts the search to those ids (e.g. selected in SQL by label or metadata);
+        exclude_ids (e.g. images deleted since the index was built) and tombstones never come back.
+        """
         queries = _as_float32(queries)
-        if len(self) == 0:
-            q = len(queries)
-            return np.full((q, k), -np.inf, dtype=np.float32), np.full((q, k), -1, dtype=np.int64)
-        scores, ids = self.index.search(queries, k)
+        nq = len(queries)
+        empty = (np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64))
+        if self.index.ntotal == 0 or k <= 0:
+            return empty
+        excluded = self.tombstones
+        if exclude_ids is not None and len(exclude_ids):
+            excluded = np.union1d(excluded, _as_ids(exclude_ids))
+        selector: faiss.IDSelector | None = None
+        keep: list[Any] = []  # SWIG selectors do not own their children: keep them alive here
+        if allowed_ids is not None:
+            allowed = np.unique(_as_ids(allowed_ids))
+            allowed = allowed[self._contains(allowed) & ~np.isin(allowed, excluded)]
+            available = len(allowed)
+            if available == 0:
+                return empty
+            selector = faiss.IDSelectorBatch(allowed)
+        elif len(excluded):
+            available = self.ntotal - int(self._contains(excluded).sum())
+            inner = faiss.IDSelectorBatch(excluded)
+            keep.append(inner)
+            selector = faiss.IDSelectorNot(inner)
+        else:
+            available = self.ntotal
+        wanted = min(k, available)
+        scale = 1
+        while True:
+            scores, ids = self.index.search(queries, k, params=self._search_params(selector, scale))
+            short = (ids >= 0).sum(axis=1) < wanted
+            if selector is None or not short.any() or not self._can_escalate(scale):
+                break
+            scale *= 4  # a restrictive filter starves nprobe/efSearch: widen until k results come back
+        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return scores, ids
 
-    def ids(self) -> np.ndarray:
-        """All ids held (IDMap-backed indexes)."""
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+    # -- tuning ---------------------------------------------------------------------------------------
+    def tune(self, queries: np.ndarray, true_ids: np.ndarray, k: int = 10,
+             target: float = DEFAULT_RECALL_TARGET) -> dict[str, Any]:
+        """Smallest nprobe / efSearch reaching `target` recall@k against `true_ids` (exact search); stored."""
+        queries = _as_float32(queries)
+        k = min(k, true_ids.shape[1])
 
+        def recall() -> float:
+            _, found = self.search(queries, k)
+            hits = sum(len(np.intersect1d(f[f >= 0], t[:k][t[:k] >= 0])) for f, t in zip(found, true_ids, strict=True))
+            return hits / max(1, int((true_ids[:, :k] >= 0).sum()))
+
+        ivf, hnsw = self.ivf, self.hnsw
+        if ivf is not None:
+            knob, values = "nprobe", [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+                                      if v < ivf.nlist] + [ivf.nlist]
+        elif hnsw is not None:
+            knob, values = "efSearch", [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024]
+        else:
+            self.params.update(recall_at_k=1.0, tuned_k=k, recall_target=target)
+            return self.params
+        reached = 0.0
+        for value in values:
+            self.params[knob] = int(value)
+            reached = recall()
+            if reached >= target:
+                break
+        self.params.update(recall_at_k=round(reached, 4), tuned_k=k, recall_target=target,
+                           tuned_queries=len(queries))
+        return self.params
+
+    # -- persistence ----------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -92,15 +315,78 @@ class VectorIndex:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        meta = {"dim": self.dim, "factory": self.factory, "params": self.params, "ntotal": len(self)}
+        tmp_tomb = directory / ".tombstones.tmp.npy"
+        np.save(tmp_tomb, self.tombstones)
+        os.replace(tmp_tomb, directory / TOMBSTONES_FILE)
+        meta = {"dim": self.dim, "factory": self.factory, "kind": self.kind, "params": self.params,
+                "ntotal": self.ntotal, "live": len(self), "tombstones": len(self.tombstones)}
         tmp_meta = directory / f".{PARAMS_FILE}.tmp"
         tmp_meta.write_text(json.dumps(meta, indent=2))
         os.replace(tmp_meta, directory / PARAMS_FILE)
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> VectorIndex:
+    def load(cls, directory: str | Path, mmap: bool = False) -> VectorIndex:
         directory = Path(directory)
         meta = json.loads((directory / PARAMS_FILE).read_text())
-        index = faiss.read_index(str(directory / INDEX_FILE))
-        return cls(dim=meta["dim"], factory=meta["factory"], index=index, params=meta.get("params"))
+        # ONDISK_SAME_DIR: an index merged on disk finds its .ivfdata next to it even after a rename.
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_MMAP if mmap else 0)
+        index = faiss.read_index(str(directory / INDEX_FILE), flags)
+        tomb_path = directory / TOMBSTONES_FILE
+        tombstones = np.load(tomb_path) if tomb_path.exists() else None
+        return cls(dim=meta["dim"], factory=meta["factory"], index=index, params=meta.get("params"),
+                   tombstones=tombstones)
+
+
+def exact_knn(queries: np.ndarray, database: np.ndarray, db_ids: np.ndarray, k: int) -> tuple[np.ndarray,
+                                                                                               np.ndarray]:
+    """Exact inner-product top-k of queries against (db_ids, database): the ground truth for tuning."""
+    scores, positions = faiss.knn(_as_float32(queries), _as_float32(database), min(k, len(database)),
+                                  metric=faiss.METRIC_INNER_PRODUCT)
+    ids = np.where(positions >= 0, _as_ids(db_ids)[np.clip(positions, 0, None)], -1)
+    return scores, ids
+
+
+def build(ids: np.ndarray, vectors: np.ndarray, factory: str | None = None,
+          memory_budget_bytes: int = 4 << 30, recall_target: float = DEFAULT_RECALL_TARGET,
+          train_size: int = 200_000, tune_queries: int = 500, seed: int = 0) -> VectorIndex:
+    """Build, train (on a sample), fill and tune an index from in-memory vectors."""
+    vectors, ids = _as_float32(vectors), _as_ids(ids)
+    n, dim = vectors.shape
+    factory = factory or choose_factory(n, dim, memory_budget_bytes)
+    index = VectorIndex(dim, factory)
+    rng = np.random.default_rng(seed)
+    if not index.is_trained and n:
+        sample = rng.choice(n, size=min(n, train_size), replace=False) if n > train_size else slice(None)
+        index.train(vectors[sample])
+    index.add(ids, vectors)
+    index.params["built_with"] = n
+    if n and index.kind != "flat":
+        pick = rng.choice(n, size=min(n, tune_queries), replace=False)
+        _, truth = exact_knn(vectors[pick], vectors, ids, 10)
+        index.tune(vectors[pick], truth, k=10, target=recall_target)
+    return index
+
+
+def merge_ivf_ondisk(trained: VectorIndex, parts: list[VectorIndex], directory: str | Path) -> VectorIndex:
+    """Merge filled IVF indexes sharing one trained quantizer into one index whose lists live on disk.
+
+    FAISS's on-disk merge (OnDiskInvertedLists): the merged lists are written to `merged.ivfdata` in
+    `directory`; `VectorIndex.load` finds that file next to index.faiss even after the directory is renamed.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ivf = trained.ivf
+    if ivf is None:
+        raise TypeError("merge_ivf_ondisk needs IVF indexes")
+    invlists = [p.ivf.invlists for p in parts if p.ivf is not None]
+    ondisk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(directory / "merged.ivfdata"))
+    vec = faiss.InvertedListsPtrVector()
+    for il in invlists:
+        vec.push_back(il)
+    ntotal = ondisk.merge_from(vec.data(), vec.size())
+    ivf.ntotal = trained.index.ntotal = ntotal
+    ivf.replace_invlists(ondisk, True)
+    ondisk.this.disown()
+    trained._ids_cache = None
+    return trained

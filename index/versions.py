@@ -1,0 +1,187 @@
+"""Versioned on-disk layout, atomic publish, and embedding shards. Pure filesystem + numpy.
+
+    <indexes_dir>/<version>/index.faiss        the FAISS index
+                            index.json         dim, factory, kind, search params (nprobe/efSearch), counts
+                            tombstones.npy     ids removed from an HNSW index (applied at search time)
+                            ids.npy            the live ids of this version, sorted
+                            embeddings/        float16 vectors + int64 ids, one pair of .npy per shard
+    <indexes_dir>/.tmp-<version>-<pid>/        a version being written; never read, swept on the next run
+
+A version is written under its temporary name and renamed into place (rename is atomic on one filesystem),
+so a reader either sees a complete directory or none. Marking it active is the caller's (SQL) job, last.
+
+Embedding shards: `<stem>.f16.npy` (float16 [n, d]) and `<stem>.ids.npy` (int64 [n]). The ids file is renamed
+into place after the vectors file, so a shard counts only once both exist: a crash mid-write leaves at most an
+orphan vectors file, which readers ignore.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+TMP_PREFIX = ".tmp-"
+EMBEDDINGS_DIR = "embeddings"
+IDS_FILE = "ids.npy"
+VEC_SUFFIX = ".f16.npy"
+IDS_SUFFIX = ".ids.npy"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_embedding_shard(directory: str | Path, stem: str, ids: np.ndarray, vectors: np.ndarray) -> Path:
+    """Write one shard (float16 vectors, then ids: the ids file is the commit marker)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float16)
+    if len(ids) != len(vectors):
+        raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+    _save_npy_atomic(directory / f"{stem}{VEC_SUFFIX}", vectors)
+    _save_npy_atomic(directory / f"{stem}{IDS_SUFFIX}", ids)
+    _fsync_dir(directory)
+    return directory / f"{stem}{IDS_SUFFIX}"
+
+
+def shard_stems(directory: str | Path) -> list[str]:
+    """Complete shards (both files present), sorted by name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stems = [p.name[: -len(IDS_SUFFIX)] for p in directory.glob(f"*{IDS_SUFFIX}") if not p.name.startswith(".")]
+    return sorted(s for s in stems if (directory / f"{s}{VEC_SUFFIX}").exists())
+
+
+def iter_embedding_shards(directory: str | Path, mmap: bool = True) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(stem, ids, float16 vectors) per complete shard; memory-mapped so millions of rows stay on disk."""
+    directory = Path(directory)
+    mode = "r" if mmap else None
+    for stem in shard_stems(directory):
+        ids = np.load(directory / f"{stem}{IDS_SUFFIX}")
+        vectors = np.load(directory / f"{stem}{VEC_SUFFIX}", mmap_mode=mode)
+        yield stem, ids, vectors
+
+
+def embedded_ids(directory: str | Path) -> np.ndarray:
+    """Sorted unique ids with a stored embedding."""
+    parts = [ids for _, ids, _ in iter_embedding_shards(directory)]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
+def load_embeddings(directory: str | Path, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 vectors) from all shards, one row per id (the latest shard wins), restricted to `keep`."""
+    ids_parts, vec_parts = [], []
+    for _, ids, vectors in iter_embedding_shards(directory):
+        mask = np.isin(ids, keep) if keep is not None else np.ones(len(ids), dtype=bool)
+        if mask.any():
+            ids_parts.append(ids[mask])
+            vec_parts.append(np.asarray(vectors[mask], dtype=np.float32))
+    if not ids_parts:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    ids, vectors = np.concatenate(ids_parts), np.concatenate(vec_parts)
+    # Keep the last occurrence of an id (a re-embedded image): unique on the reversed array.
+    _, last = np.unique(ids[::-1], return_index=True)
+    pick = len(ids) - 1 - last
+    return ids[pick], vectors[pick]
+
+
+def link_shards(source: str | Path, target: str | Path) -> int:
+    """Hard-link (or copy across filesystems) every complete shard of `source` into `target`."""
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for stem in shard_stems(source):
+        for suffix in (VEC_SUFFIX, IDS_SUFFIX):
+            src, dst = source / f"{stem}{suffix}", target / f"{stem}{suffix}"
+            if dst.exists():
+                continue
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        count += 1
+    return count
+
+
+def publish(indexes_dir: str | Path, name: str, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp_dir)`, then rename tmp_dir to <indexes_dir>/<name>. Returns the final path."""
+    indexes_dir = Path(indexes_dir)
+    indexes_dir.mkdir(parents=True, exist_ok=True)
+    final = indexes_dir / name
+    if final.exists():
+        raise FileExistsError(f"index version {final} already exists")
+    tmp = indexes_dir / f"{TMP_PREFIX}{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(indexes_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def sweep_tmp(indexes_dir: str | Path) -> list[Path]:
+    """Remove half-written versions left by a killed run (their writer pid is gone)."""
+    indexes_dir = Path(indexes_dir)
+    removed: list[Path] = []
+    if not indexes_dir.is_dir():
+        return removed
+    for path in indexes_dir.glob(f"{TMP_PREFIX}*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prune(indexes_dir: str | Path, keep: set[str]) -> list[Path]:
+    """Delete version directories not named in `keep` (the caller picks the last N plus the active one)."""
+    indexes_dir = Path(indexes_dir)
+    removed: list[Path] = []
+    if not indexes_dir.is_dir():
+        return removed
+    for path in indexes_dir.iterdir():
+        if path.is_dir() and not path.name.startswith(".") and path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
