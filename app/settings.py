@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     max_batch_size: int = 16
     max_batch_wait_ms: float = 5.0
     max_queue: int = Field(256, description="Queued queries beyond which the service answers 503.")
+    retry_after_s: int = Field(1, description="Retry-After seconds sent with a 503 when the queue is full.")
+
+    # Hot swap: how often the service polls SQL for a newly promoted model + index version.
+    swap_poll_s: float = Field(5.0, description="Seconds between checks for a new active index version.")
+    catchup_max_embed: int = Field(
+        1000, description="At load, live images with no stored embedding are embedded when at most this many."
+    )
+    thumbnail_size: int = Field(256, description="Longest side of thumbnails served by /v1/images/{id}/thumbnail.")
 
     # Versions kept on disk after publishing a new one.
     keep_versions: int = 3
@@ -52,6 +60,7 @@ class Settings(BaseSettings):
     # Auth: reads may be left open; writes need an API key with the 'write' scope.
     auth_enabled: bool = False
     open_reads: bool = True
+    auth_cache_s: float = Field(5.0, description="Seconds a looked-up API key is cached (revocation delay).")
 
     @property
     def resolved_database_url(self) -> str:
