@@ -1,0 +1,205 @@
+"""The job queue in SQL: enqueue, claim, heartbeat, re-queue stale jobs, cancel, finish.
+
+The API only calls `enqueue`, `get_job`, `list_jobs` and `request_cancel`; everything else is the worker's.
+
+Claiming is one atomic statement, so several workers (processes or machines) never run the same job:
+    UPDATE jobs SET status='running', worker_id=:me, attempts=attempts+1, ...
+    WHERE id = (SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, id LIMIT 1 [FOR UPDATE SKIP LOCKED])
+      AND status = 'queued'
+    RETURNING id
+On PostgreSQL the sub-select locks the row it picks and skips rows other claimers hold, so concurrent claimers
+take different jobs without waiting. On SQLite the statement runs under the database's single write lock (it is
+the first statement of its transaction, so its snapshot is taken with the lock), and `AND status='queued'` makes
+a lost race update nothing.
+
+Every later write from the worker is conditional on `worker_id = :me AND status = 'running'`: a worker that was
+presumed dead (its job re-queued and claimed by another) finds it no longer owns the job and stops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.db.models import Job
+from app.db.session import get_engine, session_scope
+
+JOB_KINDS = ("train", "rebuild_index", "reembed")
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobError(ValueError):
+    """A request the queue refuses (unknown kind, unknown job)."""
+
+
+def enqueue(session: Session, kind: str, params: dict[str, Any] | None = None,
+            max_attempts: int = 3) -> Job:
+    if kind not in JOB_KINDS:
+        raise JobError(f"unknown job kind {kind!r}; known: {', '.join(JOB_KINDS)}")
+    if max_attempts < 1:
+        raise JobError("max_attempts must be at least 1")
+    job = Job(kind=kind, status="queued", params=dict(params or {}), progress=0.0, metrics={}, attempts=0,
+              max_attempts=max_attempts, cancel_requested=False, created_at=utcnow(), message="queued")
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, job_id: int) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def list_jobs(session: Session, status: str | None = None, kind: str | None = None, limit: int = 50) -> list[Job]:
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if status:
+        query = query.where(Job.status == status)
+    if kind:
+        query = query.where(Job.kind == kind)
+    return list(session.scalars(query))
+
+
+def claim(url: str, worker_id: str) -> Job | None:
+    """Take the oldest queued job for `worker_id`, or None. One statement; safe with many concurrent workers."""
+    engine = get_engine(url)
+    now = utcnow()
+    pick = select(Job.id).where(Job.status == "queued").order_by(Job.created_at, Job.id).limit(1)
+    if engine.dialect.name == "postgresql":
+        pick = pick.with_for_update(skip_locked=True)
+    stmt = (
+        update(Job)
+        .where(Job.id == pick.scalar_subquery(), Job.status == "queued")
+        .values(status="running", worker_id=worker_id, attempts=Job.attempts + 1, heartbeat_at=now,
+                started_at=now, error=None, message="claimed by " + worker_id)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    # A fresh connection whose first statement is the UPDATE: on SQLite (WAL) a transaction that read before
+    # writing could fail with a stale snapshot instead of waiting for the lock.
+    with engine.begin() as conn:
+        row = conn.execute(stmt).first()
+    if row is None:
+        return None
+    with session_scope(url) as session:
+        return session.get(Job, row[0])
+
+
+@dataclass
+class Beat:
+    """What a heartbeat learned: the worker still owns the job, and whether a cancel was asked for."""
+
+    owned: bool
+    cancel_requested: bool
+
+
+def _update_owned(url: str, job_id: int, worker_id: str, values: dict[str, Any]) -> bool | None:
+    """Update a job the worker still owns; None if it does not, else the job's cancel_requested flag."""
+    values = {k: v for k, v in values.items() if v is not None or k == "error"}
+    with get_engine(url).begin() as conn:
+        row = conn.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+            .values(**values)
+            .returning(Job.cancel_requested)
+        ).first()
+    return None if row is None else bool(row[0])
+
+
+def heartbeat(url: str, job_id: int, worker_id: str, progress: float | None = None, message: str | None = None,
+              metrics: dict[str, Any] | None = None) -> Beat:
+    clamped = None if progress is None else max(0.0, min(1.0, float(progress)))
+    cancel = _update_owned(url, job_id, worker_id, {"heartbeat_at": utcnow(), "progress": clamped,
+                                                    "message": message, "metrics": metrics})
+    return Beat(owned=cancel is not None, cancel_requested=bool(cancel))
+
+
+def finish(url: str, job_id: int, worker_id: str, status: str, message: str | None = None,
+           metrics: dict[str, Any] | None = None, error: str | None = None) -> bool:
+    """Record the end of a run the worker still owns; False if it no longer does (it was presumed dead)."""
+    if status not in FINISHED:
+        raise JobError(f"a job finishes as one of {FINISHED}, not {status!r}")
+    values = {"status": status, "finished_at": utcnow(), "heartbeat_at": utcnow(), "error": error,
+              "progress": 1.0 if status == "succeeded" else None, "message": message, "metrics": metrics}
+    return _update_owned(url, job_id, worker_id, values) is not None
+
+
+def release(url: str, job_id: int, worker_id: str, message: str) -> bool:
+    """Give a running job back to the queue (a worker shutting down cleanly); the run does not count."""
+    with get_engine(url).begin() as conn:
+        result = conn.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+            .values(status="queued", worker_id=None, attempts=Job.attempts - 1, message=message)
+        )
+    return result.rowcount == 1
+
+
+def request_cancel(session: Session, job_id: int) -> Job:
+    """Cancel a queued job now; ask a running one to stop (its worker sees the flag at the next heartbeat)."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobError(f"job {job_id} does not exist")
+    now = utcnow()
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "queued")
+        .values(status="cancelled", cancel_requested=True, finished_at=now, message="cancelled before it started")
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "running")
+        .values(cancel_requested=True, message="cancel requested")
+        .execution_options(synchronize_session=False)
+    )
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+@dataclass
+class StaleReport:
+    requeued: list[int]
+    failed: list[int]
+    cancelled: list[int]
+
+
+def requeue_stale(url: str, stale_after_s: float) -> StaleReport:
+    """Jobs whose worker stopped heartbeating: re-queue them while runs remain, else fail them with the reason.
+
+    Each UPDATE re-checks the stale condition, so two workers sweeping at once never act twice on one job, and
+    a job whose worker heartbeats again in between is left alone.
+    """
+    cutoff = utcnow() - timedelta(seconds=stale_after_s)
+    stale = (Job.status == "running", Job.heartbeat_at < cutoff)
+    report = StaleReport([], [], [])
+    with get_engine(url).begin() as conn:
+        rows = conn.execute(select(Job.id, Job.worker_id, Job.attempts).where(*stale)).all()
+    for job_id, worker, attempts in rows:
+        why = f"worker {worker} stopped heartbeating (no heartbeat for {stale_after_s:g}s)"
+        with get_engine(url).begin() as conn:
+            # A cancel asked of a dead worker's job is honoured rather than re-running it.
+            if conn.execute(
+                update(Job).where(Job.id == job_id, *stale, Job.cancel_requested.is_(True))
+                .values(status="cancelled", finished_at=utcnow(), worker_id=None, message=f"cancelled; {why}")
+            ).rowcount:
+                report.cancelled.append(job_id)
+                continue
+            if conn.execute(
+                update(Job).where(Job.id == job_id, *stale, Job.attempts < Job.max_attempts)
+                .values(status="queued", worker_id=None, message=f"re-queued: {why}", error=why)
+            ).rowcount:
+                report.requeued.append(job_id)
+                continue
+            if conn.execute(
+                update(Job).where(Job.id == job_id, *stale)
+                .values(status="failed", finished_at=utcnow(), worker_id=None,
+                        message="failed: no runs left", error=f"{why}; gave up after {attempts} runs")
+            ).rowcount:
+                report.failed.append(job_id)
+    return report
