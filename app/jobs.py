@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
@@ -27,9 +28,11 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Job
 from app.db.session import get_engine, session_scope
+from app.settings import Settings
 
 JOB_KINDS = ("train", "rebuild_index", "reembed")
 FINISHED = ("succeeded", "failed", "cancelled")
+LOG_FILE = "job.log"
 
 
 def utcnow() -> datetime:
@@ -203,3 +206,15 @@ def requeue_stale(url: str, stale_after_s: float) -> StaleReport:
             ).rowcount:
                 report.failed.append(job_id)
     return report
+
+
+def job_dir(settings: Settings, job_id: int) -> Path:
+    """A job's working directory: its training run (checkpoints to resume from), split and log."""
+    return settings.jobs_dir / str(job_id)
+
+
+def read_log(settings: Settings, job_id: int, tail: int = 200) -> list[str]:
+    path = job_dir(settings, job_id) / LOG_FILE
+    if not path.is_file():
+        return []
+    return path.read_text(errors="replace").splitlines()[-tail:]

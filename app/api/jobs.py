@@ -1,0 +1,112 @@
+"""Jobs for `retrieval worker`: POST /v1/jobs, GET /v1/jobs[/{id}[/logs]], POST /v1/jobs/{id}/cancel.
+
+The API only inserts and reads job rows; training and embedding run in the worker process, never here.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from app import jobs
+from app.db.session import session_scope
+from app.errors import ApiError
+from app.schemas import ErrorBody
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobKind = Literal["train", "rebuild_index", "reembed"]
+JOB_ID = Path(ge=1, le=2**62)
+
+
+class JobCreate(BaseModel):
+    kind: JobKind = Field(description="train: retrain, evaluate, promote if better; rebuild_index; reembed.")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="train: steps, batch_size, m_per_class, lr, loss {name, koleo, ...}, config (a TrainConfig "
+                    "dict) or config_path, init ('active' or 'config'), image_size, val_fraction, split_seed, "
+                    "force_promote, name. rebuild_index: factory. reembed: model_version, factory.",
+    )
+    max_attempts: int | None = Field(None, ge=1, le=20, description="Runs before a job whose worker dies fails.")
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: str
+    status: str = Field(description="queued | running | succeeded | failed | cancelled")
+    params: dict[str, Any]
+    progress: float
+    message: str | None
+    metrics: dict[str, Any]
+    error: str | None
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    worker_id: str | None
+    heartbeat_at: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class JobLogs(BaseModel):
+    id: int
+    lines: list[str]
+
+
+NOT_FOUND = {404: {"model": ErrorBody}}
+
+
+def _url(request: Request) -> str:
+    return request.app.state.settings.resolved_database_url
+
+
+@router.post("", response_model=JobOut, status_code=201, responses={422: {"model": ErrorBody}})
+def create_job(request: Request, body: JobCreate) -> JobOut:
+    settings = request.app.state.settings
+    with session_scope(_url(request)) as session:
+        job = jobs.enqueue(session, body.kind, body.params, body.max_attempts or settings.job_max_attempts)
+        return JobOut.model_validate(job)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(request: Request, status: str | None = None, kind: str | None = None,
+              limit: int = Query(50, ge=1, le=500)) -> JobList:
+    with session_scope(_url(request)) as session:
+        return JobList(jobs=[JobOut.model_validate(j) for j in jobs.list_jobs(session, status, kind, limit)])
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
+def get_job(request: Request, job_id: int = JOB_ID) -> JobOut:
+    with session_scope(_url(request)) as session:
+        job = jobs.get_job(session, job_id)
+        if job is None:
+            raise ApiError(404, f"job {job_id} does not exist")
+        return JobOut.model_validate(job)
+
+
+@router.get("/{job_id}/logs", response_model=JobLogs, responses=NOT_FOUND)
+def get_job_logs(request: Request, job_id: int = JOB_ID, tail: int = Query(200, ge=1, le=10_000)) -> JobLogs:
+    get_job(request, job_id)
+    return JobLogs(id=job_id, lines=jobs.read_log(request.app.state.settings, job_id, tail))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, responses={**NOT_FOUND, 409: {"model": ErrorBody}})
+def cancel_job(request: Request, job_id: int = JOB_ID) -> JobOut:
+    """A queued job is cancelled at once; a running one stops at its worker's next heartbeat."""
+    with session_scope(_url(request)) as session:
+        job = jobs.get_job(session, job_id)
+        if job is None:
+            raise ApiError(404, f"job {job_id} does not exist")
+        if job.status in ("succeeded", "failed"):
+            raise ApiError(409, f"job {job_id} already {job.status}")
+        return JobOut.model_validate(jobs.request_cancel(session, job_id))
