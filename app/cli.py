@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-class", type=int, default=100, help="demo images per class")
     demo.add_argument("--no-serve", action="store_true", help="build the demo index and exit")
     demo.set_defaults(func=cmd_demo)
+
+    from app.worker import add_cli as add_worker_cli
+
+    add_worker_cli(sub)  # `worker` and `jobs`
     return parser
 
 
