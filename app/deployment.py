@@ -1,40 +1,216 @@
-"""The serving pair: the active model version's embedder and the index built with it, loaded together."""
+"""The serving pair (the active model version's embedder + the index built with it), and hot swapping it.
+
+A Deployment is immutable from the outside except for its live index, which API writes change under
+`index_lock`. Requests take `app.state.deployment` once at their start and use that object to the end, so a
+swap (one reference assignment) never disturbs a request in flight: it finishes on the old pair.
+
+Loading reconciles the index with SQL, the source of truth: ids deleted since the build are removed; live ids
+missing from the index get their stored embedding from <data_dir>/embeddings/<model>/ (where POST /v1/images
+writes one before answering), or are embedded from their file when only a few are missing. That is what makes
+an added image survive a restart and a hot swap.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from fastapi import FastAPI
+from PIL import Image as PILImage
+from sqlalchemy import select
 
-from app.db.models import IndexVersion, ModelVersion
+from app import metrics
+from app.db.models import Image, IndexVersion, ModelVersion
 from app.db.session import session_scope
+from app.images import ImageError, read_image_file
 from app.registry import active_index
 from app.settings import Settings
+from index import versions
 from index.vector_index import VectorIndex
 from models.checkpoint import load_checkpoint
 from models.embedder import Embedder, resolve_device
 
 log = logging.getLogger(__name__)
 
+SQL_IN_CHUNK = 900  # under SQLite's bound-parameter limit
+API_SHARD_PREFIX = "api"
 
-@dataclass
+
+def embeddings_store(settings: Settings, model_name: str) -> Path:
+    """Where stored embeddings of `model_name` live; the same directory the batch index build reads."""
+    return settings.data_dir / "embeddings" / model_name
+
+
+_SEARCH_HAS_FILTERS = "allowed_ids" in inspect.signature(VectorIndex.search).parameters
+
+
+@dataclass(eq=False)
 class Deployment:
     model_name: str
     index_name: str
     embedder: Embedder
     index: VectorIndex
     device: torch.device
-    # One forward pass at a time on the device; FAISS search is thread-safe for readers.
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    store: Path
+    index_version_id: int = 0
+    loaded_at: float = field(default_factory=time.time)
+    # FAISS indexes are not safe for a search concurrent with add/remove; searches are short, so one lock.
+    index_lock: threading.RLock = field(default_factory=threading.RLock)
 
-    def embed(self, images: list[Image.Image]) -> np.ndarray:
-        batch = torch.stack([self.embedder.preprocess(im) for im in images])
-        with self.lock:
-            return self.embedder.embed(batch.to(self.device))
+    @property
+    def dim(self) -> int:
+        return self.embedder.dim
+
+    def preprocess(self, image: PILImage.Image) -> torch.Tensor:
+        return self.embedder.preprocess(image)
+
+    @torch.inference_mode()
+    def forward_batch(self, pixels: torch.Tensor) -> np.ndarray:
+        """One forward pass over a preprocessed batch [B, C, H, W] -> float32 [B, D] (called by the batcher)."""
+        out = self.embedder(pixels.to(self.device, non_blocking=True))
+        return out.float().cpu().numpy()
+
+    def embed(self, images: list[PILImage.Image]) -> np.ndarray:
+        """Embed images directly (no batcher): loading-time catch-up and scripts."""
+        return self.forward_batch(torch.stack([self.preprocess(im) for im in images]))
+
+    def search(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
+               exclude_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        with self.index_lock:
+            if _SEARCH_HAS_FILTERS:
+                return self.index.search(queries, k, allowed_ids=allowed_ids, exclude_ids=exclude_ids)
+            return _search_without_selectors(self.index, queries, k, allowed_ids, exclude_ids)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        with self.index_lock:
+            _add_vectors(self.index, ids, vectors)
+            metrics.INDEX_VECTORS.set(len(self.index))
+
+    def remove(self, ids: np.ndarray) -> int:
+        with self.index_lock:
+            removed = self.index.remove(ids)
+            metrics.INDEX_VECTORS.set(len(self.index))
+            return removed
+
+    def contains(self, image_id: int) -> bool:
+        with self.index_lock:
+            return bool(np.isin(image_id, self.index.live_ids()))
+
+    def reconstruct(self, image_id: int) -> np.ndarray | None:
+        """The stored vector of `image_id` when the index type can give it back (Flat, HNSW), else None."""
+        with self.index_lock:
+            try:
+                return np.asarray(self.index.index.reconstruct(int(image_id)), dtype=np.float32)
+            except (RuntimeError, AttributeError):
+                return None
+
+
+def _search_without_selectors(index: VectorIndex, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None,
+                              exclude_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Fallback for a VectorIndex without IDSelector filters: over-fetch, then filter in numpy."""
+    fetch = len(index) if allowed_ids is not None else k + (len(exclude_ids) if exclude_ids is not None else 0)
+    scores, ids = index.search(queries, max(k, min(fetch, len(index))))
+    keep = np.ones_like(ids, dtype=bool) & (ids >= 0)
+    if allowed_ids is not None:
+        keep &= np.isin(ids, allowed_ids)
+    if exclude_ids is not None:
+        keep &= ~np.isin(ids, exclude_ids)
+    out_s = np.full((len(ids), k), -np.inf, dtype=np.float32)
+    out_i = np.full((len(ids), k), -1, dtype=np.int64)
+    for row in range(len(ids)):
+        s, i = scores[row][keep[row]][:k], ids[row][keep[row]][:k]
+        out_s[row, : len(s)], out_i[row, : len(i)] = s, i
+    return out_s, out_i
+
+
+def _add_vectors(index: VectorIndex, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Add vectors; on an HNSW index an id held as a tombstone (a re-added image) is revived instead."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if not index.supports_remove and len(index.tombstones):
+        revive = np.isin(ids, index.tombstones)
+        if revive.any():
+            index.tombstones = np.setdiff1d(index.tombstones, ids[revive])
+            ids, vectors = ids[~revive], vectors[~revive]
+    if len(ids):
+        index.add(ids, vectors)
+
+
+def _live_ids(url: str) -> np.ndarray:
+    with session_scope(url) as session:
+        rows = session.scalars(select(Image.id).where(Image.deleted_at.is_(None)).order_by(Image.id))
+        return np.fromiter(rows, dtype=np.int64)
+
+
+def _uris(url: str, ids: np.ndarray) -> dict[int, str]:
+    found: dict[int, str] = {}
+    with session_scope(url) as session:
+        for start in range(0, len(ids), SQL_IN_CHUNK):
+            part = [int(i) for i in ids[start : start + SQL_IN_CHUNK]]
+            found.update(session.execute(select(Image.id, Image.uri).where(Image.id.in_(part))).tuples().all())
+    return found
+
+
+def write_api_embedding(store: Path, image_id: int, vector: np.ndarray) -> None:
+    """Persist one API-added embedding (fsynced, atomic) so a restart or a rebuild finds it."""
+    stem = f"{API_SHARD_PREFIX}-{image_id:012d}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}"
+    versions.write_embedding_shard(store, stem, np.array([image_id], dtype=np.int64), vector[None, :])
+
+
+def reconcile(settings: Settings, deployment: Deployment) -> dict[str, int]:
+    """Make the live index hold exactly SQL's live images (see the module docstring). Returns counts."""
+    url = settings.resolved_database_url
+    live = _live_ids(url)
+    with deployment.index_lock:
+        held = deployment.index.live_ids()
+    stale = np.setdiff1d(held, live)
+    if len(stale):
+        deployment.remove(stale)
+    missing = np.setdiff1d(live, held)
+    restored = embedded = 0
+    if len(missing):
+        ids, vectors = versions.load_embeddings(deployment.store, keep=missing)
+        if len(ids) and vectors.shape[1] == deployment.dim:
+            deployment.add(ids, vectors)
+            restored = len(ids)
+        still = np.setdiff1d(missing, ids)
+        if len(still) and len(still) <= settings.catchup_max_embed:
+            embedded = _embed_from_files(settings, deployment, still)
+        elif len(still):
+            log.warning("%d live images have no embedding for model %s; rebuild the index to include them",
+                        len(still), deployment.model_name)
+    if len(stale) or restored or embedded:
+        log.info("index %s reconciled with SQL: %d removed, %d restored from stored embeddings, %d embedded",
+                 deployment.index_name, len(stale), restored, embedded)
+    return {"removed": len(stale), "restored": restored, "embedded": embedded}
+
+
+def _embed_from_files(settings: Settings, deployment: Deployment, ids: np.ndarray) -> int:
+    uris = _uris(settings.resolved_database_url, ids)
+    done_ids, done_vecs = [], []
+    for image_id in ids.tolist():
+        try:
+            image = read_image_file(uris[image_id], settings.max_upload_bytes, settings.max_image_pixels)
+        except (ImageError, OSError, KeyError) as exc:
+            log.warning("image %d cannot be embedded at load: %s", image_id, exc)
+            continue
+        done_ids.append(image_id)
+        done_vecs.append(deployment.embed([image])[0])
+    if not done_ids:
+        return 0
+    id_array, vectors = np.asarray(done_ids, dtype=np.int64), np.stack(done_vecs)
+    stem = f"{API_SHARD_PREFIX}-catchup-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}"
+    versions.write_embedding_shard(deployment.store, stem, id_array, vectors)
+    deployment.add(id_array, vectors)
+    return len(done_ids)
 
 
 def load_deployment(settings: Settings, index_row: IndexVersion, model_row: ModelVersion) -> Deployment:
@@ -46,15 +222,90 @@ def load_deployment(settings: Settings, index_row: IndexVersion, model_row: Mode
             f"index {index_row.name} has dimension {index.dim} but model {model_row.name} embeds to {embedder.dim}"
         )
     torch.set_grad_enabled(False)
-    return Deployment(model_name=model_row.name, index_name=index_row.name, embedder=embedder, index=index,
-                      device=device)
+    deployment = Deployment(model_name=model_row.name, index_name=index_row.name, embedder=embedder, index=index,
+                            device=device, store=embeddings_store(settings, model_row.name),
+                            index_version_id=index_row.id)
+    reconcile(settings, deployment)
+    return deployment
 
 
-def load_active(settings: Settings) -> Deployment | None:
+def _active_rows(settings: Settings) -> tuple[IndexVersion, ModelVersion] | None:
     with session_scope(settings.resolved_database_url) as session:
         index_row = active_index(session)
         if index_row is None:
             return None
         model_row = session.get(ModelVersion, index_row.model_version_id)
-        assert model_row is not None
-        return load_deployment(settings, index_row, model_row)
+        if model_row is None:
+            raise ValueError(f"index version {index_row.name} names a model version that does not exist")
+        return index_row, model_row
+
+
+def load_active(settings: Settings) -> Deployment | None:
+    rows = _active_rows(settings)
+    return None if rows is None else load_deployment(settings, *rows)
+
+
+@dataclass
+class ServingState:
+    """What /readyz reports about loading and swapping, next to the deployment itself (app.state.deployment)."""
+
+    load_error: str | None = None
+    swap_error: dict[str, Any] | None = None
+    last_swap: dict[str, Any] | None = None
+    failed_version: str | None = None
+    # Serialises API writes with the final step of a swap, so no write lands on an index being replaced.
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def swap_in(app: FastAPI, settings: Settings, new: Deployment) -> None:
+    """Install `new` atomically: catch up on writes made while it loaded, then one reference assignment."""
+    state: ServingState = app.state.serving
+    with state.write_lock:
+        reconcile(settings, new)
+        old = app.state.deployment
+        app.state.deployment = new
+    metrics.INDEX_VECTORS.set(len(new.index))
+    state.last_swap = {"from": getattr(old, "index_name", None), "to": new.index_name, "model": new.model_name,
+                       "at": datetime.now(UTC).isoformat()}
+
+
+async def check_for_new_version(app: FastAPI, settings: Settings) -> bool:
+    """Load and swap in the active version when it is not the one served. True when a swap happened."""
+    state: ServingState = app.state.serving
+    rows = await asyncio.to_thread(_active_rows, settings)
+    if rows is None:
+        return False
+    index_row, model_row = rows
+    current: Deployment | None = app.state.deployment
+    if current is not None and current.index_name == index_row.name:
+        return False
+    if state.failed_version == index_row.name:
+        return False  # already failed; keep serving the old pair until another version is promoted
+    log.info("active index version is now %s (model %s): loading it", index_row.name, model_row.name)
+    try:
+        new = await asyncio.to_thread(load_deployment, settings, index_row, model_row)
+        await asyncio.to_thread(swap_in, app, settings, new)
+    except Exception as exc:  # noqa: BLE001 - the old pair keeps serving; the error is logged and in /readyz
+        log.exception("loading index version %s failed; still serving %s", index_row.name,
+                      getattr(current, "index_name", None))
+        metrics.SWAPS.labels("failed").inc()
+        state.failed_version = index_row.name
+        state.swap_error = {"index_version": index_row.name, "model_version": model_row.name,
+                            "error": f"{exc.__class__.__name__}: {exc}", "at": datetime.now(UTC).isoformat()}
+        return False
+    metrics.SWAPS.labels("ok").inc()
+    state.failed_version, state.swap_error, state.load_error = None, None, None
+    log.info("now serving index %s with model %s (%d vectors)", new.index_name, new.model_name, len(new.index))
+    return True
+
+
+async def watch_active_version(app: FastAPI, settings: Settings) -> None:
+    """Background task: poll SQL for a newly promoted version and hot-swap it in."""
+    while True:
+        await asyncio.sleep(settings.swap_poll_s)
+        try:
+            await check_for_new_version(app, settings)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - e.g. the database is briefly unreachable; try again next tick
+            log.exception("checking for a new active version failed")

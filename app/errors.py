@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.batching import QueueFull
 from app.images import ImageError
 from app.limits import BodyTooLarge
 
@@ -29,9 +31,9 @@ def error_response(status: int, message: str, code: str | None = None, detail=No
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, detail: Any = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers
+        self.status, self.message, self.code, self.headers, self.detail = status, message, code, headers, detail
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -43,9 +45,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
         return error_response(413, "the request body is over the upload limit")
 
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        retry_after = str(request.app.state.settings.retry_after_s)
+        return error_response(503, f"the service is at capacity ({exc}); retry after {retry_after} s",
+                              code="overloaded", headers={"Retry-After": retry_after})
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, code=exc.code, headers=exc.headers)
+        return error_response(exc.status, exc.message, code=exc.code, detail=exc.detail, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,22 +1,34 @@
-"""create_app(): the FastAPI application. The lifespan loads the active model + index pair once."""
+"""create_app(): the FastAPI application.
+
+The lifespan loads the active model + index pair, starts the micro-batcher and the task that hot-swaps in a
+newly promoted version. Static files (the query page) are served by the app itself: no build step, no CDN.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from app.api import health, images, jobs, search
-from app.deployment import load_active
+from app import metrics
+from app.api import health, images, jobs, search, versions
+from app.batching import MicroBatcher
+from app.deployment import ServingState, load_active, watch_active_version
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+STATIC_DIR = Path(__file__).parent / "static"
 # Multipart framing around the image: boundaries, headers and the small form fields.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -27,29 +39,50 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.deployment = None
-        app.state.load_error = None
         try:
             app.state.deployment = await run_in_threadpool(load_active, settings)
         except Exception as exc:  # noqa: BLE001 - serve /healthz and report in /readyz instead of dying
             log.exception("could not load the active model and index")
-            app.state.load_error = f"loading the active version failed: {exc}"
+            app.state.serving.load_error = f"loading the active version failed: {exc}"
         if app.state.deployment is not None:
             d = app.state.deployment
+            metrics.INDEX_VECTORS.set(len(d.index))
             log.info("serving model %s with index %s (%d vectors) on %s", d.model_name, d.index_name,
                      len(d.index), d.device)
-        yield
+        await app.state.batcher.start()
+        watcher = asyncio.create_task(watch_active_version(app, settings), name="hot-swap")
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await app.state.batcher.stop()
 
     app = FastAPI(
         title="Image retrieval",
         version="0.1.0",
-        description="Query-by-image search over a FAISS index with a SQL metadata store.",
+        description="Query-by-image search over a FAISS index with a SQL metadata store. Every error is JSON: "
+                    '`{"error": code, "message": text, "detail": ...}`.',
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.serving = ServingState()
+    app.state.deployment = None
+    app.state.batcher = MicroBatcher(settings.max_batch_size, settings.max_batch_wait_ms, settings.max_queue)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(metrics.RequestMetrics)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(search.router)
     app.include_router(images.router)
     app.include_router(jobs.router)
+    app.include_router(versions.router)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 
 class ErrorBody(BaseModel):
@@ -26,6 +26,27 @@ class ImageOut(BaseModel):
     metadata: dict[str, Any] = Field(validation_alias="meta")
     created_at: datetime
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def thumbnail_url(self) -> str:
+        return f"/v1/images/{self.id}/thumbnail"
+
+
+class ImagePage(BaseModel):
+    items: list[ImageOut]
+    total: int = Field(description="Live images matching the filters.")
+    next_cursor: int | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class ImageUpdate(BaseModel):
+    """A merge patch: `label` replaces the label (null clears it); in `metadata` a key set to null is removed,
+    any other value is set, and keys not named are kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str | None = Field(None, max_length=255)
+    metadata: dict[str, Any] | None = None
+
 
 class SearchHit(BaseModel):
     id: int
@@ -34,13 +55,20 @@ class SearchHit(BaseModel):
     label: str | None
     metadata: dict[str, Any]
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def thumbnail_url(self) -> str:
+        return f"/v1/images/{self.id}/thumbnail"
+
 
 class Timings(BaseModel):
     decode_ms: float
-    embed_ms: float
+    embed_ms: float = Field(description="preprocess + queue wait + forward pass")
     search_ms: float
     metadata_ms: float
     total_ms: float
+    preprocess_ms: float = 0.0
+    forward_ms: float = Field(0.0, description="queue wait + the (batched) forward pass")
 
 
 class SearchResponse(BaseModel):
@@ -48,6 +76,42 @@ class SearchResponse(BaseModel):
     model_version: str
     index_version: str
     timings: Timings
+
+
+class ModelVersionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    arch: str
+    dim: int
+    status: str
+    metrics: dict[str, Any]
+    created_at: datetime
+    activated_at: datetime | None
+
+
+class IndexVersionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    model_version_id: int
+    factory: str
+    ntotal: int
+    status: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    created_at: datetime
+    activated_at: datetime | None
+
+
+class ModelVersionList(BaseModel):
+    items: list[ModelVersionOut]
+
+
+class IndexVersionList(BaseModel):
+    items: list[IndexVersionOut]
 
 
 class Health(BaseModel):

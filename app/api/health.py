@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
 
 from app.db.session import get_engine
 from app.schemas import Health
@@ -18,25 +19,34 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
-def readyz(request: Request) -> JSONResponse:
-    """Ready when the database answers and a model + index pair is loaded."""
-    state = request.app.state
-    detail: dict = {}
-    ready = True
+def _database_ok(url: str) -> str:
     try:
-        with get_engine(state.settings.resolved_database_url).connect() as conn:
+        with get_engine(url).connect() as conn:
             conn.execute(text("SELECT 1"))
-        detail["database"] = "ok"
+        return "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        ready = False
-        detail["database"] = f"unreachable: {exc.__class__.__name__}"
+        return f"unreachable: {exc.__class__.__name__}"
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+async def readyz(request: Request) -> JSONResponse:
+    """Ready when the database answers and a model + index pair is loaded. `detail` names the served pair, the
+    queue depth, and the last hot swap and its error, if any (the old pair keeps serving after a failed swap)."""
+    state = request.app.state
+    serving = state.serving
+    detail: dict = {"database": await run_in_threadpool(_database_ok, state.settings.resolved_database_url)}
+    ready = detail["database"] == "ok"
     deployment = getattr(state, "deployment", None)
     if deployment is None:
         ready = False
-        detail["index"] = getattr(state, "load_error", None) or "no active index; run `retrieval index build SOURCE`"
+        detail["index"] = serving.load_error or "no active index; run `retrieval index build SOURCE`"
     else:
         detail.update(model_version=deployment.model_name, index_version=deployment.index_name,
                       vectors=len(deployment.index), device=str(deployment.device))
+    detail["queue_depth"] = state.batcher.depth
+    if serving.last_swap is not None:
+        detail["last_swap"] = serving.last_swap
+    if serving.swap_error is not None:
+        detail["swap_error"] = serving.swap_error
     body = Health(status="ready" if ready else "not_ready", detail=detail)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

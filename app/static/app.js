@@ -1,0 +1,98 @@
+// The query page: choose or drop an image, POST it to /v1/search, show the results as a grid.
+// Plain browser JavaScript: no build step, no CDN, nothing fetched but this service's own API.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const keyInput = $("api-key");
+keyInput.value = localStorage.getItem("retrieval-api-key") || "";
+keyInput.addEventListener("change", () => localStorage.setItem("retrieval-api-key", keyInput.value));
+
+function authHeaders() {
+  return keyInput.value ? { "X-API-Key": keyInput.value } : {};
+}
+
+function say(text, isError = false) {
+  $("message").textContent = text;
+  $("message").classList.toggle("error", isError);
+}
+
+async function checkReady() {
+  try {
+    const res = await fetch("/readyz");
+    const body = await res.json();
+    const d = body.detail || {};
+    $("status").textContent = res.ok
+      ? `model ${d.model_version} · index ${d.index_version} · ${d.vectors} images`
+      : `not ready: ${d.index || d.database || body.status}`;
+  } catch (err) {
+    $("status").textContent = "service unreachable";
+  }
+}
+
+async function thumbnail(img, url) {
+  // With an API key the thumbnail must be fetched with the header; without one a plain src is enough.
+  if (!keyInput.value) { img.src = url; return; }
+  const res = await fetch(url, { headers: authHeaders() });
+  if (res.ok) img.src = URL.createObjectURL(await res.blob());
+}
+
+function render(results) {
+  const grid = $("results");
+  grid.replaceChildren();
+  results.forEach((hit, i) => {
+    const li = document.createElement("li");
+    li.dataset.id = hit.id;
+    const img = document.createElement("img");
+    img.alt = hit.label || `image ${hit.id}`;
+    img.loading = "lazy";
+    thumbnail(img, hit.thumbnail_url);
+    const caption = document.createElement("div");
+    caption.className = "caption";
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = hit.label || "—";
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = hit.score.toFixed(3);
+    const rank = document.createElement("span");
+    rank.className = "rank";
+    rank.textContent = `#${i + 1}`;
+    caption.append(rank, label, score);
+    li.append(img, caption);
+    grid.append(li);
+  });
+}
+
+async function query(file) {
+  const preview = $("preview");
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  $("drop-text").hidden = true;
+  const form = new FormData();
+  form.append("file", file);
+  form.append("k", $("k").value || "12");
+  if ($("label").value) form.append("label", $("label").value);
+  if ($("min-score").value) form.append("min_score", $("min-score").value);
+  say("searching…");
+  try {
+    const res = await fetch("/v1/search", { method: "POST", body: form, headers: authHeaders() });
+    const body = await res.json();
+    if (!res.ok) {
+      render([]);
+      say(`${res.status}: ${body.message || body.error}`, true);
+      return;
+    }
+    render(body.results);
+    say(`${body.results.length} results in ${body.timings.total_ms.toFixed(0)} ms (model ${body.model_version})`);
+  } catch (err) {
+    say(`request failed: ${err}`, true);
+  }
+}
+
+$("file").addEventListener("change", (e) => { if (e.target.files[0]) query(e.target.files[0]); });
+const drop = $("drop");
+["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
+["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.remove("over"); }));
+drop.addEventListener("drop", (e) => { const f = e.dataTransfer.files[0]; if (f) query(f); });
+$("options").addEventListener("submit", (e) => e.preventDefault());
+checkReady();
