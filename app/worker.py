@@ -49,7 +49,8 @@ log = logging.getLogger("retrieval.worker")
 SPLIT_FILE = "split.json"
 # Job params that map onto TrainConfig fields directly.
 TRAIN_FIELDS = ("steps", "batch_size", "m_per_class", "lr", "head_lr", "loss_lr", "weight_decay", "warmup_steps",
-                "seed", "num_workers", "eval_every", "checkpoint_every", "log_every", "eval_batch_size", "amp")
+                "seed", "num_workers", "eval_every", "checkpoint_every", "log_every", "eval_batch_size", "amp",
+                "grad_clip", "min_lr_ratio")
 
 
 class JobStopped(Exception):

@@ -8,10 +8,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import jobs
+from app.auth import require_read, require_write
 from app.db.session import session_scope
 from app.errors import ApiError
 from app.schemas import ErrorBody
@@ -70,7 +71,8 @@ def _url(request: Request) -> str:
     return request.app.state.settings.resolved_database_url
 
 
-@router.post("", response_model=JobOut, status_code=201, responses={422: {"model": ErrorBody}})
+@router.post("", response_model=JobOut, status_code=201, responses={422: {"model": ErrorBody}},
+             dependencies=[Depends(require_write)])
 def create_job(request: Request, body: JobCreate) -> JobOut:
     settings = request.app.state.settings
     with session_scope(_url(request)) as session:
@@ -78,14 +80,14 @@ def create_job(request: Request, body: JobCreate) -> JobOut:
         return JobOut.model_validate(job)
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, dependencies=[Depends(require_read)])
 def list_jobs(request: Request, status: str | None = None, kind: str | None = None,
               limit: int = Query(50, ge=1, le=500)) -> JobList:
     with session_scope(_url(request)) as session:
         return JobList(jobs=[JobOut.model_validate(j) for j in jobs.list_jobs(session, status, kind, limit)])
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
+@router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND, dependencies=[Depends(require_read)])
 def get_job(request: Request, job_id: int = JOB_ID) -> JobOut:
     with session_scope(_url(request)) as session:
         job = jobs.get_job(session, job_id)
@@ -94,13 +96,14 @@ def get_job(request: Request, job_id: int = JOB_ID) -> JobOut:
         return JobOut.model_validate(job)
 
 
-@router.get("/{job_id}/logs", response_model=JobLogs, responses=NOT_FOUND)
+@router.get("/{job_id}/logs", response_model=JobLogs, responses=NOT_FOUND, dependencies=[Depends(require_read)])
 def get_job_logs(request: Request, job_id: int = JOB_ID, tail: int = Query(200, ge=1, le=10_000)) -> JobLogs:
     get_job(request, job_id)
     return JobLogs(id=job_id, lines=jobs.read_log(request.app.state.settings, job_id, tail))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, responses={**NOT_FOUND, 409: {"model": ErrorBody}})
+@router.post("/{job_id}/cancel", response_model=JobOut, responses={**NOT_FOUND, 409: {"model": ErrorBody}},
+             dependencies=[Depends(require_write)])
 def cancel_job(request: Request, job_id: int = JOB_ID) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its worker's next heartbeat."""
     with session_scope(_url(request)) as session:

@@ -1,0 +1,244 @@
+"""The training worker end to end, with real worker subprocesses, a real uvicorn server and real SIGKILL.
+
+A tiny random-init resnet10t (64 px, 64-d) is the active model; a corpus of 4 generated classes is indexed with it.
+Jobs train a few steps on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app import jobs
+from app.db.session import session_scope
+from app.registry import active_index, active_model
+from tests.conftest import REPO, class_image, jpeg_bytes
+from tests.test_api_helpers import build_served_corpus, server_env, start_server, upload
+
+# Fast heartbeats and a short stale window, so a killed worker is noticed in seconds.
+WORKER_ENV = {"RETRIEVAL_WORKER_HEARTBEAT_S": "0.5", "RETRIEVAL_WORKER_STALE_AFTER_S": "4",
+              "RETRIEVAL_WORKER_POLL_S": "0.3", "OMP_NUM_THREADS": "1"}
+# A few CPU steps: 2 train classes x 4 images per batch; warm-up off so the steps actually move the weights.
+TRAIN = {"steps": 4, "batch_size": 8, "m_per_class": 4, "num_workers": 0, "val_fraction": 0.5, "warmup_steps": 0,
+         "log_every": 1, "checkpoint_every": 1, "eval_every": 2, "lr": 1e-4, "torch_threads": 1}
+
+
+@pytest.fixture
+def world(tmp_path: Path):  # noqa: ANN201
+    """Settings (SQLite) whose active model + index are the tiny embedder over 4 classes x 8 images."""
+    url = f"sqlite:///{tmp_path / 'retrieval.db'}"
+    from app.db.migrate import upgrade
+
+    upgrade(url)
+    return build_served_corpus(tmp_path, url, per_class=8)
+
+
+def start_worker(settings, log: Path, *args: str) -> subprocess.Popen:  # noqa: ANN001
+    env = server_env(settings) | WORKER_ENV
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", *args], cwd=REPO, env=env,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+
+def enqueue(settings, kind: str, params: dict, max_attempts: int = 3) -> int:  # noqa: ANN001
+    with session_scope(settings.resolved_database_url) as session:
+        return jobs.enqueue(session, kind, params, max_attempts).id
+
+
+def job_row(settings, job_id: int):  # noqa: ANN001, ANN201
+    with session_scope(settings.resolved_database_url) as session:
+        job = jobs.get_job(session, job_id)
+        session.expunge(job)
+        return job
+
+
+def wait_job(settings, job_id: int, until, timeout: float, procs=(), log: Path | None = None):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = job_row(settings, job_id)
+        if until(job):
+            return job
+        time.sleep(0.2)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise AssertionError(f"job {job_id} stuck: {job.status} {job.progress} {job.message} {job.error}\n{tail}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_job_via_api_promotes_and_serving_never_fails(world, tmp_path: Path) -> None:
+    settings = world
+    with session_scope(settings.resolved_database_url) as session:
+        old_model, old_index = active_model(session).name, active_index(session).name
+    server = start_server(settings, tmp_path / "server.log")
+    worker = None
+    failures: list[str] = []
+    answered: list[str] = []
+    stop_queries = threading.Event()
+    query = jpeg_bytes(class_image("red", seed=4242, size=64))
+
+    def fire() -> None:  # queries all through the job: every one must succeed
+        while not stop_queries.is_set():
+            try:
+                r = upload(server.base_url, query, k=3)
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+                else:
+                    answered.append(r.json()["model_version"])
+            except httpx.HTTPError as exc:
+                failures.append(repr(exc))
+            time.sleep(0.05)
+
+    shooter = threading.Thread(target=fire, daemon=True)
+    shooter.start()
+    try:
+        r = httpx.post(f"{server.base_url}/v1/jobs", json={"kind": "train",
+                                                           "params": {**TRAIN, "force_promote": True}})
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        assert r.json()["status"] == "queued"
+        worker = start_worker(settings, tmp_path / "worker.log")
+        seen_running = False
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            body = httpx.get(f"{server.base_url}/v1/jobs/{job_id}", timeout=10).json()
+            seen_running |= body["status"] == "running" and body["progress"] > 0
+            if body["status"] in jobs.FINISHED:
+                break
+            time.sleep(0.3)
+        assert body["status"] == "succeeded", (body, (tmp_path / "worker.log").read_text()[-3000:])
+        assert seen_running and body["progress"] == 1.0 and body["attempts"] == 1
+        metrics = body["metrics"]
+        assert metrics["promoted"] and metrics["model_version"] == f"model-job{job_id}"
+        assert {"recall@1", "map@r"} <= set(metrics["candidate"]) and {"recall@1", "map@r"} <= set(metrics["baseline"])
+        new_model = metrics["model_version"]
+        with session_scope(settings.resolved_database_url) as session:
+            model, index = active_model(session), active_index(session)
+            assert (model.name, index.name) == (new_model, metrics["index_version"]) != (old_model, old_index)
+            assert index.model_version_id == model.id and "recall@1" in model.metrics
+        # The service hot-swaps: search answers with the new model.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not answered or answered[-1] != new_model):
+            time.sleep(0.2)
+        assert answered and answered[-1] == new_model
+        logs = httpx.get(f"{server.base_url}/v1/jobs/{job_id}/logs").json()["lines"]
+        assert any("promoted" in line for line in logs) and any("train step" in line for line in logs)
+        listed = httpx.get(f"{server.base_url}/v1/jobs", params={"status": "succeeded"}).json()["jobs"]
+        assert [j["id"] for j in listed] == [job_id]
+        assert "promoted" in (tmp_path / "worker.log").read_text()  # progress on the worker's stdout
+    finally:
+        stop_queries.set()
+        shooter.join(30)
+        if worker is not None:
+            stop(worker)
+        server.stop()
+    assert not failures, failures[:5]
+    assert old_model in answered and new_model in answered  # queries were answered before and after the swap
+    # The CLI lists and follows jobs.
+    env = server_env(settings)
+    out = subprocess.run([sys.executable, "-m", "app.cli", "jobs", "list"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and f"{job_id} train" in " ".join(out.stdout.split()), out.stderr
+    out = subprocess.run([sys.executable, "-m", "app.cli", "jobs", "follow", str(job_id)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "succeeded" in out.stdout
+
+
+def test_sigkilled_worker_job_is_requeued_and_resumes_from_checkpoint(world, tmp_path: Path) -> None:
+    settings = world
+    job_id = enqueue(settings, "train", {**TRAIN, "steps": 10, "eval_every": 5, "force_promote": True})
+    log = tmp_path / "worker1.log"
+    first = start_worker(settings, log, "--id", "doomed")
+    resume = jobs.job_dir(settings, job_id) / "train" / "resume.pt"
+    try:
+        wait_job(settings, job_id, lambda j: resume.exists() and j.progress >= 0.22, 180, log=log)
+    finally:
+        first.send_signal(signal.SIGKILL)  # no clean-up of any kind
+        first.wait(30)
+    assert job_row(settings, job_id).status == "running"  # the row still says running: the worker is just gone
+    log2 = tmp_path / "worker2.log"
+    second = start_worker(settings, log2, "--id", "rescuer")
+    try:
+        job = wait_job(settings, job_id, lambda j: j.status in jobs.FINISHED, 240, log=log2)
+    finally:
+        stop(second)
+    assert job.status == "succeeded", (job.error, log2.read_text()[-3000:])
+    assert job.attempts == 2 and job.worker_id == "rescuer" and job.metrics["promoted"]
+    assert "re-queued" in log2.read_text()
+    # The second run resumed: its first training step is past the ones the first run had checkpointed.
+    lines = jobs.read_log(settings, job_id, 1000)
+    second_run = lines[max(i for i, line in enumerate(lines) if "claimed by rescuer" in line):]
+    steps = [int(line.split("train step ")[1].split("/")[0]) for line in second_run if "train step " in line]
+    assert steps and steps[0] > 3 and steps[-1] == 10, second_run
+    records = [json.loads(x) for x in (resume.parent / "log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 10
+
+
+def test_two_workers_never_run_the_same_job(world, tmp_path: Path) -> None:
+    settings = world
+    ids = [enqueue(settings, "rebuild_index", {"factory": "Flat"}) for _ in range(6)]
+    workers = [start_worker(settings, tmp_path / f"w{i}.log", "--once", "--id", f"w{i}") for i in range(2)]
+    for proc in workers:
+        assert proc.wait(180) == 0
+    owners = {}
+    for job_id in ids:
+        job = job_row(settings, job_id)
+        assert job.status == "succeeded" and job.attempts == 1, (job.status, job.error)
+        claims = [line for line in jobs.read_log(settings, job_id) if "claimed by" in line]
+        assert len(claims) == 1, claims  # run once, by one worker
+        owners[job_id] = job.worker_id
+    assert set(owners.values()) <= {"w0", "w1"}
+
+
+def test_worse_candidate_is_not_promoted(world, tmp_path: Path) -> None:
+    settings = world
+    with session_scope(settings.resolved_database_url) as session:
+        before = (active_model(session).name, active_index(session).name)
+    # A learning rate far too high wrecks the tiny model within a few steps.
+    job_id = enqueue(settings, "train", {**TRAIN, "lr": 5.0, "head_lr": 5.0, "grad_clip": 1000.0, "eval_every": 100})
+    log = tmp_path / "worker.log"
+    worker = start_worker(settings, log, "--once")
+    assert worker.wait(240) == 0, log.read_text()[-3000:]
+    job = job_row(settings, job_id)
+    assert job.status == "succeeded", job.error
+    metrics = job.metrics
+    assert not metrics["better"] and not metrics["promoted"], metrics
+    assert metrics["candidate"]["map@r"] <= metrics["baseline"]["map@r"]
+    with session_scope(settings.resolved_database_url) as session:
+        assert (active_model(session).name, active_index(session).name) == before
+        from app.db.models import ModelVersion
+
+        candidate = session.query(ModelVersion).filter_by(name=metrics["model_version"]).one()
+        assert candidate.status == "candidate" and candidate.metrics["baseline_model"] == before[0]
+
+
+def test_cancel_a_running_job(world, tmp_path: Path) -> None:
+    settings = world
+    job_id = enqueue(settings, "train", {**TRAIN, "steps": 200})
+    log = tmp_path / "worker.log"
+    worker = start_worker(settings, log, "--once")
+    try:
+        wait_job(settings, job_id, lambda j: j.progress > 0.02, 180, log=log)
+        with session_scope(settings.resolved_database_url) as session:
+            jobs.request_cancel(session, job_id)
+        job = wait_job(settings, job_id, lambda j: j.status in jobs.FINISHED, 60, log=log)
+        assert worker.wait(60) == 0
+    finally:
+        stop(worker)
+    assert job.status == "cancelled" and job.progress < 0.5
+    assert os.path.exists(jobs.job_dir(settings, job_id) / "train" / "resume.pt")
