@@ -27,6 +27,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+if [ "$mode" = "--test" ]; then
+  # The tests start their own throwaway PostgreSQL server (tests/postgres.py: initdb + pg_ctl from Debian's
+  # binaries on a free loopback port), as the `postgres` user when run as root (initdb refuses root), else as the
+  # current user. No system cluster is needed. CI=true (.ci/run) makes a missing server a failure, not a skip.
+  if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    echo "setup: PostgreSQL server binaries not found: the tests will skip PostgreSQL (and fail under CI)" >&2
+  elif [ "$(id -u)" = 0 ] && ! id -u postgres >/dev/null 2>&1; then
+    echo "setup: running as root but there is no 'postgres' user to run the test server as" >&2
+    exit 1
+  fi
+fi
+
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
 if [ ! -x .venv/bin/python ]; then
