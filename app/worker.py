@@ -148,21 +148,19 @@ def labelled_items(settings: Settings) -> tuple[list[tuple[str, int]], list[str]
 
 def class_split(ctx: JobContext) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """Train/validation items with disjoint classes; fixed at the job's first run (saved in its directory)."""
-    path = ctx.dir / SPLIT_FILE
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        return [tuple(x) for x in saved["train"]], [tuple(x) for x in saved["val"]]
-    from models.data import split_items
 
-    items, names = labelled_items(ctx.settings)
-    if len(names) < 4:
-        raise ValueError(f"training needs labelled images of at least 4 classes in the store; found {len(names)}")
-    fraction = float(ctx.params.get("val_fraction", 0.25))
-    train_items, val_items = split_items(items, fraction, by="classes", seed=int(ctx.params.get("split_seed", 0)))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"classes": names, "train": train_items, "val": val_items}))
-    os.replace(tmp, path)
-    return train_items, val_items
+    def compute() -> dict[str, Any]:
+        from models.data import split_items
+
+        items, names = labelled_items(ctx.settings)
+        if len(names) < 4:
+            raise ValueError(f"training needs labelled images of at least 4 classes in the store; found {len(names)}")
+        fraction = float(ctx.params.get("val_fraction", 0.25))
+        train_items, val_items = split_items(items, fraction, by="classes", seed=int(ctx.params.get("split_seed", 0)))
+        return {"classes": names, "train": train_items, "val": val_items}
+
+    saved = _fixed(ctx, SPLIT_FILE, compute)
+    return [tuple(x) for x in saved["train"]], [tuple(x) for x in saved["val"]]
 
 
 # -- handlers ------------------------------------------------------------------------------------------------
@@ -209,6 +207,26 @@ def _model_row(settings: Settings, name: str) -> ModelVersion | None:
         return model
 
 
+def _fixed(ctx: JobContext, filename: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A value computed at the job's first run and saved in its directory; later runs read it back."""
+    path = ctx.dir / filename
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+    return value
+
+
+def _active_index_name(settings: Settings) -> str | None:
+    from app.registry import active_index
+
+    with session_scope(settings.resolved_database_url) as session:
+        row = active_index(session)
+        return row.name if row is not None else None
+
+
 def publish_for_model(ctx: JobContext, model: ModelVersion, start: float, end: float,
                       factory: str | None = None, force: bool = True) -> dict[str, Any]:
     """Embed every live image missing an embedding for `model`, build an index, promote the pair (one transaction)."""
@@ -238,8 +256,8 @@ def run_train(ctx: JobContext) -> dict[str, Any]:
     train_items, val_items = class_split(ctx)
     ctx.progress(0.02, f"split: {len(train_items)} train / {len(val_items)} validation images "
                        f"({len({y for _, y in train_items})} / {len({y for _, y in val_items})} classes)")
-    active = _active_model(settings)
-    init = None if params.get("init") == "config" else active.path
+    active = _fixed(ctx, "baseline.json", lambda: {"name": (m := _active_model(settings)).name, "path": m.path})
+    init = None if params.get("init") == "config" else active["path"]
 
     def on_record(entry: dict[str, Any]) -> None:
         fraction = 0.02 + 0.68 * min(1.0, entry.get("step", 0) / max(1, config.steps))
@@ -255,15 +273,19 @@ def run_train(ctx: JobContext) -> dict[str, Any]:
     ks = tuple(params.get("ks", (1, 2, 4, 8)))
     ctx.progress(0.72, "evaluating the candidate and the active model on the validation split")
     workers = min(config.num_workers, 2)
-    candidate_metrics = evaluate_items(load_checkpoint(result.best_checkpoint_dir), val_items, ks,
-                                       num_workers=workers)
-    active_metrics = evaluate_items(load_checkpoint(active.path), val_items, ks, num_workers=workers)
+    # Fixed at the first evaluation: a re-run after a crash compares against the same baseline, even if the
+    # candidate was already promoted by the run that crashed.
+    evaluation = _fixed(ctx, "evaluation.json", lambda: {
+        "candidate": evaluate_items(load_checkpoint(result.best_checkpoint_dir), val_items, ks, num_workers=workers),
+        "baseline": evaluate_items(load_checkpoint(active["path"]), val_items, ks, num_workers=workers),
+    })
+    candidate_metrics, active_metrics = evaluation["candidate"], evaluation["baseline"]
     better = _is_better(candidate_metrics, active_metrics)
     promote = better or bool(params.get("force_promote", False))
-    summary = {"candidate": candidate_metrics, "baseline": active_metrics, "baseline_model": active.name,
+    summary = {"candidate": candidate_metrics, "baseline": active_metrics, "baseline_model": active["name"],
                "better": better, "train_steps": result.step, "promoted": False}
     ctx.progress(0.78, f"candidate recall@1={candidate_metrics.get('recall@1', 0):.4f} "
-                       f"map@r={candidate_metrics.get('map@r', 0):.4f} vs active {active.name} "
+                       f"map@r={candidate_metrics.get('map@r', 0):.4f} vs active {active['name']} "
                        f"recall@1={active_metrics.get('recall@1', 0):.4f} map@r={active_metrics.get('map@r', 0):.4f}",
                  **summary)
 
@@ -285,12 +307,16 @@ def run_train(ctx: JobContext) -> dict[str, Any]:
                                    config_used.backbone if config_used.arch == "timm" else config_used.arch,
                                    config_used.dim, metrics={**candidate_metrics, "job_id": ctx.job_id,
                                                              "baseline": active_metrics,
-                                                             "baseline_model": active.name})
+                                                             "baseline_model": active["name"]})
             session.expunge(model)
     summary["model_version"] = model.name
     ctx.progress(0.8, f"registered model version {model.name}", model_version=model.name)
     if not promote:
-        ctx.progress(1.0, f"not promoted: candidate {model.name} is not better than {active.name}", **summary)
+        ctx.progress(1.0, f"not promoted: candidate {model.name} is not better than {active['name']}", **summary)
+        return summary
+    if model.status == "active":  # promoted by an earlier run of this job that died before recording it
+        summary.update(promoted=True, index_version=_active_index_name(settings))
+        ctx.progress(1.0, f"{model.name} is already active", **summary)
         return summary
     ctx.check()
     why = "better" if better else "force_promote"
@@ -363,12 +389,13 @@ def run_job(settings: Settings, job: Job, worker_id: str, shutdown: threading.Ev
 
 
 def run_worker(settings: Settings, worker_id: str | None = None, once: bool = False, max_jobs: int | None = None,
-               shutdown: threading.Event | None = None) -> int:
-    """Claim and run jobs until `shutdown` is set (SIGTERM/SIGINT), or the queue is empty (`once`)."""
+               shutdown: threading.Event | None = None, handle_signals: bool = False) -> int:
+    """Claim and run jobs until `shutdown` is set (or SIGTERM/SIGINT with handle_signals), or the queue is empty
+    (`once`). On SIGTERM a running job is stopped at its next step and handed back to the queue."""
     worker_id = worker_id or default_worker_id()
     shutdown = shutdown or threading.Event()
     url = settings.resolved_database_url
-    if threading.current_thread() is threading.main_thread():
+    if handle_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: shutdown.set())
     print(f"worker {worker_id} polling {settings.data_dir} every {settings.worker_poll_s:g}s "
@@ -427,7 +454,7 @@ def cmd_worker(args: Any) -> int:
     from app.settings import get_settings
 
     logging.getLogger("retrieval").setLevel(logging.INFO)
-    run_worker(get_settings(), worker_id=args.id, once=args.once, max_jobs=args.max_jobs)
+    run_worker(get_settings(), worker_id=args.id, once=args.once, max_jobs=args.max_jobs, handle_signals=True)
     return 0
 
 

@@ -42,6 +42,12 @@ def world(tmp_path: Path):  # noqa: ANN201
     return build_served_corpus(tmp_path, url, per_class=8)
 
 
+@pytest.fixture
+def world_any(database_url: str, tmp_path: Path):  # noqa: ANN201
+    """The same world on SQLite and on PostgreSQL."""
+    return build_served_corpus(tmp_path, database_url, per_class=8)
+
+
 def start_worker(settings, log: Path, *args: str) -> subprocess.Popen:  # noqa: ANN001
     env = server_env(settings) | WORKER_ENV
     return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", *args], cwd=REPO, env=env,
@@ -189,8 +195,8 @@ def test_sigkilled_worker_job_is_requeued_and_resumes_from_checkpoint(world, tmp
     assert max(r["step"] for r in records) == 10
 
 
-def test_two_workers_never_run_the_same_job(world, tmp_path: Path) -> None:
-    settings = world
+def test_two_workers_never_run_the_same_job(world_any, tmp_path: Path) -> None:
+    settings = world_any
     ids = [enqueue(settings, "rebuild_index", {"factory": "Flat"}) for _ in range(6)]
     workers = [start_worker(settings, tmp_path / f"w{i}.log", "--once", "--id", f"w{i}") for i in range(2)]
     for proc in workers:
@@ -242,3 +248,35 @@ def test_cancel_a_running_job(world, tmp_path: Path) -> None:
         stop(worker)
     assert job.status == "cancelled" and job.progress < 0.5
     assert os.path.exists(jobs.job_dir(settings, job_id) / "train" / "resume.pt")
+
+
+def test_failed_job_records_the_reason(world) -> None:
+    from app.worker import run_worker
+
+    job_id = enqueue(world, "reembed", {"model_version": "no-such-model"})
+    assert run_worker(world, worker_id="inproc", once=True) == 1
+    job = job_row(world, job_id)
+    assert job.status == "failed" and "no-such-model" in job.message and "ValueError" in job.error
+
+
+def test_rerun_after_a_crash_past_promotion_does_not_redo_it(world) -> None:
+    """A run that promoted and then died: the re-run finds the candidate active and records success."""
+    from sqlalchemy import update
+
+    from app.db.models import Job
+    from app.db.session import get_engine
+    from app.worker import run_worker
+
+    job_id = enqueue(world, "train", {**TRAIN, "steps": 2, "force_promote": True})
+    assert run_worker(world, worker_id="first", once=True) == 1
+    done = job_row(world, job_id)
+    assert done.status == "succeeded" and done.metrics["promoted"]
+    with get_engine(world.resolved_database_url).begin() as conn:  # as if the worker died before finish()
+        conn.execute(update(Job).where(Job.id == job_id).values(status="queued", worker_id=None))
+    assert run_worker(world, worker_id="second", once=True) == 1
+    again = job_row(world, job_id)
+    assert again.status == "succeeded" and again.metrics["promoted"]
+    assert again.metrics["index_version"] == done.metrics["index_version"]  # nothing rebuilt
+    assert again.metrics["baseline_model"] == done.metrics["baseline_model"] != again.metrics["model_version"]
+    with session_scope(world.resolved_database_url) as session:
+        assert active_model(session).name == done.metrics["model_version"]
