@@ -1,0 +1,81 @@
+"""The query page in real headless Chromium (Debian's package, driven by Playwright): a real upload through the
+file input, the result grid with scores, labels and thumbnails, and a screenshot saved for a person to look at."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, LiveServer, class_image
+from tests.test_api_helpers import build_served_corpus, start_server
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def chromium_binary() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    from app.db.migrate import upgrade
+
+    tmp = tmp_path_factory.mktemp("page")
+    url = f"sqlite:///{tmp / 'retrieval.db'}"
+    upgrade(url)
+    settings = build_served_corpus(tmp, url, per_class=3)
+    server = start_server(settings, tmp / "server.log")
+    yield server
+    server.stop()
+
+
+def test_query_page_upload_shows_result_grid(page_server: LiveServer, tmp_path: Path) -> None:
+    binary = chromium_binary()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is required in CI (apt-get install chromium)")
+        pytest.skip("no chromium binary on this machine (apt-get install chromium)")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+
+    query = tmp_path / "my holiday photo (1).jpg"  # a client-side name the server must not use
+    class_image("blue", seed=2024, size=128).save(query, quality=92)
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "query-page.png"
+    console_errors: list[str] = []
+
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=binary, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1200, "height": 900})
+            page = context.new_page()
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            page.goto(page_server.base_url + "/")
+            page.wait_for_function("document.getElementById('status').textContent.includes('index')")
+            page.fill("#k", "6")
+            page.set_input_files("#file", str(query))
+            page.wait_for_selector("#results li", timeout=30_000)
+            page.wait_for_function(
+                "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)",
+                timeout=30_000)
+            cards = page.locator("#results li")
+            assert cards.count() == 6
+            labels = page.locator("#results .label").all_text_contents()
+            scores = [float(s) for s in page.locator("#results .score").all_text_contents()]
+            assert labels[0] == "blue" and scores == sorted(scores, reverse=True)
+            assert "6 results" in page.locator("#message").text_content()
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
+    assert console_errors == []
