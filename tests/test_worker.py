@@ -280,3 +280,20 @@ def test_rerun_after_a_crash_past_promotion_does_not_redo_it(world) -> None:
     assert again.metrics["baseline_model"] == done.metrics["baseline_model"] != again.metrics["model_version"]
     with session_scope(world.resolved_database_url) as session:
         assert active_model(session).name == done.metrics["model_version"]
+
+
+def test_sigterm_hands_the_running_job_back(world, tmp_path: Path) -> None:
+    settings = world
+    job_id = enqueue(settings, "train", {**TRAIN, "steps": 200})
+    log = tmp_path / "worker.log"
+    worker = start_worker(settings, log)
+    try:
+        wait_job(settings, job_id, lambda j: j.progress > 0.02, 180, log=log)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        stop(worker)
+    job = job_row(settings, job_id)
+    # Back in the queue, the run not counted: the next worker resumes it from its checkpoint.
+    assert job.status == "queued" and job.attempts == 0 and job.worker_id is None, (job.status, job.message)
+    assert "shut down" in job.message
