@@ -8,8 +8,9 @@
 
 All of them get their configuration only from RETRIEVAL_* environment variables, as in docker-compose.yml, share
 one data directory (the `data` volume) and one PostgreSQL database. Through HTTP: the api starts with no index
-(live, not ready), hot-swaps to the index the batch job publishes, answers a query, accepts a training job that
-the worker runs and promotes, and then serves the new model. The Dockerfile's HEALTHCHECK command is run against
+(live, not ready), hot-swaps to the index the batch job publishes, answers a query, refuses a training job
+without an API key (auth is on, as in compose) and accepts it with a key made the way docs/deployment.md says; the
+worker runs and promotes it, and the api then serves the new model. The Dockerfile's HEALTHCHECK command is run against
 the live api. A tiny random-init embedder (resnet10t, 64 px, 64-d) keeps it quick on two CPU cores.
 """
 
@@ -129,6 +130,14 @@ def compose_commands(port: int, corpus: Path) -> dict[str, list[str]]:
     return commands
 
 
+def docs_key_command() -> str:
+    """The Python code docs/deployment.md runs (`--entrypoint python migrate -c "..."`) to create an API key."""
+    text = (REPO / "docs" / "deployment.md").read_text()
+    m = re.search(r'--entrypoint python migrate -c "(.*?)"', text, re.DOTALL)
+    assert m, "docs/deployment.md shows how to create an API key"
+    return m.group(1).replace("\\\n", "")
+
+
 def dockerfile_healthcheck() -> list[str]:
     text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
     m = re.search(r"^HEALTHCHECK .*?CMD (\[.*\])\s*$", text, re.MULTILINE)
@@ -166,7 +175,8 @@ def test_compose_topology_as_processes(postgres_server, tiny_embedder: Path, tmp
         "RETRIEVAL_DATA_DIR": str(tmp_path / "data"),
         "RETRIEVAL_DEVICE": "cpu",
         "RETRIEVAL_EMBEDDER": str(tiny_embedder),
-        "RETRIEVAL_AUTH_ENABLED": "false",
+        "RETRIEVAL_AUTH_ENABLED": "true",  # the compose default: writes need a key, reads are open
+        "RETRIEVAL_OPEN_READS": "true",
         "RETRIEVAL_BATCH_SIZE": "16",
         "RETRIEVAL_NUM_WORKERS": "0",
         "RETRIEVAL_PORT": str(port),
@@ -181,6 +191,12 @@ def test_compose_topology_as_processes(postgres_server, tiny_embedder: Path, tmp
     commands = compose_commands(port, corpus)
     out = Role("migrate", commands["migrate"], env, logs).run(timeout=60)
     assert "database at revision" in out
+
+    # An API key, created the way docs/deployment.md says (a one-off container of the app image).
+    made = subprocess.run([sys.executable, "-c", docs_key_command()], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    key = {"X-API-Key": made.stdout.strip().splitlines()[-1]}
 
     api = Role("api", commands["api"], env, logs).start()
     worker = Role("worker", commands["worker"], env, logs).start()
@@ -216,7 +232,9 @@ def test_compose_topology_as_processes(postgres_server, tiny_embedder: Path, tmp
         params = {"steps": 4, "batch_size": 16, "m_per_class": 4, "num_workers": 0, "amp": False,
                   "warmup_steps": 1, "eval_every": 0, "checkpoint_every": 2, "log_every": 1, "eval_batch_size": 32,
                   "force_promote": True, "torch_threads": 1}
-        created = httpx.post(f"{base}/v1/jobs", json={"kind": "train", "params": params}, timeout=30)
+        job_request = {"kind": "train", "params": params}
+        assert httpx.post(f"{base}/v1/jobs", json=job_request, timeout=30).status_code == 401
+        created = httpx.post(f"{base}/v1/jobs", json=job_request, headers=key, timeout=30)
         assert created.status_code == 201, created.text
         job_id = created.json()["id"]
 
