@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes for what was stored as UTC; RFC 3339 needs the offset.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
 class ErrorBody(BaseModel):
@@ -24,7 +32,7 @@ class ImageOut(BaseModel):
     width: int
     height: int
     metadata: dict[str, Any] = Field(validation_alias="meta")
-    created_at: datetime
+    created_at: UtcDatetime
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -87,8 +95,8 @@ class ModelVersionOut(BaseModel):
     dim: int
     status: str
     metrics: dict[str, Any]
-    created_at: datetime
-    activated_at: datetime | None
+    created_at: UtcDatetime
+    activated_at: UtcDatetime | None
 
 
 class IndexVersionOut(BaseModel):
@@ -102,8 +110,8 @@ class IndexVersionOut(BaseModel):
     status: str
     params: dict[str, Any]
     metrics: dict[str, Any]
-    created_at: datetime
-    activated_at: datetime | None
+    created_at: UtcDatetime
+    activated_at: UtcDatetime | None
 
 
 class ModelVersionList(BaseModel):
