@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     from app.worker import add_cli as add_worker_cli
 
     add_worker_cli(sub)  # `worker` and `jobs`
+    from app.auth import add_cli as add_keys_cli
+
+    add_keys_cli(sub)  # `keys`
     return parser
 
 
