@@ -466,8 +466,8 @@ def _build_ivf_ondisk(store: Path, live: np.ndarray, dim: int, factory: str, ids
     workdir = settings.indexes_dir / f".ondisk-{new_version_name('tmp')}"
     merged = merge_ivf_ondisk(trained, parts, workdir)
     pick = rng.choice(len(vectors), size=min(len(vectors), 500), replace=False)
-    _, truth = exact_knn(vectors[pick], vectors, ids, 10)
-    merged.tune(vectors[pick], truth, 10, _recall_target(settings))
+    _, truth = exact_knn(vectors[pick], vectors, ids, 11)
+    merged.tune(vectors[pick], truth, 10, _recall_target(settings), query_ids=ids[pick])
     merged.params["ondisk_workdir"] = str(workdir)
     return merged
 

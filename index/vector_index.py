@@ -86,6 +86,27 @@ def choose_factory(n: int, dim: int, memory_budget_bytes: int = 4 << 30) -> str:
     return f"OPQ{m},IVF{nlist},PQ{m}"
 
 
+def _cap_opq_training(index: faiss.Index) -> None:
+    """OPQ's defaults (50 rounds on 65k points) take many minutes on CPU; 4 rounds on 16k keep most of the gain."""
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            transform = faiss.downcast_VectorTransform(index.chain.at(i))
+            if isinstance(transform, faiss.OPQMatrix):
+                transform.niter = 4
+                transform.max_train_points = 16384
+
+
+def _drop_self(ids: np.ndarray, query_ids: np.ndarray | None) -> np.ndarray:
+    """Remove each row's own query id (keeping order); rows lose at most one column."""
+    if query_ids is None:
+        return ids
+    out = np.full((len(ids), ids.shape[1] - 1), -1, dtype=np.int64)
+    for row, (found, own) in enumerate(zip(ids, _as_ids(query_ids), strict=True)):
+        kept = found[found != own][: out.shape[1]]
+        out[row, : len(kept)] = kept
+    return out
+
+
 class VectorIndex:
     """Inner-product FAISS index with 64-bit ids, built from a factory string ("Flat" by default)."""
 
@@ -96,6 +117,7 @@ class VectorIndex:
         self.params: dict[str, Any] = dict(params or {})
         if index is None:
             base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+            _cap_opq_training(base)
             # IVF types take ids natively (and must, so remove_ids and shard merges see images.id);
             # Flat and HNSW need the IDMap2 wrapper.
             native_ids = faiss.try_extract_index_ivf(base) is not None or factory.startswith("IDMap")
@@ -274,15 +296,22 @@ class VectorIndex:
 
     # -- tuning ---------------------------------------------------------------------------------------
     def tune(self, queries: np.ndarray, true_ids: np.ndarray, k: int = 10,
-             target: float = DEFAULT_RECALL_TARGET) -> dict[str, Any]:
-        """Smallest nprobe / efSearch reaching `target` recall@k against `true_ids` (exact search); stored."""
+             target: float = DEFAULT_RECALL_TARGET, query_ids: np.ndarray | None = None) -> dict[str, Any]:
+        """Smallest nprobe / efSearch reaching `target` recall@k against `true_ids` (exact search); stored.
+
+        query_ids: when the queries are indexed vectors themselves, their own ids are dropped from both
+        result lists (leave-one-out), so the trivial self-match does not inflate the recall.
+        """
         queries = _as_float32(queries)
-        k = min(k, true_ids.shape[1])
+        truth = _drop_self(true_ids, query_ids)
+        k = min(k, truth.shape[1])
+        truth = truth[:, :k]
 
         def recall() -> float:
-            _, found = self.search(queries, k)
-            hits = sum(len(np.intersect1d(f[f >= 0], t[:k][t[:k] >= 0])) for f, t in zip(found, true_ids, strict=True))
-            return hits / max(1, int((true_ids[:, :k] >= 0).sum()))
+            _, found = self.search(queries, k + (query_ids is not None))
+            found = _drop_self(found, query_ids)[:, :k]
+            hits = sum(len(np.intersect1d(f[f >= 0], t[t >= 0])) for f, t in zip(found, truth, strict=True))
+            return hits / max(1, int((truth >= 0).sum()))
 
         ivf, hnsw = self.ivf, self.hnsw
         if ivf is not None:
@@ -363,8 +392,8 @@ def build(ids: np.ndarray, vectors: np.ndarray, factory: str | None = None,
     index.params["built_with"] = n
     if n and index.kind != "flat":
         pick = rng.choice(n, size=min(n, tune_queries), replace=False)
-        _, truth = exact_knn(vectors[pick], vectors, ids, 10)
-        index.tune(vectors[pick], truth, k=10, target=recall_target)
+        _, truth = exact_knn(vectors[pick], vectors, ids, 11)
+        index.tune(vectors[pick], truth, k=10, target=recall_target, query_ids=ids[pick])
     return index
 
 

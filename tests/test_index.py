@@ -1,0 +1,154 @@
+"""VectorIndex: every index type deletes correctly (HNSW via tombstones), filters return k results, tuning,
+the automatic type choice, persistence and FAISS's on-disk IVF merge."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from index import versions
+from index.vector_index import VectorIndex, build, choose_factory, exact_knn, merge_ivf_ondisk
+
+TYPES = ["Flat", "HNSW16", "IVF16,Flat", "OPQ8,IVF16,PQ8x4"]
+DIM = 32
+
+
+def clustered(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, dim)).astype(np.float32)
+    x = centres[rng.integers(0, 20, n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
+    faiss.normalize_L2(x)
+    return x
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    ids = np.arange(1000, 3000, dtype=np.int64)  # ids are images.id, not positions
+    return ids, clustered(len(ids))
+
+
+def built(factory: str, ids: np.ndarray, vectors: np.ndarray) -> VectorIndex:
+    index = VectorIndex(DIM, factory)
+    index.train(vectors)
+    index.add(ids, vectors)
+    index.params["nprobe" if index.ivf is not None else "efSearch"] = 16 if index.ivf is not None else 64
+    return index
+
+
+@pytest.mark.parametrize("factory", TYPES)
+def test_deleted_ids_never_come_back(factory: str, data, tmp_path: Path) -> None:
+    ids, vectors = data
+    index = built(factory, ids, vectors)
+    gone = ids[::3]
+    assert index.remove(gone) == len(gone)
+    assert index.remove(gone) == 0  # idempotent
+    assert len(index) == len(ids) - len(gone)
+    if factory.startswith("HNSW"):
+        assert not index.supports_remove and len(index.tombstones) == len(gone)
+    for idx in (index, VectorIndex.load(index.save(tmp_path / "v"))):
+        # Query with the deleted vectors themselves: the worst case for leaking them.
+        _, found = idx.search(vectors[::3][:200], 10)
+        assert not np.isin(found, gone).any()
+        assert (found >= 0).all()  # still k results
+        assert np.isin(idx.live_ids(), gone).sum() == 0
+    excluded = ids[1::3][:50]
+    _, found = index.search(vectors[1::3][:50], 10, exclude_ids=excluded)
+    assert not np.isin(found, np.concatenate([gone, excluded])).any() and (found >= 0).all()
+
+
+@pytest.mark.parametrize("factory", TYPES)
+def test_filtered_search_returns_k_matches(factory: str, data) -> None:
+    ids, vectors = data
+    index = built(factory, ids, vectors)
+    rng = np.random.default_rng(1)
+    allowed = rng.choice(ids, size=25, replace=False)  # ~1% of the corpus: starves nprobe/efSearch
+    scores, found = index.search(vectors[:20], 10, allowed_ids=allowed)
+    assert np.isin(found, allowed).all(), "every result is an allowed id, and there are k of them"
+    assert np.isfinite(scores).all()
+    if factory in ("Flat", "IVF16,Flat"):  # escalation ends in an exact scan over the allowed ids
+        truth_pos = np.argsort(-(vectors[:20] @ vectors[np.isin(ids, allowed)].T), axis=1)[:, :10]
+        assert (found == ids[np.isin(ids, allowed)][truth_pos]).mean() > 0.95
+    few = allowed[:4]
+    _, found = index.search(vectors[:5], 10, allowed_ids=few)
+    assert (np.sort(found[:, :4], axis=1) == np.sort(few)).all() and (found[:, 4:] == -1).all()
+    index.remove(few[:2])
+    _, found = index.search(vectors[:5], 10, allowed_ids=few, exclude_ids=few[2:3])
+    assert set(found[0].tolist()) == {int(few[3]), -1}
+
+
+def test_hnsw_refuses_to_replace_and_others_upsert(data) -> None:
+    ids, vectors = data
+    hnsw = built("HNSW16", ids[:100], vectors[:100])
+    hnsw.remove(ids[:1])
+    with pytest.raises(ValueError, match="rebuild"):
+        hnsw.add(ids[:1], vectors[:1])
+    flat = built("Flat", ids[:100], vectors[:100])
+    flat.add(ids[:1], vectors[5:6])  # replaces
+    assert len(flat) == 100
+    _, found = flat.search(vectors[5:6], 2)
+    assert set(found[0].tolist()) == {int(ids[0]), int(ids[5])}
+
+
+def test_tuning_reaches_the_recall_target_and_is_stored(tmp_path: Path) -> None:
+    everything = clustered(6200, seed=3)
+    vectors, queries = everything[:6000], everything[6000:]  # held-out queries from the same distribution
+    ids = np.arange(len(vectors), dtype=np.int64) + 1
+    for factory, knob in (("IVF64,Flat", "nprobe"), ("HNSW16", "efSearch")):
+        index = build(ids, vectors, factory, recall_target=0.97, tune_queries=200)
+        assert index.params[knob] >= 1 and index.params["recall_at_k"] >= 0.97
+        loaded = VectorIndex.load(index.save(tmp_path / factory))
+        assert loaded.params[knob] == index.params[knob]
+        _, truth = exact_knn(queries, vectors, ids, 10)
+        _, found = loaded.search(queries, 10)
+        recall = np.mean([len(np.intersect1d(f, t)) / 10 for f, t in zip(found, truth, strict=True)])
+        assert recall >= 0.9
+
+
+def test_choose_factory_rules() -> None:
+    gib = 1 << 30
+    assert choose_factory(10_000, 384, 4 * gib) == "Flat"
+    assert choose_factory(500_000, 384, 4 * gib) == "HNSW32"
+    assert choose_factory(5_000_000, 384, 16 * gib).startswith("IVF") and choose_factory(
+        5_000_000, 384, 16 * gib).endswith(",Flat")
+    pq = choose_factory(100_000_000, 384, 8 * gib)
+    assert pq.startswith("OPQ") and ",PQ" in pq
+    m = int(pq.split(",PQ")[1])
+    assert 384 % m == 0 and 100_000_000 * (m + 8) <= 8 * gib
+    for factory in (choose_factory(n, 64, 64 << 20) for n in (1000, 100_000, 2_000_000)):
+        VectorIndex(64, factory)  # every choice is a valid factory string
+
+
+def test_ivf_ondisk_merge_equals_single_index(tmp_path: Path, data) -> None:
+    ids, vectors = data
+    trained = VectorIndex(DIM, "IVF16,Flat")
+    trained.train(vectors)
+    parts = []
+    for part_ids, part_vecs in ((ids[:700], vectors[:700]), (ids[700:], vectors[700:])):
+        part = VectorIndex(DIM, "IVF16,Flat", index=faiss.clone_index(trained.index))
+        part.add(part_ids, part_vecs)
+        parts.append(part)
+    merged = merge_ivf_ondisk(trained, parts, tmp_path / "work")
+    merged.params["nprobe"] = 16
+    merged.save(tmp_path / "work")
+    os.rename(tmp_path / "work", tmp_path / "published")  # the .ivfdata must be found after the rename
+    loaded = VectorIndex.load(tmp_path / "published")
+    assert sorted(loaded.ids().tolist()) == ids.tolist()
+    _, found = loaded.search(vectors[:50], 5)
+    _, truth = exact_knn(vectors[:50], vectors, ids, 5)
+    assert (found == truth).mean() > 0.98
+
+
+def test_embedding_shards_roundtrip_and_ignore_half_written(tmp_path: Path) -> None:
+    store = tmp_path / "emb"
+    vectors = clustered(10)
+    versions.write_embedding_shard(store, "a", np.arange(5), vectors[:5])
+    versions.write_embedding_shard(store, "b", np.arange(3, 10), vectors[3:])
+    np.save(store / f"c{versions.VEC_SUFFIX}", vectors)  # a crash before the ids file: not a shard
+    ids, loaded = versions.load_embeddings(store, keep=np.arange(2, 10))
+    assert ids.tolist() == list(range(2, 10)) and loaded.dtype == np.float32
+    np.testing.assert_allclose(loaded, vectors[2:], atol=2e-3)
+    assert versions.embedded_ids(store).tolist() == list(range(10))
