@@ -47,6 +47,30 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return 1 if report.added == 0 and report.failed and not report.total_indexed else 0
 
 
+def cmd_index_verify(args: argparse.Namespace) -> int:
+    from app.indexing import verify_index
+
+    report = verify_index(get_settings())
+    if report.ok:
+        print(f"index {report.version}: SQL and index agree")
+        return 0
+    print(f"index {report.version}: {len(report.problems)} problem(s)", file=sys.stderr)
+    for problem in report.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 1
+
+
+def cmd_index_merge(args: argparse.Namespace) -> int:
+    from app.indexing import merge_shards, rebuild_index
+
+    settings = get_settings()
+    if args.index_command == "rebuild":
+        rebuild_index(settings, factory=args.factory, progress=not args.no_progress)
+    else:
+        merge_shards(settings, factory=args.factory, ondisk=args.ondisk, progress=not args.no_progress)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -97,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--factory", help="FAISS factory string overriding the automatic choice")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(func=cmd_index_build)
+    verify = index_sub.add_parser("verify", help="check SQL and the active index agree; non-zero exit if not")
+    verify.set_defaults(func=cmd_index_verify)
+    for name, text in (("merge", "after sharded builds: embed what is missing, build and publish one index"),
+                       ("rebuild", "rebuild/retype the index from stored embeddings (compacts deletions)")):
+        step = index_sub.add_parser(name, help=text)
+        step.add_argument("--factory", help="FAISS factory string overriding the automatic choice")
+        step.add_argument("--ondisk", action="store_true", help="IVF: merge per-shard lists on disk")
+        step.add_argument("--no-progress", action="store_true")
+        step.set_defaults(func=cmd_index_merge)
 
     def add_serve_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", help="bind address (RETRIEVAL_HOST, default 127.0.0.1)")

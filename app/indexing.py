@@ -49,7 +49,6 @@ from index.vector_index import VectorIndex, build, choose_factory, merge_ivf_ond
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 REGISTER_CHUNK = 512
-FLUSH_EVERY = 2048  # images per embedding shard: bounds the work lost to a kill -9
 SQL_IN_CHUNK = 900  # stays under SQLite's bound-parameter limit
 
 
@@ -83,17 +82,6 @@ class SourceEntry:
     path: Path
     label: str | None
     meta: dict[str, Any]
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'i/n' -> (i, n), 0 <= i < n."""
-    try:
-        i, n = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ValueError(f"shard must look like i/n, got {text!r}") from None
-    if not 0 <= i < n:
-        raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
-    return i, n
 
 
 def iter_source(source: str | Path, shard: tuple[int, int] | None = None) -> Iterator[SourceEntry]:
@@ -183,11 +171,11 @@ def embeddings_dir(settings: Settings, model: ModelVersion) -> Path:
 
 
 def _memory_budget(settings: Settings) -> int:
-    return int(getattr(settings, "index_memory_mb", 4096)) << 20
+    return settings.index_memory_mb << 20
 
 
 def _recall_target(settings: Settings) -> float:
-    return float(getattr(settings, "index_recall_target", 0.95))
+    return settings.index_recall_target
 
 
 # -- step 1: register ---------------------------------------------------------------------------------
@@ -357,7 +345,7 @@ def embed_missing(settings: Settings, model: ModelVersion, candidates: np.ndarra
             report.embedded += len(ids)
         pending_failures.extend(failed)
         bar.update(len(ids) + len(failed))
-        if sum(len(b) for b in buf_ids) >= FLUSH_EVERY:
+        if sum(len(b) for b in buf_ids) >= settings.embed_flush_every:
             flush()
             _mark_failed(url, pending_failures, report)
     flush()

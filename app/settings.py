@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     # Versions kept on disk after publishing a new one.
     keep_versions: int = 3
 
+    # Index type and build tuning (app/indexing.py).
+    index_memory_mb: int = Field(4096, description="Memory budget that picks the index type (Flat/HNSW/IVF/PQ).")
+    index_recall_target: float = Field(0.95, description="recall@10 vs exact search that nprobe/efSearch are "
+                                                         "tuned to at build time.")
+    embed_flush_every: int = Field(2048, description="Images per embedding shard: bounds work lost to a crash.")
+
     # Training worker (`retrieval worker`): how often it heartbeats and polls, and when a silent job is stale.
     worker_heartbeat_s: float = Field(5.0, description="Seconds between a running job's heartbeats.")
     worker_stale_after_s: float = Field(
