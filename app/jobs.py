@@ -32,6 +32,17 @@ from app.settings import Settings
 
 JOB_KINDS = ("train", "rebuild_index", "reembed")
 FINISHED = ("succeeded", "failed", "cancelled")
+# TrainConfig fields (models/train.py) a train job may set directly.
+TRAIN_FIELDS = ("steps", "batch_size", "m_per_class", "lr", "head_lr", "loss_lr", "weight_decay", "warmup_steps",
+                "seed", "num_workers", "eval_every", "checkpoint_every", "log_every", "eval_batch_size", "amp",
+                "grad_clip", "min_lr_ratio")
+# The params each kind understands; anything else is refused at enqueue time, so a typo is a 422, not a run.
+JOB_PARAMS = {
+    "train": {*TRAIN_FIELDS, "config", "config_path", "loss", "init", "image_size", "resize_size", "val_fraction",
+              "split_seed", "force_promote", "name", "factory", "ks", "torch_threads"},
+    "rebuild_index": {"factory"},
+    "reembed": {"model_version", "factory"},
+}
 LOG_FILE = "job.log"
 
 
@@ -49,6 +60,9 @@ def enqueue(session: Session, kind: str, params: dict[str, Any] | None = None,
         raise JobError(f"unknown job kind {kind!r}; known: {', '.join(JOB_KINDS)}")
     if max_attempts < 1:
         raise JobError("max_attempts must be at least 1")
+    unknown = set(params or {}) - JOB_PARAMS[kind]
+    if unknown:
+        raise JobError(f"unknown {kind} params {sorted(unknown)}; known: {sorted(JOB_PARAMS[kind])}")
     job = Job(kind=kind, status="queued", params=dict(params or {}), progress=0.0, metrics={}, attempts=0,
               max_attempts=max_attempts, cancel_requested=False, created_at=utcnow(), message="queued")
     session.add(job)

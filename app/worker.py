@@ -41,16 +41,12 @@ from sqlalchemy import select
 from app import jobs
 from app.db.models import Image, Job, ModelVersion
 from app.db.session import session_scope
-from app.jobs import LOG_FILE, job_dir
+from app.jobs import LOG_FILE, TRAIN_FIELDS, job_dir
 from app.settings import Settings
 
 log = logging.getLogger("retrieval.worker")
 
 SPLIT_FILE = "split.json"
-# Job params that map onto TrainConfig fields directly.
-TRAIN_FIELDS = ("steps", "batch_size", "m_per_class", "lr", "head_lr", "loss_lr", "weight_decay", "warmup_steps",
-                "seed", "num_workers", "eval_every", "checkpoint_every", "log_every", "eval_batch_size", "amp",
-                "grad_clip", "min_lr_ratio")
 
 
 class JobStopped(Exception):

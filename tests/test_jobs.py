@@ -9,6 +9,7 @@ import threading
 from collections import Counter
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import update
 
 from app import jobs
@@ -19,7 +20,7 @@ from tests.conftest import REPO
 
 def _enqueue(url: str, n: int, kind: str = "rebuild_index", max_attempts: int = 3) -> list[int]:
     with session_scope(url) as session:
-        return [jobs.enqueue(session, kind, {"n": i}, max_attempts=max_attempts).id for i in range(n)]
+        return [jobs.enqueue(session, kind, {"factory": f"Flat{i}"}, max_attempts=max_attempts).id for i in range(n)]
 
 
 def _age_heartbeat(url: str, job_id: int, seconds: float) -> None:
@@ -139,11 +140,10 @@ def test_release_returns_job_to_queue(database_url: str) -> None:
     assert job.id == job_id and job.attempts == 1
 
 
-def test_enqueue_rejects_unknown_kind(sqlite_url: str) -> None:
+def test_enqueue_rejects_unknown_kind_and_params(sqlite_url: str) -> None:
     with session_scope(sqlite_url) as session:
-        try:
+        with pytest.raises(jobs.JobError, match="unknown job kind"):
             jobs.enqueue(session, "mine_bitcoin")
-        except jobs.JobError as exc:
-            assert "unknown job kind" in str(exc)
-        else:
-            raise AssertionError("expected JobError")
+        with pytest.raises(jobs.JobError, match=r"unknown train params \['step'\]"):
+            jobs.enqueue(session, "train", {"step": 10})
+        assert jobs.enqueue(session, "train", {"steps": 10, "loss": {"name": "triplet"}, "force_promote": True}).id

@@ -113,6 +113,8 @@ def test_job_via_api_promotes_and_serving_never_fails(world, tmp_path: Path) -> 
     shooter = threading.Thread(target=fire, daemon=True)
     shooter.start()
     try:
+        r = httpx.post(f"{server.base_url}/v1/jobs", json={"kind": "train", "params": {"step": 3}})
+        assert r.status_code == 422 and "unknown train params" in r.json()["message"]
         r = httpx.post(f"{server.base_url}/v1/jobs", json={"kind": "train",
                                                            "params": {**TRAIN, "force_promote": True}})
         assert r.status_code == 201, r.text

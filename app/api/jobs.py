@@ -76,7 +76,10 @@ def _url(request: Request) -> str:
 def create_job(request: Request, body: JobCreate) -> JobOut:
     settings = request.app.state.settings
     with session_scope(_url(request)) as session:
-        job = jobs.enqueue(session, body.kind, body.params, body.max_attempts or settings.job_max_attempts)
+        try:
+            job = jobs.enqueue(session, body.kind, body.params, body.max_attempts or settings.job_max_attempts)
+        except jobs.JobError as exc:
+            raise ApiError(422, str(exc), code="invalid_request") from None
         return JobOut.model_validate(job)
 
 
