@@ -240,14 +240,11 @@ def publish_for_model(ctx: JobContext, model: ModelVersion, start: float, end: f
 
 
 def run_train(ctx: JobContext) -> dict[str, Any]:
-    import torch
-
     from models.checkpoint import load_checkpoint, read_config
     from models.evaluate import evaluate_items
     from models.train import train
 
     settings, params = ctx.settings, ctx.params
-    torch.set_num_threads(max(1, int(params.get("torch_threads", torch.get_num_threads()))))
     config = train_config(params)
     train_items, val_items = class_split(ctx)
     ctx.progress(0.02, f"split: {len(train_items)} train / {len(val_items)} validation images "
@@ -349,6 +346,14 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def _set_torch_threads(n: int) -> int:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    return previous
+
+
 def run_job(settings: Settings, job: Job, worker_id: str, shutdown: threading.Event) -> str:
     """Run one claimed job to its end; returns the status recorded ('succeeded', 'failed', ...)."""
     url = settings.resolved_database_url
@@ -358,6 +363,8 @@ def run_job(settings: Settings, job: Job, worker_id: str, shutdown: threading.Ev
     beat = threading.Thread(target=_heartbeat_loop, args=(ctx, settings.worker_heartbeat_s, done),
                             name=f"heartbeat-{job.id}", daemon=True)
     beat.start()
+    threads = job.params.get("torch_threads")
+    previous_threads = _set_torch_threads(int(threads)) if threads else None
     try:
         handler = HANDLERS[job.kind]
         metrics = handler(ctx)
@@ -372,6 +379,8 @@ def run_job(settings: Settings, job: Job, worker_id: str, shutdown: threading.Ev
     finally:
         done.set()
         beat.join(timeout=10)
+        if previous_threads is not None:  # the next job gets the worker's own setting back
+            _set_torch_threads(previous_threads)
     if ctx.lost.is_set():
         ctx.log("another worker took this job over (this one was presumed dead); leaving it")
         return "lost"
