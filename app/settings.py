@@ -21,21 +21,21 @@ class Settings(BaseSettings):
         "efficientnet_lite0",
         description="Embedder used when no model version is active: a built-in name or a checkpoint dir.",
     )
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="Address `retrieval serve` binds to.")
+    port: int = Field(8000, description="Port `retrieval serve` listens on.")
 
     # Limits on what a client may send.
     max_upload_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted upload, checked while streaming.")
     max_image_pixels: int = Field(40_000_000, description="Largest width*height decoded (pixel-bomb guard).")
-    max_k: int = 100
+    max_k: int = Field(100, description="Largest k a search may ask for.")
 
     # Batch job.
-    batch_size: int = 32
+    batch_size: int = Field(32, description="Images per forward pass in the index build.")
     num_workers: int = Field(2, description="DataLoader decode workers for the index build.")
 
     # Micro-batching of concurrent queries onto the device.
-    max_batch_size: int = 16
-    max_batch_wait_ms: float = 5.0
+    max_batch_size: int = Field(16, description="Most concurrent queries coalesced into one forward pass.")
+    max_batch_wait_ms: float = Field(5.0, description="How long a query waits for others to join its batch.")
     max_queue: int = Field(256, description="Queued queries beyond which the service answers 503.")
     retry_after_s: int = Field(1, description="Retry-After seconds sent with a 503 when the queue is full.")
 
@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     thumbnail_size: int = Field(256, description="Longest side of thumbnails served by /v1/images/{id}/thumbnail.")
 
     # Versions kept on disk after publishing a new one.
-    keep_versions: int = 3
+    keep_versions: int = Field(3, description="Index versions kept on disk after publishing a new one.")
 
     # Index type and build tuning (app/indexing.py).
     index_memory_mb: int = Field(4096, description="Memory budget that picks the index type (Flat/HNSW/IVF/PQ).")
@@ -64,8 +64,8 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, description="Runs a job gets (a dead worker's run counts) before it fails.")
 
     # Auth: reads may be left open; writes need an API key with the 'write' scope.
-    auth_enabled: bool = False
-    open_reads: bool = True
+    auth_enabled: bool = Field(False, description="Require API keys (X-API-Key header) for writes.")
+    open_reads: bool = Field(True, description="With auth on, let reads (search, get) through without a key.")
     auth_cache_s: float = Field(5.0, description="Seconds a looked-up API key is cached (revocation delay).")
 
     @property
@@ -94,3 +94,16 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_table() -> str:
+    """The README's configuration table, generated from the fields above (`python -m app.settings`)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = "SQLite at `<data_dir>/retrieval.db`" if name == "database_url" else f"`{field.default}`"
+        rows.append(f"| `RETRIEVAL_{name.upper()}` | {default} | {field.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())
