@@ -155,3 +155,16 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random-init timm checkpoint (resnet10t at 64 px, 32-d): fast enough for many index builds."""
+    from models.checkpoint import save_checkpoint
+    from models.embedder import EmbedderConfig, TimmEmbedder
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-resnet10t"
+    config = EmbedderConfig(arch="timm", backbone="resnet10t", dim=32, image_size=64, resize_size=64,
+                            pretrained="none")
+    save_checkpoint(TimmEmbedder(config), path)
+    return path

@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from tests.conftest import REPO, make_settings, settings_env
-from tests.test_indexing import make_corpus, tiny_embedder  # noqa: F401 - the fixture is used by name
+from tests.test_indexing import make_corpus
 
 PROGRESS = re.compile(r"embed:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 
