@@ -125,6 +125,8 @@ class VectorIndex:
         self.index = index
         self.tombstones = np.unique(_as_ids(tombstones if tombstones is not None else []))
         self._ids_cache: np.ndarray | None = None
+        self._sorted_ids: np.ndarray | None = None
+        self._gpu_index: faiss.Index | None = None
 
     # -- introspection --------------------------------------------------------------------------------
     @property
@@ -189,7 +191,30 @@ class VectorIndex:
         return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
 
     def _contains(self, ids: np.ndarray) -> np.ndarray:
-        return np.isin(ids, self.ids())
+        if self._sorted_ids is None:
+            self._sorted_ids = np.sort(self.ids())
+        held = self._sorted_ids
+        if len(held) == 0:
+            return np.zeros(len(ids), dtype=bool)
+        pos = np.clip(np.searchsorted(held, ids), 0, len(held) - 1)
+        return held[pos] == ids
+
+    def _changed(self) -> None:
+        self._ids_cache = self._sorted_ids = None
+        self._gpu_index = None  # a GPU copy is stale after a write; re-made on the next to_gpu()
+
+    def to_gpu(self) -> bool:
+        """Search unfiltered queries on all GPUs (faiss-gpu, the `gpu` extra) for Flat and IVF types.
+
+        HNSW has no GPU version and filtered searches (IDSelector) stay on the CPU index. False when this
+        FAISS build has no GPU or the type cannot move.
+        """
+        if not gpu_available() or self.kind == "hnsw":
+            return False
+        options = faiss.GpuMultipleClonerOptions()
+        options.useFloat16 = True  # halves GPU memory; inner products of normalised vectors keep their order
+        self._gpu_index = faiss.index_cpu_to_all_gpus(self.index, co=options)
+        return True
 
     # -- writes ---------------------------------------------------------------------------------------
     def train(self, vectors: np.ndarray) -> None:
@@ -214,7 +239,7 @@ class VectorIndex:
                 self.remove(present)
         self.train(vectors)
         self.index.add_with_ids(vectors, ids)
-        self._ids_cache = None
+        self._changed()
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
         """Remove ids; returns how many live vectors went away. HNSW records tombstones instead."""
@@ -223,7 +248,7 @@ class VectorIndex:
             return 0
         if self.supports_remove:
             removed = int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
-            self._ids_cache = None
+            self._changed()
             return removed
         fresh = ids[self._contains(ids) & ~np.isin(ids, self.tombstones)]
         self.tombstones = np.union1d(self.tombstones, fresh)
@@ -284,6 +309,12 @@ class VectorIndex:
         else:
             available = self.ntotal
         wanted = min(k, available)
+        if selector is None and self._gpu_index is not None:
+            if self.ivf is not None:
+                faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe",
+                                                              int(self.params.get("nprobe", 1)))
+            scores, ids = self._gpu_index.search(queries, k)
+            return np.where(ids >= 0, scores, -np.inf).astype(np.float32), ids
         scale = 1
         while True:
             scores, ids = self.index.search(queries, k, params=self._search_params(selector, scale))
@@ -398,24 +429,24 @@ def build(ids: np.ndarray, vectors: np.ndarray, factory: str | None = None,
 
 
 def merge_ivf_ondisk(trained: VectorIndex, parts: list[VectorIndex], directory: str | Path) -> VectorIndex:
-    """Merge filled IVF indexes sharing one trained quantizer into one index whose lists live on disk.
+    """Merge filled IVF indexes that share one trained quantizer into one index whose lists live on disk.
 
-    FAISS's on-disk merge (OnDiskInvertedLists): the merged lists are written to `merged.ivfdata` in
-    `directory`; `VectorIndex.load` finds that file next to index.faiss even after the directory is renamed.
+    FAISS's on-disk merge (faiss.contrib.ondisk.merge_ondisk): each part is written to `directory`, read back
+    memory-mapped, and its inverted lists are merged into `merged.ivfdata` there; `VectorIndex.load` finds that
+    file next to index.faiss even after the directory is renamed (IO_FLAG_ONDISK_SAME_DIR).
     """
+    from faiss.contrib.ondisk import merge_ondisk
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    ivf = trained.ivf
-    if ivf is None:
+    if trained.ivf is None:
         raise TypeError("merge_ivf_ondisk needs IVF indexes")
-    invlists = [p.ivf.invlists for p in parts if p.ivf is not None]
-    ondisk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(directory / "merged.ivfdata"))
-    vec = faiss.InvertedListsPtrVector()
-    for il in invlists:
-        vec.push_back(il)
-    ntotal = ondisk.merge_from(vec.data(), vec.size())
-    ivf.ntotal = trained.index.ntotal = ntotal
-    ivf.replace_invlists(ondisk, True)
-    ondisk.this.disown()
-    trained._ids_cache = None
+    part_files = []
+    for n, part in enumerate(parts):
+        part_files.append(str(directory / f"part-{n:05d}.faiss"))
+        faiss.write_index(part.index, part_files[-1])
+    merge_ondisk(trained.index, part_files, str(directory / "merged.ivfdata"))
+    for name in part_files:
+        Path(name).unlink()
+    trained._changed()
     return trained

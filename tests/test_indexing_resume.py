@@ -90,8 +90,8 @@ def test_shards_then_merge_equal_one_build(sqlite_url: str, tmp_path: Path, tiny
     single = make_settings(tmp_path / "single", single_url, embedder=str(tiny_embedder))
     assert build_index(single, corpus, factory="Flat", progress=False).total_indexed == 40
 
-    def neighbours(settings, url: str) -> dict[str, list[str]]:
-        """sha256 -> the sha256s of its 5 exact nearest neighbours (ids differ between the two stores)."""
+    def neighbours(settings, url: str) -> tuple[dict[str, list[str]], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """By sha256 (ids differ between the two stores): 5 exact neighbours, their scores, the embedding."""
         from app.indexing import embeddings_dir
         from app.registry import active_index, active_model
         from index import versions
@@ -101,13 +101,28 @@ def test_shards_then_merge_equal_one_build(sqlite_url: str, tmp_path: Path, tiny
             sha = dict(session.execute(select(Image.id, Image.sha256)).tuples().all())
             path = active_index(session).path
             ids, vectors = versions.load_embeddings(embeddings_dir(settings, active_model(session)))
-        _, found = VectorIndex.load(path).search(vectors, 5)
-        return {sha[int(i)]: [sha[int(j)] for j in row] for i, row in zip(ids, found, strict=True)}
+        scores, found = VectorIndex.load(path).search(vectors, 5)
+        keys = [sha[int(i)] for i in ids]
+        return ({key: [sha[int(j)] for j in row] for key, row in zip(keys, found, strict=True)},
+                dict(zip(keys, scores, strict=True)), dict(zip(keys, vectors, strict=True)))
 
-    a, b = neighbours(sharded, sqlite_url), neighbours(single, single_url)
+    (a, a_scores, a_vecs), (b, b_scores, b_vecs) = neighbours(sharded, sqlite_url), neighbours(single, single_url)
     assert a.keys() == b.keys() and len(a) == 40
-    agree = np.mean([a[key] == b[key] for key in a])
-    assert agree >= 0.95, agree  # identical up to ties between equal scores
+    for key in a:
+        np.testing.assert_allclose(a_vecs[key], b_vecs[key], atol=2e-3)  # same embeddings, float16 shards
+        np.testing.assert_allclose(a_scores[key], b_scores[key], atol=2e-3)  # same neighbour scores
+    # Same neighbours, up to near-ties (a random-init embedder puts many images close together).
+    assert np.mean([a[key] == b[key] for key in a]) >= 0.5
+    assert np.mean([a[key][:2] == b[key][:2] for key in a]) >= 0.9
+
+    # The IVF route: one filled IVF per embedding shard, merged with FAISS's on-disk merge.
+    from app.indexing import verify_index
+    from index.vector_index import VectorIndex
+
+    ivf = merge_shards(sharded, factory="IVF2,Flat", ondisk=True, progress=False)
+    version = sharded.indexes_dir / ivf.index_version_name
+    assert (version / "merged.ivfdata").exists() and not list(sharded.indexes_dir.glob(".ondisk-*"))
+    assert len(VectorIndex.load(version)) == 40 and verify_index(sharded).ok
 
 
 def test_verify_catches_planted_inconsistencies(sqlite_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
