@@ -38,6 +38,8 @@ PARAMS_FILE = "index.json"
 TOMBSTONES_FILE = "tombstones.npy"
 
 DEFAULT_RECALL_TARGET = 0.95
+# HNSW searches filtered to at most this many ids score them exactly instead of walking the graph.
+EXACT_FILTER_MAX = 20_000
 
 
 def _as_float32(vectors: np.ndarray) -> np.ndarray:
@@ -274,7 +276,7 @@ class VectorIndex:
         if ivf is not None:
             return int(self.params.get("nprobe", ivf.nprobe)) * scale < ivf.nlist
         if hnsw is not None:
-            return int(self.params.get("efSearch", hnsw.hnsw.efSearch)) * scale < max(self.ntotal, 64) * 2
+            return int(self.params.get("efSearch", hnsw.hnsw.efSearch)) * scale < min(max(self.ntotal, 64) * 2, 8192)
         return False
 
     def search(self, queries: np.ndarray, k: int, *, allowed_ids: np.ndarray | None = None,
@@ -300,6 +302,9 @@ class VectorIndex:
             available = len(allowed)
             if available == 0:
                 return empty
+            if self.hnsw is not None and available <= EXACT_FILTER_MAX:
+                # A graph walk restricted to a small subset wastes most of its steps: score the subset exactly.
+                return self._exact_subset(queries, k, allowed)
             selector = faiss.IDSelectorBatch(allowed)
         elif len(excluded):
             available = self.ntotal - int(self._contains(excluded).sum())
@@ -324,6 +329,15 @@ class VectorIndex:
             scale *= 4  # a restrictive filter starves nprobe/efSearch: widen until k results come back
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return scores, ids
+
+    def _exact_subset(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        vectors = np.vstack([self.index.reconstruct(int(i)) for i in ids]).astype(np.float32)
+        scores, ids_out = exact_knn(queries, vectors, ids, k)
+        pad = k - ids_out.shape[1]
+        if pad > 0:
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            ids_out = np.pad(ids_out, ((0, 0), (0, pad)), constant_values=-1)
+        return scores.astype(np.float32), ids_out
 
     # -- tuning ---------------------------------------------------------------------------------------
     def tune(self, queries: np.ndarray, true_ids: np.ndarray, k: int = 10,
