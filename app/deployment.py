@@ -101,10 +101,6 @@ class Deployment:
             metrics.INDEX_VECTORS.set(len(self.index))
             return removed
 
-    def contains(self, image_id: int) -> bool:
-        with self.index_lock:
-            return bool(np.isin(image_id, self.index.live_ids()))
-
     def reconstruct(self, image_id: int) -> np.ndarray | None:
         """The stored vector of `image_id` when the index type can give it back (Flat, HNSW), else None."""
         with self.index_lock:

@@ -6,8 +6,6 @@ Metrics live in the default registry of the process (one uvicorn worker = one pr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -40,15 +38,6 @@ router = APIRouter(tags=["health"])
 def metrics() -> Response:
     """Prometheus text exposition."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-
-@contextmanager
-def timed(stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        STAGE_SECONDS.labels(stage).observe(time.perf_counter() - start)
 
 
 class RequestMetrics:
