@@ -54,6 +54,11 @@ SQL_IN_CHUNK = 900  # stays under SQLite's bound-parameter limit
 
 @dataclass
 class BuildReport:
+    """What a run did. added: rows registered by this run (a file that then fails to decode is counted here and
+    in `failed`); skipped_existing: files whose bytes were already registered; failed: (path, reason);
+    embedded: images embedded by this run; total_indexed: vectors in the active index afterwards;
+    index_version_name: the version published, None when nothing changed or in shard mode."""
+
     added: int = 0
     skipped_existing: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
