@@ -346,8 +346,11 @@ def train(
                 resume_path,
             )
 
+    validated = False  # on every rank (best_metric is only known on rank 0)
+
     def validate() -> None:
-        nonlocal best_metric, best_metrics
+        nonlocal best_metric, best_metrics, validated
+        validated = True
         if is_main:
             if val_items:
                 metrics = _evaluate(embedder, val_items, config, device)
@@ -405,7 +408,7 @@ def train(
             save_resume()
     if bar is not None:
         bar.close()
-    if best_metric < 0 and not stopped:
+    if not validated and not stopped and not (out_dir / "best").is_dir():
         validate()  # resumed after the end, or zero steps: make sure a best checkpoint exists
     save_resume()
     last_dir = None
