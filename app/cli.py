@@ -103,6 +103,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_serve(args)
 
 
+PASS_THROUGH = {
+    "train": "train an embedder from a YAML config (models.train; see configs/)",
+    "eval": "Recall@K, MAP@R, R-precision of a preset or checkpoint on a dataset (models.evaluate)",
+}
+
+
+def _pass_through(command: str, argv: list[str]) -> int:
+    if command == "train":
+        from models.train import cli
+    else:
+        from models.evaluate import cli
+    return int(cli(argv) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retrieval", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -147,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-serve", action="store_true", help="build the demo index and exit")
     demo.set_defaults(func=cmd_demo)
 
+    for name, text in PASS_THROUGH.items():  # listed for --help; main() hands their argv to models/
+        sub.add_parser(name, help=text, add_help=False)
+
     from app.worker import add_cli as add_worker_cli
 
     add_worker_cli(sub)  # `worker` and `jobs`
@@ -158,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASS_THROUGH:  # `train` / `eval` parse their own options (models/)
+        return _pass_through(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
