@@ -152,3 +152,15 @@ def test_embedding_shards_roundtrip_and_ignore_half_written(tmp_path: Path) -> N
     assert ids.tolist() == list(range(2, 10)) and loaded.dtype == np.float32
     np.testing.assert_allclose(loaded, vectors[2:], atol=2e-3)
     assert versions.embedded_ids(store).tolist() == list(range(10))
+
+
+def test_gpu_path_is_optional(data) -> None:
+    from index.vector_index import gpu_available
+
+    ids, vectors = data
+    index = built("HNSW16", ids[:50], vectors[:50])
+    assert index.to_gpu() is False  # HNSW has no GPU version, whatever the FAISS build
+    flat = built("Flat", ids[:50], vectors[:50])
+    assert flat.to_gpu() is gpu_available()
+    _, found = flat.search(vectors[:3], 1)
+    assert found[:, 0].tolist() == ids[:3].tolist()
