@@ -109,6 +109,16 @@ def _drop_self(ids: np.ndarray, query_ids: np.ndarray | None) -> np.ndarray:
     return out
 
 
+def _faiss_search(index: faiss.Index, queries: np.ndarray, k: int, params: faiss.SearchParameters | None):
+    """index.search with SearchParameters, immune to faiss.contrib.torch_utils.
+
+    Importing that module (pytorch-metric-learning does, for evaluation) replaces every Index.search in the
+    process with a torch-aware wrapper that drops the `params` argument; it keeps the original as search_numpy.
+    """
+    search = getattr(index, "search_numpy", None) or index.search
+    return search(queries, k, params=params)
+
+
 class VectorIndex:
     """Inner-product FAISS index with 64-bit ids, built from a factory string ("Flat" by default)."""
 
@@ -322,7 +332,7 @@ class VectorIndex:
             return np.where(ids >= 0, scores, -np.inf).astype(np.float32), ids
         scale = 1
         while True:
-            scores, ids = self.index.search(queries, k, params=self._search_params(selector, scale))
+            scores, ids = _faiss_search(self.index, queries, k, self._search_params(selector, scale))
             short = (ids >= 0).sum(axis=1) < wanted
             if selector is None or not short.any() or not self._can_escalate(scale):
                 break
