@@ -64,7 +64,11 @@ BACKBONE_PREFIXES = ("backbone.", "trunk.")
 @dataclass
 class TrainConfig:
     embedder: dict[str, Any] = field(default_factory=lambda: {"preset": "efficientnet_lite0"})
-    loss: dict[str, Any] = field(default_factory=lambda: {"name": "contrastive_xbm", "koleo": 0.7})
+    # The IRT recipe. The paper's contrastive scaling matters: with PML's mean over non-zero pairs, KoLeo 0.7
+    # overwhelms the contrastive term (docs/quality.md).
+    loss: dict[str, Any] = field(
+        default_factory=lambda: {"name": "contrastive_xbm", "koleo": 0.7, "reduction": "sum_per_anchor"}
+    )
     data: dict[str, Any] = field(default_factory=dict)  # only used by the CLI / bench to find the items
     steps: int = 2000
     batch_size: int = 64
