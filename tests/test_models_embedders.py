@@ -59,7 +59,7 @@ def test_irt_projection_linear_and_pca() -> None:
         build_embedder(_config("irt", dim=16, extra={"projection": "none"}))
 
 
-@pytest.mark.parametrize("backbone", ["resnet10t", "tf_efficientnet_lite0"])
+@pytest.mark.parametrize("backbone", ["resnet10t", "tf_efficientnet_lite0", "resnet50", "convnext_atto"])
 def test_abe_masks_have_the_shape_of_s_and_gradients_reach_everything(backbone: str) -> None:
     model = build_embedder(_config("abe", backbone, dim=32, extra={"num_learners": 4}))
     assert isinstance(model, ABEEmbedder)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,7 @@ def test_overfits_a_tiny_set_to_recall_one(images, tmp_path) -> None:
     assert metrics["recall@1"] == 1.0
     assert result.metrics["recall@1"] == 1.0
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert lines[0]["event"] == "val" and lines[0]["step"] == 0 and lines[0]["recall@1"] < 1.0  # learned, not given
     assert [e["step"] for e in lines if e["event"] == "train"] == list(range(1, 21))
     assert (tmp_path / "run" / "last").is_dir()
 
@@ -106,6 +108,46 @@ def test_stop_and_resume_continue_from_the_same_step(images, tmp_path) -> None:
     # A third call finds the run finished and returns without training.
     third = train(config, images, images[:8], out, device="cpu", progress=progress)
     assert third.step == 12 and seen == list(range(1, 13))
+
+
+def test_resume_after_a_kill(images, tmp_path) -> None:
+    out = tmp_path / "run"
+    config = tiny_config(steps=400, eval_every=1000, checkpoint_every=3)
+    (tmp_path / "items.json").write_text(json.dumps(images))
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import json
+        from models.train import TrainConfig, train
+        items = [tuple(i) for i in json.loads(open({str(tmp_path / "items.json")!r}).read())]
+        config = TrainConfig.from_dict(json.loads(open({str(tmp_path / "config.json")!r}).read()))
+        train(config, items, [], {str(out)!r}, device="cpu")
+    """)
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "resume.pt").is_file() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        proc.kill()  # SIGKILL: no chance to save anything on the way out
+        proc.wait()
+    saved = torch.load(out / "resume.pt", weights_only=False)["step"]
+    assert saved > 0 and saved % 3 == 0
+    resumed: list[int] = []
+    config = tiny_config(steps=saved + 4, eval_every=1000, checkpoint_every=3)
+    result = train(
+        config,
+        images,
+        [],
+        out,
+        device="cpu",
+        progress=lambda e: resumed.append(e["step"]) if e["event"] == "train" else None,
+    )
+    assert resumed == list(range(saved + 1, saved + 5)) and result.step == saved + 4
 
 
 @pytest.mark.parametrize("arch", ["abe", "osme"])
