@@ -24,7 +24,8 @@ epoch), best checkpoint by validation MAP@R (never a test split), a resume state
 Seeded: the batches of each epoch are a pure function of (seed, epoch, rank).
 
 DDP: under `torchrun --nproc_per_node N`, each process takes batch_size / N images per step; gradients (including
-loss parameters) are all-reduced; the cross-batch memory is per process; rank 0 validates and writes files.
+loss parameters) are all-reduced; the cross-batch memory is per process; rank 0 validates and writes files;
+`should_stop` returning True on any rank stops every rank.
 
 CLI: `retrieval train --config configs/irt_cub100.yaml [--out DIR] [--set key=value ...]` (see `cli`).
 """
@@ -179,6 +180,15 @@ def _distributed(device: torch.device | str) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """True on every rank if it is true on any: all ranks must leave the loop together or DDP deadlocks."""
+    if world <= 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _seed_everything(seed: int) -> None:
@@ -379,7 +389,7 @@ def train(
         validate()
     started = time.time()
     for pixels, batch_labels in loader:
-        if should_stop is not None and should_stop():
+        if _any_rank(should_stop is not None and should_stop(), world, device):
             stopped = True
             break
         pixels = pixels.to(device, non_blocking=True)
