@@ -4,12 +4,16 @@ Options (EmbedderConfig):
 - backbone: any timm model; ViT/DeiT give tokens [B, N, C], CNNs a map [B, C, H, W] (then "cls" is not allowed).
 - pooling: "cls" (the class token, IRT's choice), "mean" (patch tokens / spatial mean) or "gem".
 - pretrained: "timm" (timm's hub, needs internet), a local state-dict file, "package" or "none".
-- dim + extra["projection"]: "linear" (learned) or "pca" (fitted with `fit_pca`) when dim < the backbone width;
+- dim + extra["projection"]: "linear" (learned) or "pca" (fitted with `fit_pca`; models.train fits it on the
+  training images when a run starts fresh) when dim < the backbone width;
   "none" requires dim == the backbone width.
 - extra["backbone_kwargs"]: passed to timm.create_model (e.g. {"img_size": 64}).
 """
 
 from __future__ import annotations
+
+import random
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,4 +102,17 @@ class IRTEmbedder(Embedder):
         self.train(was_training)
 
 
-__all__ = ["IRTEmbedder", "PCAProjection"]
+def fit_pca_on_items(embedder: IRTEmbedder, items: Sequence[tuple[str, int]], max_items: int = 2048) -> None:
+    """Fit a PCA projection on (a fixed sample of) image files, with the embedder's eval transform."""
+    from models.data import ItemsDataset
+
+    chosen = random.Random(0).sample(list(items), min(max_items, len(items)))
+    dataset = ItemsDataset(chosen, embedder.preprocess)
+    embedder.fit_pca(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+
+
+def has_pca(embedder: nn.Module) -> bool:
+    return isinstance(getattr(embedder, "projection", None), PCAProjection)
+
+
+__all__ = ["IRTEmbedder", "PCAProjection", "fit_pca_on_items", "has_pca"]

@@ -55,6 +55,7 @@ from models.checkpoint import load_checkpoint, read_config, save_checkpoint
 from models.data import Item, ItemsDataset, m_per_class_batches, select_classes, split_items, train_transform
 from models.embedder import Embedder, EmbedderConfig, build_embedder, resolve_device
 from models.evaluate import DEFAULT_KS, evaluate_items
+from models.irt import fit_pca_on_items, has_pca
 from models.losses import RetrievalLoss, build_loss
 
 RESUME_FILE = "resume.pt"
@@ -284,6 +285,8 @@ def train(
     else:
         embedder_config = config.embedder_config()
         embedder = build_embedder(embedder_config)
+    if init_checkpoint is None and has_pca(embedder) and not (out_dir / RESUME_FILE).is_file():
+        fit_pca_on_items(embedder, train_items)  # a fresh PCA head: fitted once, then carried by the weights
     classes = sorted({label for _, label in train_items})
     remap = {label: i for i, label in enumerate(classes)}
     train_items = [(path, remap[label]) for path, label in train_items]

@@ -110,6 +110,25 @@ def test_stop_and_resume_continue_from_the_same_step(images, tmp_path) -> None:
     assert third.step == 12 and seen == list(range(1, 13))
 
 
+def test_pca_head_is_fitted_before_training(images, tmp_path) -> None:
+    embedder = {
+        "arch": "irt",
+        "backbone": "resnet10t",
+        "dim": 8,
+        "image_size": 32,
+        "resize_size": 36,
+        "extra": {"projection": "pca"},
+    }
+    result = train(
+        tiny_config(embedder=embedder, steps=2, eval_every=2), images, images, tmp_path / "pca", device="cpu"
+    )
+    model = load_checkpoint(result.best_checkpoint_dir)
+    components = model.projection.components
+    # Fitted: orthonormal principal axes, not the identity placeholder.
+    assert torch.allclose(components @ components.t(), torch.eye(8), atol=1e-4)
+    assert not torch.equal(components, torch.eye(8, components.shape[1]))
+
+
 def test_resume_after_a_kill(images, tmp_path) -> None:
     out = tmp_path / "run"
     config = tiny_config(steps=400, eval_every=1000, checkpoint_every=3)
