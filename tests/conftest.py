@@ -35,17 +35,25 @@ def postgres_server() -> Iterator[PostgresServer]:
     server.stop()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty, migrated database: SQLite in tmp_path, or a fresh database on the test PostgreSQL server."""
+DATABASES = ["sqlite", "postgresql"]
+
+
+def migrated_url(kind: str, request: pytest.FixtureRequest, directory: Path) -> str:
+    """An empty, migrated database of `kind`: SQLite under `directory`, or a fresh PostgreSQL database."""
     from app.db.migrate import upgrade
 
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'retrieval.db'}"
+    if kind == "sqlite":
+        url = f"sqlite:///{directory / 'retrieval.db'}"
     else:
         url = request.getfixturevalue("postgres_server").create_database()
     upgrade(url)
     return url
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty, migrated database: SQLite in tmp_path, or a fresh database on the test PostgreSQL server."""
+    return migrated_url(request.param, request, tmp_path)
 
 
 @pytest.fixture

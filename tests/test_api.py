@@ -12,17 +12,14 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import CLASS_COLOURS, LiveServer, class_image, jpeg_bytes
+from tests.conftest import CLASS_COLOURS, DATABASES, LiveServer, class_image, jpeg_bytes, migrated_url
 from tests.test_api_helpers import build_served_corpus, start_server, upload
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    from app.db.migrate import upgrade
-
+@pytest.fixture(scope="module", params=DATABASES)
+def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     tmp = tmp_path_factory.mktemp("api")
-    url = f"sqlite:///{tmp / 'retrieval.db'}"
-    upgrade(url)
+    url = migrated_url(request.param, request, tmp)
     settings = build_served_corpus(tmp, url)
     server = start_server(settings, tmp / "server.log", max_upload_bytes=200_000)
     yield server

@@ -130,16 +130,14 @@ def test_open_reads_with_auth_on(slow_server) -> None:  # noqa: ANN001
     assert created.status_code == 201, created.text
 
 
-def test_api_key_scopes_with_closed_reads(tmp_path: Path) -> None:
+def test_api_key_scopes_with_closed_reads(database_url: str, tmp_path: Path) -> None:
     from sqlalchemy import select
 
     from app.auth import create_api_key, hash_key, revoke_api_key
-    from app.db.migrate import upgrade
     from app.db.models import ApiKey
     from app.db.session import session_scope
 
-    url = f"sqlite:///{tmp_path / 'retrieval.db'}"
-    upgrade(url)
+    url = database_url
     settings = build_served_corpus(tmp_path, url, per_class=2)
     _, reader = create_api_key(url, "reader", "read")
     _, writer = create_api_key(url, "writer", "write")

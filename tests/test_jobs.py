@@ -140,8 +140,8 @@ def test_release_returns_job_to_queue(database_url: str) -> None:
     assert job.id == job_id and job.attempts == 1
 
 
-def test_enqueue_rejects_unknown_kind_and_params(sqlite_url: str) -> None:
-    with session_scope(sqlite_url) as session:
+def test_enqueue_rejects_unknown_kind_and_params(database_url: str) -> None:
+    with session_scope(database_url) as session:
         with pytest.raises(jobs.JobError, match="unknown job kind"):
             jobs.enqueue(session, "mine_bitcoin")
         with pytest.raises(jobs.JobError, match=r"unknown train params \['step'\]"):
