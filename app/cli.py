@@ -44,6 +44,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     migrate.upgrade(settings.resolved_database_url)
     report = build_index(settings, args.source, shard=args.shard, factory=args.factory,
                          progress=not args.no_progress)
+    if args.no_progress:  # with progress on, build_index has printed the summary under its bars
+        print(report.summary())
     return 1 if report.added == 0 and report.failed and not report.total_indexed else 0
 
 
