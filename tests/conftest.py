@@ -56,15 +56,6 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return migrated_url(request.param, request, tmp_path)
 
 
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    from app.db.migrate import upgrade
-
-    url = f"sqlite:///{tmp_path / 'retrieval.db'}"
-    upgrade(url)
-    return url
-
-
 def make_settings(data_dir: Path, database_url: str, **overrides):
     from app.settings import Settings
 

@@ -49,15 +49,13 @@ def test_added_image_survives_kill_and_deleted_stays_deleted(database_url: str, 
         server.stop()
 
 
-def test_hot_swap_under_concurrent_queries_loses_nothing(tmp_path: Path) -> None:
-    from app.db.migrate import upgrade
+def test_hot_swap_under_concurrent_queries_loses_nothing(database_url: str, tmp_path: Path) -> None:
     from app.db.models import IndexVersion
     from app.db.session import session_scope
     from app.indexing import BuildReport, publish_index
     from app.registry import active_index, active_model, promote, register_model
 
-    url = f"sqlite:///{tmp_path / 'retrieval.db'}"
-    upgrade(url)
+    url = database_url
     settings = build_served_corpus(tmp_path, url)
     server = start_server(settings, tmp_path / "server.log")
     base = server.base_url

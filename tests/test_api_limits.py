@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from app.batching import MicroBatcher, QueueFull
-from tests.conftest import class_image, jpeg_bytes
+from tests.conftest import DATABASES, class_image, jpeg_bytes, migrated_url
 from tests.test_api_helpers import build_served_corpus, save_tiny_embedder, start_server, upload
 
 
@@ -68,15 +68,12 @@ def test_full_queue_refuses_instead_of_growing() -> None:
     assert refused == 7 and answered == 3
 
 
-@pytest.fixture(scope="module")
-def slow_server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+@pytest.fixture(scope="module", params=DATABASES)
+def slow_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """A server whose forward pass is slow (a 448-px model on CPU) with a tiny queue and no batching,
     auth on with reads open."""
-    from app.db.migrate import upgrade
-
     tmp = tmp_path_factory.mktemp("overload")
-    url = f"sqlite:///{tmp / 'retrieval.db'}"
-    upgrade(url)
+    url = migrated_url(request.param, request, tmp)
     settings = build_served_corpus(tmp, url, per_class=2)
     # Swap in a slow checkpoint under the same model directory name: same dim, so the index still fits.
     import shutil
@@ -178,12 +175,9 @@ def test_api_key_scopes_with_closed_reads(database_url: str, tmp_path: Path) -> 
         server.stop()
 
 
-def test_many_concurrent_clients_all_answered(tmp_path: Path) -> None:
+def test_many_concurrent_clients_all_answered(database_url: str, tmp_path: Path) -> None:
     """Batching on: 32 concurrent clients, every request answered 200 with its own correct result."""
-    from app.db.migrate import upgrade
-
-    url = f"sqlite:///{tmp_path / 'retrieval.db'}"
-    upgrade(url)
+    url = database_url
     settings = build_served_corpus(tmp_path, url, per_class=3)
     server = start_server(settings, tmp_path / "server.log", max_batch_size=16, max_batch_wait_ms=10)
     labels = ["red", "green", "blue", "yellow"]

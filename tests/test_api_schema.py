@@ -11,17 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
-from tests.conftest import LiveServer
+from tests.conftest import DATABASES, LiveServer, migrated_url
 from tests.test_api_helpers import build_served_corpus, start_server
 
 
-@pytest.fixture(scope="module")
-def schema_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    from app.db.migrate import upgrade
-
+@pytest.fixture(scope="module", params=DATABASES)
+def schema_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     tmp = tmp_path_factory.mktemp("schema")
-    url = f"sqlite:///{tmp / 'retrieval.db'}"
-    upgrade(url)
+    url = migrated_url(request.param, request, tmp)
     settings_ = build_served_corpus(tmp, url, per_class=3)
     server = start_server(settings_, tmp / "server.log", max_upload_bytes=100_000)
     yield server

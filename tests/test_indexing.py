@@ -64,7 +64,7 @@ def test_folder_build_is_idempotent_and_reports_bad_files(database_url: str, tmp
     assert verify_index(settings).ok
 
 
-def test_csv_manifest_with_metadata(sqlite_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
+def test_csv_manifest_with_metadata(database_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
     from app.db.models import Image
     from app.db.session import session_scope
     from app.indexing import build_index
@@ -77,21 +77,21 @@ def test_csv_manifest_with_metadata(sqlite_url: str, tmp_path: Path, tiny_embedd
         for n, label in enumerate(CLASS_COLOURS):
             writer.writerow([f"{label}/0.jpg", label, f"ph{n}", str(2000 + n)])
             writer.writerow([str((corpus / label / "1.jpg").resolve()), "", "", ""])  # absolute, no label
-    settings = make_settings(tmp_path / "data", sqlite_url, embedder=str(tiny_embedder))
+    settings = make_settings(tmp_path / "data", database_url, embedder=str(tiny_embedder))
     report = build_index(settings, manifest, progress=False)
     assert report.added == 8 and report.total_indexed == 8 and not report.failed
-    with session_scope(sqlite_url) as session:
+    with session_scope(database_url) as session:
         rows = {Path(im.uri).relative_to(corpus.resolve()).as_posix(): im for im in session.scalars(select(Image))}
     assert rows["red/0.jpg"].label == "red" and rows["red/0.jpg"].meta == {"photographer": "ph0", "year": "2000"}
     assert rows["blue/1.jpg"].label is None and rows["blue/1.jpg"].meta == {}
 
 
-def test_incremental_build_reuses_stored_embeddings(sqlite_url: str, tmp_path: Path,
+def test_incremental_build_reuses_stored_embeddings(database_url: str, tmp_path: Path,
                                                     tiny_embedder: Path) -> None:
     from app.indexing import build_index
 
     corpus = make_corpus(tmp_path / "corpus", per_class=3)
-    settings = make_settings(tmp_path / "data", sqlite_url, embedder=str(tiny_embedder))
+    settings = make_settings(tmp_path / "data", database_url, embedder=str(tiny_embedder))
     assert build_index(settings, corpus, progress=False).embedded == 12
     class_image("red", seed=99, size=64).save(corpus / "red" / "new.jpg")
     report = build_index(settings, corpus, progress=False)
@@ -99,7 +99,7 @@ def test_incremental_build_reuses_stored_embeddings(sqlite_url: str, tmp_path: P
     assert report.index_version_name is not None
 
 
-def test_default_embedder_build(sqlite_url: str, tmp_path: Path) -> None:
+def test_default_embedder_build(database_url: str, tmp_path: Path) -> None:
     """The real default embedder (EfficientNet-Lite0 with shipped weights): same-class images are neighbours."""
     from app.db.models import Image
     from app.db.session import session_scope
@@ -109,10 +109,10 @@ def test_default_embedder_build(sqlite_url: str, tmp_path: Path) -> None:
     from index.vector_index import VectorIndex
 
     corpus = make_corpus(tmp_path / "corpus", per_class=3, size=96)
-    settings = make_settings(tmp_path / "data", sqlite_url)  # embedder = "efficientnet_lite0"
+    settings = make_settings(tmp_path / "data", database_url)  # embedder = "efficientnet_lite0"
     report = build_index(settings, corpus, progress=False)
     assert report.total_indexed == 12 and report.index_version_name
-    with session_scope(sqlite_url) as session:
+    with session_scope(database_url) as session:
         model = active_model(session)
         assert model is not None and model.dim == 1280
         labels = dict(session.execute(select(Image.id, Image.label)).tuples().all())

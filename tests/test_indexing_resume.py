@@ -35,7 +35,7 @@ def run_build_until(env: dict[str, str], source: Path, stage: str, log: Path, mi
     return proc.wait(timeout=60)
 
 
-def test_kill_9_mid_build_then_rerun_is_consistent(sqlite_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
+def test_kill_9_mid_build_then_rerun_is_consistent(database_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
     from app.db.models import Image, IndexVersion
     from app.db.session import session_scope
     from app.indexing import embeddings_dir, verify_index
@@ -44,7 +44,7 @@ def test_kill_9_mid_build_then_rerun_is_consistent(sqlite_url: str, tmp_path: Pa
     from index.vector_index import VectorIndex
 
     corpus = make_corpus(tmp_path / "corpus", per_class=40, size=48)  # 160 images
-    settings = make_settings(tmp_path / "data", sqlite_url, embedder=str(tiny_embedder), batch_size=4,
+    settings = make_settings(tmp_path / "data", database_url, embedder=str(tiny_embedder), batch_size=4,
                              embed_flush_every=16)
     env = settings_env(settings) | {"RETRIEVAL_EMBED_FLUSH_EVERY": "16", "RETRIEVAL_NUM_WORKERS": "1"}
     codes = [run_build_until(env, corpus, "register", tmp_path / "kill1.log"),
@@ -55,7 +55,7 @@ def test_kill_9_mid_build_then_rerun_is_consistent(sqlite_url: str, tmp_path: Pa
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stdout + final.stderr
 
-    with session_scope(sqlite_url) as session:
+    with session_scope(database_url) as session:
         assert session.scalar(select(func.count(Image.id))) == 160  # no duplicate rows
         assert session.scalar(select(func.count(Image.id)).where(Image.deleted_at.is_not(None))) == 0
         active = session.scalars(select(IndexVersion).where(IndexVersion.status == "active")).one()
@@ -72,14 +72,14 @@ def test_kill_9_mid_build_then_rerun_is_consistent(sqlite_url: str, tmp_path: Pa
     assert "nothing to publish" in again.stdout
 
 
-def test_shards_then_merge_equal_one_build(sqlite_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
+def test_shards_then_merge_equal_one_build(database_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
     from app.db.migrate import upgrade
     from app.db.models import Image
     from app.db.session import session_scope
     from app.indexing import build_index, merge_shards
 
     corpus = make_corpus(tmp_path / "corpus", per_class=10, size=48)
-    sharded = make_settings(tmp_path / "sharded", sqlite_url, embedder=str(tiny_embedder))
+    sharded = make_settings(tmp_path / "sharded", database_url, embedder=str(tiny_embedder))
     reports = [build_index(sharded, corpus, shard=(i, 3), progress=False) for i in range(3)]
     assert sum(r.added for r in reports) == 40 and all(r.index_version_name is None for r in reports)
     merged = merge_shards(sharded, factory="Flat", progress=False)
@@ -106,7 +106,7 @@ def test_shards_then_merge_equal_one_build(sqlite_url: str, tmp_path: Path, tiny
         return ({key: [sha[int(j)] for j in row] for key, row in zip(keys, found, strict=True)},
                 dict(zip(keys, scores, strict=True)), dict(zip(keys, vectors, strict=True)))
 
-    (a, a_scores, a_vecs), (b, b_scores, b_vecs) = neighbours(sharded, sqlite_url), neighbours(single, single_url)
+    (a, a_scores, a_vecs), (b, b_scores, b_vecs) = neighbours(sharded, database_url), neighbours(single, single_url)
     assert a.keys() == b.keys() and len(a) == 40
     for key in a:
         np.testing.assert_allclose(a_vecs[key], b_vecs[key], atol=2e-3)  # same embeddings, float16 shards
@@ -125,7 +125,7 @@ def test_shards_then_merge_equal_one_build(sqlite_url: str, tmp_path: Path, tiny
     assert len(VectorIndex.load(version)) == 40 and verify_index(sharded).ok
 
 
-def test_verify_catches_planted_inconsistencies(sqlite_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
+def test_verify_catches_planted_inconsistencies(database_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
     from datetime import UTC, datetime
 
     from app.db.models import Image
@@ -135,14 +135,14 @@ def test_verify_catches_planted_inconsistencies(sqlite_url: str, tmp_path: Path,
     from index.vector_index import VectorIndex
 
     corpus = make_corpus(tmp_path / "corpus", per_class=3, size=48)
-    settings = make_settings(tmp_path / "data", sqlite_url, embedder=str(tiny_embedder))
+    settings = make_settings(tmp_path / "data", database_url, embedder=str(tiny_embedder))
     build_index(settings, corpus, progress=False)
     env = settings_env(settings)
     ok = subprocess.run([sys.executable, "-m", "app.cli", "index", "verify"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
 
-    with session_scope(sqlite_url) as session:
+    with session_scope(database_url) as session:
         victim = session.scalars(select(Image).order_by(Image.id)).first()
         victim.deleted_at = datetime.now(UTC)  # deleted in SQL, still in the index
         session.add(Image(sha256="f" * 64, uri="/nowhere.jpg", width=1, height=1, meta={}))  # never indexed
@@ -162,7 +162,7 @@ def test_verify_catches_planted_inconsistencies(sqlite_url: str, tmp_path: Path,
     assert bad.returncode == 1 and "987654" in bad.stderr and str(deleted_id) in bad.stderr
 
 
-def test_hnsw_deletions_compact_on_rebuild(sqlite_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
+def test_hnsw_deletions_compact_on_rebuild(database_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
     from datetime import UTC, datetime
 
     from app.db.models import Image
@@ -172,9 +172,9 @@ def test_hnsw_deletions_compact_on_rebuild(sqlite_url: str, tmp_path: Path, tiny
     from index.vector_index import VectorIndex
 
     corpus = make_corpus(tmp_path / "corpus", per_class=4, size=48)
-    settings = make_settings(tmp_path / "data", sqlite_url, embedder=str(tiny_embedder), keep_versions=1)
+    settings = make_settings(tmp_path / "data", database_url, embedder=str(tiny_embedder), keep_versions=1)
     first = build_index(settings, corpus, factory="HNSW16", progress=False)
-    with session_scope(sqlite_url) as session:
+    with session_scope(database_url) as session:
         gone = session.scalars(select(Image).order_by(Image.id).limit(3)).all()
         for image in gone:
             image.deleted_at = datetime.now(UTC)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, LiveServer, class_image
+from tests.conftest import DATABASES, REPO, LiveServer, class_image, migrated_url
 from tests.test_api_helpers import build_served_corpus, start_server
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -27,13 +27,10 @@ def chromium_binary() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    from app.db.migrate import upgrade
-
+@pytest.fixture(scope="module", params=DATABASES)
+def page_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     tmp = tmp_path_factory.mktemp("page")
-    url = f"sqlite:///{tmp / 'retrieval.db'}"
-    upgrade(url)
+    url = migrated_url(request.param, request, tmp)
     settings = build_served_corpus(tmp, url, per_class=3)
     server = start_server(settings, tmp / "server.log")
     yield server

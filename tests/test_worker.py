@@ -33,18 +33,8 @@ TRAIN = {"steps": 4, "batch_size": 8, "m_per_class": 4, "num_workers": 0, "val_f
 
 
 @pytest.fixture
-def world(tmp_path: Path):  # noqa: ANN201
-    """Settings (SQLite) whose active model + index are the tiny embedder over 4 classes x 8 images."""
-    url = f"sqlite:///{tmp_path / 'retrieval.db'}"
-    from app.db.migrate import upgrade
-
-    upgrade(url)
-    return build_served_corpus(tmp_path, url, per_class=8)
-
-
-@pytest.fixture
-def world_any(database_url: str, tmp_path: Path):  # noqa: ANN201
-    """The same world on SQLite and on PostgreSQL."""
+def world(database_url: str, tmp_path: Path):  # noqa: ANN201
+    """Settings (SQLite, PostgreSQL) whose active model + index are the tiny embedder over 4 classes x 8 images."""
     return build_served_corpus(tmp_path, database_url, per_class=8)
 
 
@@ -197,8 +187,8 @@ def test_sigkilled_worker_job_is_requeued_and_resumes_from_checkpoint(world, tmp
     assert max(r["step"] for r in records) == 10
 
 
-def test_two_workers_never_run_the_same_job(world_any, tmp_path: Path) -> None:
-    settings = world_any
+def test_two_workers_never_run_the_same_job(world, tmp_path: Path) -> None:
+    settings = world
     ids = [enqueue(settings, "rebuild_index", {"factory": "Flat"}) for _ in range(6)]
     workers = [start_worker(settings, tmp_path / f"w{i}.log", "--once", "--id", f"w{i}") for i in range(2)]
     for proc in workers:
