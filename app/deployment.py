@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from fastapi import FastAPI
 from PIL import Image as PILImage
-from sqlalchemy import select
 
 from app import metrics
-from app.db.models import Image, IndexVersion, ModelVersion
+from app.db.models import IndexVersion, ModelVersion
+from app.db.queries import image_uris, live_image_ids
 from app.db.session import session_scope
 from app.images import ImageError, read_image_file
 from app.registry import active_index
@@ -41,13 +41,7 @@ from models.embedder import Embedder, resolve_device
 
 log = logging.getLogger(__name__)
 
-SQL_IN_CHUNK = 900  # under SQLite's bound-parameter limit
 API_SHARD_PREFIX = "api"
-
-
-def embeddings_store(settings: Settings, model_name: str) -> Path:
-    """Where stored embeddings of `model_name` live; the same directory the batch index build reads."""
-    return settings.data_dir / "embeddings" / model_name
 
 
 _SEARCH_HAS_FILTERS = "allowed_ids" in inspect.signature(VectorIndex.search).parameters
@@ -140,21 +134,6 @@ def _add_vectors(index: VectorIndex, ids: np.ndarray, vectors: np.ndarray) -> No
         index.add(ids, vectors)
 
 
-def _live_ids(url: str) -> np.ndarray:
-    with session_scope(url) as session:
-        rows = session.scalars(select(Image.id).where(Image.deleted_at.is_(None)).order_by(Image.id))
-        return np.fromiter(rows, dtype=np.int64)
-
-
-def _uris(url: str, ids: np.ndarray) -> dict[int, str]:
-    found: dict[int, str] = {}
-    with session_scope(url) as session:
-        for start in range(0, len(ids), SQL_IN_CHUNK):
-            part = [int(i) for i in ids[start : start + SQL_IN_CHUNK]]
-            found.update(session.execute(select(Image.id, Image.uri).where(Image.id.in_(part))).tuples().all())
-    return found
-
-
 def write_api_embedding(store: Path, image_id: int, vector: np.ndarray) -> None:
     """Persist one API-added embedding (fsynced, atomic) so a restart or a rebuild finds it."""
     stem = f"{API_SHARD_PREFIX}-{image_id:012d}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}"
@@ -164,7 +143,8 @@ def write_api_embedding(store: Path, image_id: int, vector: np.ndarray) -> None:
 def reconcile(settings: Settings, deployment: Deployment) -> dict[str, int]:
     """Make the live index hold exactly SQL's live images (see the module docstring). Returns counts."""
     url = settings.resolved_database_url
-    live = _live_ids(url)
+    with session_scope(url) as session:
+        live = live_image_ids(session)
     with deployment.index_lock:
         held = deployment.index.live_ids()
     stale = np.setdiff1d(held, live)
@@ -190,7 +170,8 @@ def reconcile(settings: Settings, deployment: Deployment) -> dict[str, int]:
 
 
 def _embed_from_files(settings: Settings, deployment: Deployment, ids: np.ndarray) -> int:
-    uris = _uris(settings.resolved_database_url, ids)
+    with session_scope(settings.resolved_database_url) as session:
+        uris = image_uris(session, ids)
     done_ids, done_vecs = [], []
     for image_id in ids.tolist():
         try:
@@ -219,7 +200,7 @@ def load_deployment(settings: Settings, index_row: IndexVersion, model_row: Mode
         )
     torch.set_grad_enabled(False)
     deployment = Deployment(model_name=model_row.name, index_name=index_row.name, embedder=embedder, index=index,
-                            device=device, store=embeddings_store(settings, model_row.name),
+                            device=device, store=settings.embeddings_dir(model_row.name),
                             index_version_id=index_row.id)
     reconcile(settings, deployment)
     return deployment

@@ -40,6 +40,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.models import Image, IndexVersion, ModelVersion
+from app.db.queries import image_uris, live_image_ids
 from app.db.session import session_scope
 from app.images import ImageError, read_image_file
 from app.registry import active_index, ensure_model_version, new_version_name, promote
@@ -49,7 +50,6 @@ from index.vector_index import VectorIndex, build, choose_factory, merge_ivf_ond
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 REGISTER_CHUNK = 512
-SQL_IN_CHUNK = 900  # stays under SQLite's bound-parameter limit
 
 
 @dataclass
@@ -171,10 +171,6 @@ def _probe(entry: SourceEntry, max_bytes: int, max_pixels: int) -> _Probe:
     return _Probe(entry, digest, width, height)
 
 
-def embeddings_dir(settings: Settings, model: ModelVersion) -> Path:
-    return settings.data_dir / "embeddings" / model.name
-
-
 def _memory_budget(settings: Settings) -> int:
     return settings.index_memory_mb << 20
 
@@ -286,16 +282,9 @@ def _collate(items: list[tuple[int, Any, str, str]]) -> tuple[np.ndarray, Any, l
     return ids, batch, failed
 
 
-def live_ids(session: Session) -> np.ndarray:
-    rows = session.scalars(select(Image.id).where(Image.deleted_at.is_(None)).order_by(Image.id))
-    return np.fromiter(rows, dtype=np.int64)
-
-
 def _uris(session: Session, ids: np.ndarray) -> np.ndarray:
-    found: dict[int, str] = {}
-    for start in range(0, len(ids), SQL_IN_CHUNK):
-        part = [int(i) for i in ids[start : start + SQL_IN_CHUNK]]
-        found.update(session.execute(select(Image.id, Image.uri).where(Image.id.in_(part))).tuples().all())
+    # A bytes array, not a dict: DataLoader workers share it without copying Python objects.
+    found = image_uris(session, ids)
     return np.array([found[int(i)].encode("utf-8") for i in ids], dtype=np.bytes_)
 
 
@@ -309,9 +298,9 @@ def embed_missing(settings: Settings, model: ModelVersion, candidates: np.ndarra
     from models.embedder import eval_transform, resolve_device
 
     url = settings.resolved_database_url
-    store = embeddings_dir(settings, model)
+    store = settings.embeddings_dir(model.name)
     with session_scope(url) as session:
-        live = live_ids(session)
+        live = live_image_ids(session)
         todo = live if candidates is None else np.intersect1d(candidates, live)
         todo = np.setdiff1d(todo, versions.embedded_ids(store))
         uris = _uris(session, todo) if len(todo) else np.zeros(0, dtype=np.bytes_)
@@ -388,10 +377,10 @@ def publish_index(settings: Settings, model: ModelVersion, report: BuildReport, 
                   force: bool = False, ondisk: bool = False) -> None:
     """Build an index over every live image's stored embedding and publish it, unless nothing changed."""
     url = settings.resolved_database_url
-    store = embeddings_dir(settings, model)
+    store = settings.embeddings_dir(model.name)
     versions.sweep_tmp(settings.indexes_dir)
     with session_scope(url) as session:
-        live = live_ids(session)
+        live = live_image_ids(session)
         current = active_index(session)
         if current is not None and current.model_version_id == model.id and not force \
                 and (factory is None or factory == current.factory):
@@ -505,7 +494,7 @@ def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int
     if shard is None:
         publish_index(settings, model, report, factory=factory)
     else:
-        report.message = (f"shard {shard[0]}/{shard[1]}: embeddings stored in {embeddings_dir(settings, model)}; "
+        report.message = (f"shard {shard[0]}/{shard[1]}: embeddings stored in {settings.embeddings_dir(model.name)}; "
                           "run `retrieval index merge` once every shard is done")
     return _finish(report, start, progress)
 
@@ -553,7 +542,7 @@ def verify_index(settings: Settings, max_listed: int = 20) -> VerifyReport:
         current = active_index(session)
         if current is None:
             return VerifyReport(None, ["no active index version"])
-        live = live_ids(session)
+        live = live_image_ids(session)
         known = np.fromiter(session.scalars(select(Image.id)), dtype=np.int64)
         name, path, sql_ntotal = current.name, Path(current.path), current.ntotal
     report = VerifyReport(name)

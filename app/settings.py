@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     def images_dir(self) -> Path:
         return self.data_dir / "images"
 
+    def embeddings_dir(self, model_name: str) -> Path:
+        """Stored embeddings of one model: written by the batch job and by the API, read by both."""
+        return self.data_dir / "embeddings" / model_name
+
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"

@@ -103,7 +103,7 @@ def test_default_embedder_build(database_url: str, tmp_path: Path) -> None:
     """The real default embedder (EfficientNet-Lite0 with shipped weights): same-class images are neighbours."""
     from app.db.models import Image
     from app.db.session import session_scope
-    from app.indexing import build_index, embeddings_dir
+    from app.indexing import build_index
     from app.registry import active_model
     from index import versions
     from index.vector_index import VectorIndex
@@ -116,7 +116,7 @@ def test_default_embedder_build(database_url: str, tmp_path: Path) -> None:
         model = active_model(session)
         assert model is not None and model.dim == 1280
         labels = dict(session.execute(select(Image.id, Image.label)).tuples().all())
-        store = embeddings_dir(settings, model)
+        store = settings.embeddings_dir(model.name)
         path = session.scalars(select(Image.uri)).first()
     assert path is not None
     ids, vectors = versions.load_embeddings(store)

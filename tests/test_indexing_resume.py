@@ -38,7 +38,7 @@ def run_build_until(env: dict[str, str], source: Path, stage: str, log: Path, mi
 def test_kill_9_mid_build_then_rerun_is_consistent(database_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
     from app.db.models import Image, IndexVersion
     from app.db.session import session_scope
-    from app.indexing import embeddings_dir, verify_index
+    from app.indexing import verify_index
     from app.registry import active_model
     from index import versions
     from index.vector_index import VectorIndex
@@ -59,7 +59,7 @@ def test_kill_9_mid_build_then_rerun_is_consistent(database_url: str, tmp_path: 
         assert session.scalar(select(func.count(Image.id))) == 160  # no duplicate rows
         assert session.scalar(select(func.count(Image.id)).where(Image.deleted_at.is_not(None))) == 0
         active = session.scalars(select(IndexVersion).where(IndexVersion.status == "active")).one()
-        store = embeddings_dir(settings, active_model(session))
+        store = settings.embeddings_dir(active_model(session).name)
         live = np.array(sorted(session.scalars(select(Image.id))))
     index = VectorIndex.load(active.path)
     assert np.array_equal(np.sort(index.ids()), live)  # every image once, no missing vectors
@@ -92,7 +92,6 @@ def test_shards_then_merge_equal_one_build(database_url: str, tmp_path: Path, ti
 
     def neighbours(settings, url: str) -> tuple[dict[str, list[str]], dict[str, np.ndarray], dict[str, np.ndarray]]:
         """By sha256 (ids differ between the two stores): 5 exact neighbours, their scores, the embedding."""
-        from app.indexing import embeddings_dir
         from app.registry import active_index, active_model
         from index import versions
         from index.vector_index import VectorIndex
@@ -100,7 +99,7 @@ def test_shards_then_merge_equal_one_build(database_url: str, tmp_path: Path, ti
         with session_scope(url) as session:
             sha = dict(session.execute(select(Image.id, Image.sha256)).tuples().all())
             path = active_index(session).path
-            ids, vectors = versions.load_embeddings(embeddings_dir(settings, active_model(session)))
+            ids, vectors = versions.load_embeddings(settings.embeddings_dir(active_model(session).name))
         scores, found = VectorIndex.load(path).search(vectors, 5)
         keys = [sha[int(i)] for i in ids]
         return ({key: [sha[int(j)] for j in row] for key, row in zip(keys, found, strict=True)},

@@ -28,7 +28,6 @@ META_FILTER_DOC = ("Metadata filters, each `key=value` (repeat for AND); values 
                    "value, e.g. `color=red`, `year=2021`.")
 LABEL_DOC = "Only images with exactly this label."
 MIN_SCORE_DOC = "Drop results scoring below this cosine similarity (-1..1)."
-SQL_IN_CHUNK = 900
 
 
 def get_deployment(request: Request) -> Deployment:
