@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.postgres import PostgresServer, find_bin_dir
+from tests.postgres import PostgresServer, find_bin_dir, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # In CI PostgreSQL must be there: a missing server is a failure, not a skip.
@@ -107,12 +106,6 @@ def image_folder(tmp_path: Path) -> Path:
         for n in range(6):
             class_image(label, seed=hash((label, n)) % 10_000).save(root / label / f"{n}.jpg", quality=92)
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LiveServer:
