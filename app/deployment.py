@@ -13,7 +13,6 @@ an added image survive a restart and a hot swap.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
@@ -42,9 +41,6 @@ from models.embedder import Embedder, resolve_device
 log = logging.getLogger(__name__)
 
 API_SHARD_PREFIX = "api"
-
-
-_SEARCH_HAS_FILTERS = "allowed_ids" in inspect.signature(VectorIndex.search).parameters
 
 
 @dataclass(eq=False)
@@ -80,9 +76,7 @@ class Deployment:
     def search(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
                exclude_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         with self.index_lock:
-            if _SEARCH_HAS_FILTERS:
-                return self.index.search(queries, k, allowed_ids=allowed_ids, exclude_ids=exclude_ids)
-            return _search_without_selectors(self.index, queries, k, allowed_ids, exclude_ids)
+            return self.index.search(queries, k, allowed_ids=allowed_ids, exclude_ids=exclude_ids)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         with self.index_lock:
@@ -102,24 +96,6 @@ class Deployment:
                 return np.asarray(self.index.index.reconstruct(int(image_id)), dtype=np.float32)
             except (RuntimeError, AttributeError):
                 return None
-
-
-def _search_without_selectors(index: VectorIndex, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None,
-                              exclude_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Fallback for a VectorIndex without IDSelector filters: over-fetch, then filter in numpy."""
-    fetch = len(index) if allowed_ids is not None else k + (len(exclude_ids) if exclude_ids is not None else 0)
-    scores, ids = index.search(queries, max(k, min(fetch, len(index))))
-    keep = np.ones_like(ids, dtype=bool) & (ids >= 0)
-    if allowed_ids is not None:
-        keep &= np.isin(ids, allowed_ids)
-    if exclude_ids is not None:
-        keep &= ~np.isin(ids, exclude_ids)
-    out_s = np.full((len(ids), k), -np.inf, dtype=np.float32)
-    out_i = np.full((len(ids), k), -1, dtype=np.int64)
-    for row in range(len(ids)):
-        s, i = scores[row][keep[row]][:k], ids[row][keep[row]][:k]
-        out_s[row, : len(s)], out_i[row, : len(i)] = s, i
-    return out_s, out_i
 
 
 def _add_vectors(index: VectorIndex, ids: np.ndarray, vectors: np.ndarray) -> None:
