@@ -29,7 +29,7 @@ def active_model(session: Session) -> ModelVersion | None:
     return session.scalar(select(ModelVersion).where(ModelVersion.status == "active"))
 
 
-def register_model(session: Session, settings: Settings, checkpoint_dir: Path | None, name: str,
+def register_model(session: Session, checkpoint_dir: Path, name: str,
                    arch: str, dim: int, metrics: dict | None = None, status: str = "candidate") -> ModelVersion:
     version = ModelVersion(name=name, arch=arch, dim=dim, path=str(checkpoint_dir), metrics=metrics or {},
                            status=status)
@@ -60,7 +60,7 @@ def ensure_model_version(session: Session, settings: Settings) -> ModelVersion:
         save_checkpoint(create_embedder(settings.embedder), target)
     config = read_config(target)
     arch = config.arch if config.arch != "timm" else config.backbone
-    return register_model(session, settings, target.resolve(), name, arch, config.dim, status="active")
+    return register_model(session, target.resolve(), name, arch, config.dim, status="active")
 
 
 def promote(session: Session, index_version: IndexVersion) -> None:

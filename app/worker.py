@@ -296,7 +296,7 @@ def run_train(ctx: JobContext) -> dict[str, Any]:
         os.replace(tmp, target)  # the files are in place before the row exists
         config_used = read_config(target)
         with session_scope(settings.resolved_database_url) as session:
-            model = register_model(session, settings, target.resolve(), name,
+            model = register_model(session, target.resolve(), name,
                                    config_used.backbone if config_used.arch == "timm" else config_used.arch,
                                    config_used.dim, metrics={**candidate_metrics, "job_id": ctx.job_id,
                                                              "baseline": active_metrics,

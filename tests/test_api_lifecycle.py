@@ -89,7 +89,7 @@ def test_hot_swap_under_concurrent_queries_loses_nothing(database_url: str, tmp_
         # A broken version: a 32-d model promoted with the 64-d index. Refused; the old pair keeps serving.
         broken_model = save_tiny_embedder(tmp_path / "tiny32", dim=32)
         with session_scope(url) as session:
-            model32 = register_model(session, settings, broken_model, "tiny32", "resnet10t", 32)
+            model32 = register_model(session, broken_model, "tiny32", "resnet10t", 32)
             current = active_index(session)
             broken = IndexVersion(name="index-broken", model_version_id=model32.id, path=current.path,
                                   factory=current.factory, ntotal=current.ntotal)
