@@ -19,7 +19,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' picks CUDA when present, else 'cpu'; or 'cpu', 'cuda:0'.")
     embedder: str = Field(
         "efficientnet_lite0",
-        description="Embedder used when no model version is active: a built-in name or a checkpoint dir.",
+        description=(
+            "Embedder used when no model version is active: a checkpoint dir or a built-in name "
+            "(efficientnet_lite0; efficientnet_lite0_gem; efficientnet_lite01_gem, the most accurate, ~2.3x slower)."
+        ),
     )
     host: str = Field("127.0.0.1", description="Address `retrieval serve` binds to.")
     port: int = Field(8000, description="Port `retrieval serve` listens on.")

@@ -33,6 +33,7 @@ CLI: `retrieval train --config configs/irt_cub100.yaml [--out DIR] [--set key=va
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -60,7 +61,7 @@ from models.losses import RetrievalLoss, build_loss
 
 RESUME_FILE = "resume.pt"
 LOG_FILE = "log.jsonl"
-BACKBONE_PREFIXES = ("backbone.", "trunk.")
+BACKBONE_PREFIXES = ("backbone.", "backbones.", "trunk.")  # pretrained trunk parameters (lr, frozen BN)
 
 
 @dataclass
@@ -83,6 +84,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     grad_clip: float = 1.0
     freeze_bn: bool = True  # keep the pretrained trunk's BatchNorm statistics (standard when fine-tuning for DML)
+    # Module paths (fnmatch globs) left at their pretrained values, e.g. a CNN trunk's early stages: with a few
+    # thousand images, tuning only the late stages transfers as well to unseen classes and trains ~2x faster.
+    freeze: list[str] = field(default_factory=list)
     eval_at_start: bool = True  # validate the initial weights too, so fine-tuning can never make "best" worse
     amp: bool = True
     seed: int = 0
@@ -227,6 +231,24 @@ def _param_groups(model: _TrainingModel, config: TrainConfig) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
+def _freeze_parameters(embedder: Embedder, patterns: Sequence[str]) -> None:
+    """requires_grad=False for the parameters under any of `patterns`: dotted module paths whose parts are fnmatch
+    globs, e.g. "backbone.blocks.[0-4]" or "backbones.*.conv_stem" (a "*" never crosses a dot). A pattern that
+    matches nothing is an error."""
+
+    def under(name: str, pattern: str) -> bool:
+        parts, globs = name.split("."), pattern.split(".")
+        return len(parts) >= len(globs) and all(map(fnmatch.fnmatchcase, parts, globs))
+
+    names = [name for name, _ in embedder.named_parameters()]
+    for pattern in patterns:
+        if not any(under(name, pattern) for name in names):
+            raise ValueError(f"freeze pattern {pattern!r} matches no parameter of the embedder (e.g. {names[0]!r})")
+    for name, param in embedder.named_parameters():
+        if any(under(name, pattern) for pattern in patterns):
+            param.requires_grad_(False)
+
+
 def _train_mode(model: _TrainingModel, freeze_bn: bool) -> None:
     model.train()
     if freeze_bn:
@@ -293,6 +315,7 @@ def train(
     labels = [label for _, label in train_items]
     num_parts = int(getattr(embedder, "num_learners", getattr(embedder, "num_parts", 0)))
     loss_fn = build_loss(config.loss, embedder.dim, len(classes), num_parts)
+    _freeze_parameters(embedder, config.freeze)
     model = _TrainingModel(embedder, loss_fn, config.amp).to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, config), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))

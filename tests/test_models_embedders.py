@@ -117,6 +117,19 @@ def test_osme_parts_and_gradients() -> None:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in excitation.parameters())
 
 
+def test_ensemble_weighs_every_trunk_equally_and_checks_its_options() -> None:
+    model = build_embedder(_config("ensemble", backbone="resnet10t+resnet10t", dim=1024)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, SIZE, SIZE))
+    assert out.shape == (3, 1024)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(out[:, :512].norm(dim=1), out[:, 512:].norm(dim=1))  # each half is 1/sqrt(2)
+    with pytest.raises(ValueError, match="at least two trunks"):
+        build_embedder(_config("ensemble", dim=512))
+    with pytest.raises(ValueError, match="sum of the trunk widths"):
+        build_embedder(_config("ensemble", backbone="resnet10t+resnet10t", dim=512))
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -124,8 +137,9 @@ def test_osme_parts_and_gradients() -> None:
         _vit_config("mean"),
         _config("abe", dim=32, extra={"num_learners": 2}),
         _config("osme", dim=32),
+        _config("ensemble", backbone="resnet10t+resnet10t", dim=1024, pooling="gem"),
     ],
-    ids=["irt-cnn", "irt-vit", "abe", "osme"],
+    ids=["irt-cnn", "irt-vit", "abe", "osme", "ensemble"],
 )
 def test_checkpoint_round_trip_gives_identical_embeddings(config: EmbedderConfig, tmp_path) -> None:
     model = build_embedder(config).eval()

@@ -17,6 +17,7 @@ from PIL import Image
 
 from models.checkpoint import load_checkpoint
 from models.data import csv_items, folder_items, m_per_class_batches, split_items
+from models.embedder import build_embedder
 from models.evaluate import evaluate_embeddings, evaluate_items, knn
 from models.train import TrainConfig, load_config, train
 
@@ -127,6 +128,21 @@ def test_pca_head_is_fitted_before_training(images, tmp_path) -> None:
     # Fitted: orthonormal principal axes, not the identity placeholder.
     assert torch.allclose(components @ components.t(), torch.eye(8), atol=1e-4)
     assert not torch.equal(components, torch.eye(8, components.shape[1]))
+
+
+def test_frozen_stages_keep_their_pretrained_weights(images, tmp_path) -> None:
+    config = tiny_config(steps=4, eval_every=4, freeze=["backbone.conv1", "backbone.bn1", "backbone.layer1"])
+    train(config, images, images[:8], tmp_path / "frozen", device="cpu")
+    torch.manual_seed(config.seed)  # the run seeds before building, so this rebuilds its starting weights
+    start = build_embedder(config.embedder_config())
+    trained = load_checkpoint(tmp_path / "frozen" / "last")
+    before, after = start.state_dict(), trained.state_dict()
+    for name, value in after.items():
+        if name.startswith(("backbone.conv1.", "backbone.layer1.")):
+            assert torch.equal(value, before[name]), name
+    assert not torch.equal(after["backbone.layer4.0.conv1.weight"], before["backbone.layer4.0.conv1.weight"])
+    with pytest.raises(ValueError, match="matches no parameter"):
+        train(tiny_config(freeze=["backbone.nope"]), images, images[:8], tmp_path / "bad", device="cpu")
 
 
 def test_resume_after_a_kill(images, tmp_path) -> None:
