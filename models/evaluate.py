@@ -202,6 +202,9 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--output", help="also write the metrics JSON here")
+    parser.add_argument(
+        "--flip-average", action="store_true", help="average each image's embedding with its mirror image's (2x cost)"
+    )
     args = parser.parse_args(argv)
 
     from models.embedder import resolve_device
@@ -209,6 +212,7 @@ def cli(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     embedder = create_embedder(args.model).to(device)
+    embedder.config.flip_average = embedder.config.flip_average or args.flip_average
     items = load_eval_items(args.dataset, args.root, args.classes, args.csv)
     gallery = load_eval_items("csv", args.root, args.classes, args.gallery_csv) if args.gallery_csv else None
     metrics = evaluate_items(embedder, items, args.ks, gallery, args.batch_size, args.workers, device)

@@ -117,6 +117,16 @@ def test_osme_parts_and_gradients() -> None:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in excitation.parameters())
 
 
+def test_flip_average_gives_a_mirror_invariant_embedding_in_eval_only() -> None:
+    model = build_embedder(_config("irt", dim=16, extra={"projection": "linear"}, flip_average=True)).eval()
+    pixels = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels), model(pixels.flip(-1)))
+        assert model(pixels).shape == (2, 16)
+        model.train()
+        assert not torch.allclose(model(pixels), model(pixels.flip(-1)))
+
+
 def test_ensemble_weighs_every_trunk_equally_and_checks_its_options() -> None:
     model = build_embedder(_config("ensemble", backbone="resnet10t+resnet10t", dim=1024)).eval()
     with torch.no_grad():
