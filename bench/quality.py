@@ -6,7 +6,8 @@ with --parallel (one GPU has room for all of them). Writes <out>/results.json an
 
     python bench/quality.py                                   # all rows, full configs
     python bench/quality.py --steps 100 --rows irt irt_nokoleo # shortened (CPU)
-    python bench/quality.py --pretrained .cub/lite0_fp16.safetensors   # weights from a local file
+    python bench/quality.py --pretrained .cub/lite0_fp16.safetensors   # Lite0 weights from a local file
+    python bench/quality.py --rows off_the_shelf_lite01 irt_lite01 --workers 1   # the CPU rows
 """
 
 from __future__ import annotations
@@ -23,25 +24,35 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DEFAULT_ROOT = Path("/work/shared/data/cub100")
-ROWS: dict[str, str | None] = {
-    "off_the_shelf": None,
+# Off-the-shelf rows: a zoo preset evaluated as shipped.
+PRESET_ROWS = {
+    "off_the_shelf": "efficientnet_lite0",
+    "off_the_shelf_gem": "efficientnet_lite0_gem",
+    "off_the_shelf_lite01": "efficientnet_lite01_gem",
+}
+# Training rows: a config trained by models.train, its best-on-validation checkpoint evaluated on the test split.
+CONFIG_ROWS = {
     "irt": "configs/irt_cub100.yaml",
     "irt_nokoleo": "configs/irt_nokoleo_cub100.yaml",
     "abe": "configs/abe_cub100.yaml",
     "abe_nodiv": "configs/abe_nodiv_cub100.yaml",
     "proxy_anchor": "configs/proxy_anchor_cub100.yaml",
+    "irt_gem_late": "configs/irt_gem_late_cub100.yaml",
+    "irt_lite01": "configs/irt_lite01_cub100.yaml",
+    "irt_lite01_nokoleo": "configs/irt_lite01_nokoleo_cub100.yaml",
 }
+ROWS = [*PRESET_ROWS, *CONFIG_ROWS]
 KS = (1, 2, 4, 8)
 
 
-def off_the_shelf(root: Path, pretrained: str | None, device: str) -> dict:
+def off_the_shelf(preset: str, root: Path, pretrained: str | None, device: str) -> dict:
     from models.data import cub_items, select_classes
     from models.embedder import EmbedderConfig, build_embedder, resolve_device
     from models.evaluate import evaluate_items
     from models.zoo import PRESETS
 
-    config = EmbedderConfig.from_dict(PRESETS["efficientnet_lite0"].to_dict())
-    if pretrained:
+    config = EmbedderConfig.from_dict(PRESETS[preset].to_dict())
+    if pretrained and config.arch != "ensemble":  # one weights file can only stand in for a single trunk
         config.pretrained = pretrained
     dev = resolve_device(device)
     embedder = build_embedder(config).to(dev)
@@ -59,7 +70,7 @@ def train_command(config: str, out: Path, args: argparse.Namespace) -> list[str]
         cmd += ["--set", f"steps={args.steps}", "--set", f"eval_every={max(args.steps // 10, 1)}"]
         cmd += ["--set", f"warmup_steps={max(args.steps // 20, 1)}"]
     if args.pretrained:
-        cmd += ["--set", f"embedder.pretrained={args.pretrained}"]
+        cmd += ["--set", f"embedder.pretrained={args.pretrained}"]  # single-trunk configs only
     if args.workers is not None:
         cmd += ["--set", f"num_workers={args.workers}"]
     for item in args.set or []:
@@ -86,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "quality")
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS)
     parser.add_argument("--steps", type=int, help="shorten every training row to this many steps")
     parser.add_argument("--pretrained", help="override the EfficientNet-Lite0 weights source (a local file)")
     parser.add_argument("--device", default="auto")
@@ -101,13 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     running: list[tuple[str, subprocess.Popen, Path, float]] = []
-    pending = [r for r in args.rows if ROWS[r] is not None]
+    pending = [r for r in args.rows if r in CONFIG_ROWS]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
     def launch(name: str) -> None:
         out = args.out / name
         log = (args.out / f"{name}.log").open("w")
-        cmd = train_command(ROWS[name], out, args)
+        cmd = train_command(CONFIG_ROWS[name], out, args)
         results[name] = {"command": " ".join(cmd[1:])}
         running.append(
             (name, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), out, time.time())
@@ -115,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
 
     while pending and len(running) < args.parallel:
         launch(pending.pop(0))
-    if "off_the_shelf" in args.rows:
+    for name in [r for r in args.rows if r in PRESET_ROWS]:
         start = time.time()
-        results["off_the_shelf"] = {**off_the_shelf(args.data_root, args.pretrained, args.device), "seconds": 0.0}
-        results["off_the_shelf"]["seconds"] = round(time.time() - start, 1)
+        results[name] = off_the_shelf(PRESET_ROWS[name], args.data_root, args.pretrained, args.device)
+        results[name]["seconds"] = round(time.time() - start, 1)
+        print(f"{name}: done in {results[name]['seconds']} s", flush=True)
     while running:
         for entry in list(running):
             name, proc, out, start = entry

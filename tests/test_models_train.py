@@ -19,7 +19,7 @@ from models.checkpoint import load_checkpoint
 from models.data import csv_items, folder_items, m_per_class_batches, split_items
 from models.embedder import build_embedder
 from models.evaluate import evaluate_embeddings, evaluate_items, knn
-from models.train import TrainConfig, load_config, train
+from models.train import TrainConfig, _freeze_parameters, load_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -287,4 +287,7 @@ def test_config_files_parse() -> None:
     for path in sorted((REPO / "configs").glob("*_cub100.yaml")):
         config = load_config(path, ["steps=3", "lr=3e-5"])
         assert config.steps == 3 and config.lr == 3e-5
-        assert config.embedder_config().backbone == "tf_efficientnet_lite0"
+        embedder_config = config.embedder_config()
+        assert embedder_config.backbone.startswith("tf_efficientnet_lite0")
+        embedder_config.pretrained = "none"
+        _freeze_parameters(build_embedder(embedder_config), config.freeze)  # every pattern names real parameters
