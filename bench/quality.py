@@ -45,7 +45,7 @@ ROWS = [*PRESET_ROWS, *CONFIG_ROWS]
 KS = (1, 2, 4, 8)
 
 
-def off_the_shelf(preset: str, root: Path, pretrained: str | None, device: str) -> dict:
+def off_the_shelf(preset: str, root: Path, pretrained: str | None, device: str, workers: int) -> dict:
     from models.data import cub_items, select_classes
     from models.embedder import EmbedderConfig, build_embedder, resolve_device
     from models.evaluate import evaluate_items
@@ -58,7 +58,7 @@ def off_the_shelf(preset: str, root: Path, pretrained: str | None, device: str) 
     embedder = build_embedder(config).to(dev)
     test = select_classes(cub_items(root), 50, 100)
     return {
-        "test": evaluate_items(embedder, test, KS, batch_size=128, num_workers=4, device=dev),
+        "test": evaluate_items(embedder, test, KS, batch_size=128, num_workers=workers, device=dev),
         "num_test": len(test),
     }
 
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         launch(pending.pop(0))
     for name in [r for r in args.rows if r in PRESET_ROWS]:
         start = time.time()
-        results[name] = off_the_shelf(PRESET_ROWS[name], args.data_root, args.pretrained, args.device)
+        workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
+        results[name] = off_the_shelf(PRESET_ROWS[name], args.data_root, args.pretrained, args.device, workers)
         results[name]["seconds"] = round(time.time() - start, 1)
         print(f"{name}: done in {results[name]['seconds']} s", flush=True)
     while running:
