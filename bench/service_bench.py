@@ -17,8 +17,6 @@ import asyncio
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from tests.live_server import LiveServer  # noqa: E402 - after the repo is on sys.path
 
 
 def synthetic_jpeg(rng: np.random.Generator, size: int = 256) -> bytes:
@@ -51,41 +51,6 @@ def make_corpus(root: Path, n: int, seed: int = 0) -> Path:
         (root / label).mkdir(parents=True, exist_ok=True)
         (root / label / f"{i}.jpg").write_bytes(synthetic_jpeg(rng))
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env, self.log = env, log
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> Server:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
-            cwd=REPO, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("server not ready in 180 s")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
 
 
 def batch_stats(url: str) -> tuple[float, float]:
@@ -168,12 +133,13 @@ def main() -> int:
     }
     rows = []
     for mode, env in modes.items():
-        with Server(base_env | env, data_dir / f"server-{mode.replace(' ', '-')}.log") as server:
+        log = data_dir / f"server-{mode.replace(' ', '-')}.log"
+        with LiveServer(base_env | env, log, ["--log-level", "warning"]).start(timeout=180) as server:
             for clients in levels:
                 requests = args.requests or max(40, 4 * clients)
-                before = batch_stats(server.url)
-                result = asyncio.run(load(server.url, queries, clients, requests))
-                after = batch_stats(server.url)
+                before = batch_stats(server.base_url)
+                result = asyncio.run(load(server.base_url, queries, clients, requests))
+                after = batch_stats(server.base_url)
                 passes = after[1] - before[1]
                 result.update(mode=mode, clients=clients,
                               mean_batch=(after[0] - before[0]) / passes if passes else float("nan"))

@@ -1,13 +1,10 @@
 """Shared fixtures: a migrated database on SQLite and on a real PostgreSQL server, settings on a temp data dir,
-small generated images, and a real uvicorn server on loopback."""
+small generated images. The real uvicorn server for the API tests is tests/live_server.py."""
 
 from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.postgres import PostgresServer, find_bin_dir, free_port
+from tests.postgres import PostgresServer, find_bin_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # In CI PostgreSQL must be there: a missing server is a failure, not a skip.
@@ -106,47 +103,6 @@ def image_folder(tmp_path: Path) -> Path:
         for n in range(6):
             class_image(label, seed=hash((label, n)) % 10_000).save(root / label / f"{n}.jpg", quality=92)
     return root
-
-
-class LiveServer:
-    """`retrieval serve` in a real uvicorn subprocess on loopback."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.env = env
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 120.0) -> LiveServer:
-        import httpx
-
-        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log_path.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import CLASS_COLOURS, DATABASES, LiveServer, class_image, jpeg_bytes, migrated_url
+from tests.conftest import CLASS_COLOURS, DATABASES, class_image, jpeg_bytes, migrated_url
+from tests.live_server import LiveServer
 from tests.test_api_helpers import build_served_corpus, start_server, upload
 
 

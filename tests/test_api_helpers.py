@@ -7,7 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import CLASS_COLOURS, LiveServer, make_settings, settings_env
+from tests.conftest import CLASS_COLOURS, make_settings, settings_env
+from tests.live_server import LiveServer
 from tests.test_indexing import make_corpus
 
 # A small random-init timm embedder: a forward pass costs milliseconds on CPU, so many server tests stay cheap.

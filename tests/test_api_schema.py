@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
-from tests.conftest import DATABASES, LiveServer, migrated_url
+from tests.conftest import DATABASES, migrated_url
+from tests.live_server import LiveServer
 from tests.test_api_helpers import build_served_corpus, start_server
 
 

@@ -9,7 +9,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import CLASS_COLOURS, LiveServer, class_image, jpeg_bytes, make_settings, settings_env
+from tests.conftest import CLASS_COLOURS, class_image, jpeg_bytes, make_settings, settings_env
+from tests.live_server import LiveServer
 
 
 def png_bytes(image: Image.Image) -> bytes:

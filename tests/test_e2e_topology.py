@@ -32,7 +32,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import free_port
+from tests.postgres import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 6

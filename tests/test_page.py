@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATABASES, REPO, LiveServer, class_image, migrated_url
+from tests.conftest import DATABASES, REPO, class_image, migrated_url
+from tests.live_server import LiveServer
 from tests.test_api_helpers import build_served_corpus, start_server
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
