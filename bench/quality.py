@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
 
     while pending and len(running) < args.parallel:
         launch(pending.pop(0))
+    workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
     for name in [r for r in args.rows if r in PRESET_ROWS]:
         start = time.time()
-        workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
         results[name] = off_the_shelf(PRESET_ROWS[name], args.data_root, args.pretrained, args.device, workers)
         results[name]["seconds"] = round(time.time() - start, 1)
         print(f"{name}: done in {results[name]['seconds']} s", flush=True)

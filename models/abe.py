@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embedder import Embedder, EmbedderConfig, gem, register
+from models.embedder import Embedder, EmbedderConfig, pool, register
 from models.pretrained import create_backbone
 from models.trunk import channels_after, run_modules, trunk_layout
 
@@ -72,7 +72,7 @@ class ABEEmbedder(Embedder):
     def global_embedding(self, fmap: torch.Tensor) -> torch.Tensor:
         """G: map [N, C, H, W] -> un-normalised embedding [N, dim / M]."""
         out = run_modules(self.trunk, self.global_names, fmap)
-        pooled = gem(out) if self.config.pooling == "gem" else out.mean(dim=(2, 3))
+        pooled = pool(out, self.config.pooling)
         return self.embedding(pooled)
 
     def forward_parts(self, pixels: torch.Tensor) -> torch.Tensor:

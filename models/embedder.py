@@ -141,6 +141,13 @@ def gem(x: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
     return x.clamp(min=eps).pow(p).mean(dim=1).pow(1.0 / p)
 
 
+def pool(x: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Global pooling of a CNN map [B, C, H, W] or tokens [B, N, C] to [B, C]: "gem", else the mean."""
+    if pooling == "gem":
+        return gem(x)
+    return x.mean(dim=(2, 3)) if x.dim() == 4 else x.mean(dim=1)
+
+
 @register("timm")
 class TimmEmbedder(Embedder):
     """Any timm backbone, globally pooled (avg or GeM), with an optional linear projection to `dim`."""
@@ -155,7 +162,7 @@ class TimmEmbedder(Embedder):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         fmap = self.backbone.forward_features(pixels)
-        pooled = gem(fmap) if self.config.pooling == "gem" else fmap.mean(dim=(2, 3))
+        pooled = pool(fmap, self.config.pooling)
         return F.normalize(self.projection(pooled), dim=-1)
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embedder import Embedder, EmbedderConfig, gem, register
+from models.embedder import Embedder, EmbedderConfig, pool, register
 from models.pretrained import create_backbone
 
 POOLINGS = ("avg", "mean", "gem")
@@ -45,7 +45,7 @@ class EnsembleEmbedder(Embedder):
         parts = []
         for trunk in self.backbones:
             fmap = trunk.forward_features(pixels)
-            pooled = gem(fmap) if self.config.pooling == "gem" else fmap.mean(dim=(2, 3))
+            pooled = pool(fmap, self.config.pooling)
             parts.append(F.normalize(pooled, dim=-1))
         # Each part has unit norm, so dividing by sqrt(n) gives a unit vector with every trunk weighted equally.
         return torch.cat(parts, dim=-1) / math.sqrt(len(parts))

@@ -212,7 +212,8 @@ def cli(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     embedder = create_embedder(args.model).to(device)
-    embedder.config.flip_average = embedder.config.flip_average or args.flip_average
+    if args.flip_average:
+        embedder.config.flip_average = True
     items = load_eval_items(args.dataset, args.root, args.classes, args.csv)
     gallery = load_eval_items("csv", args.root, args.classes, args.gallery_csv) if args.gallery_csv else None
     metrics = evaluate_items(embedder, items, args.ks, gallery, args.batch_size, args.workers, device)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embedder import Embedder, EmbedderConfig, gem, register
+from models.embedder import Embedder, EmbedderConfig, pool, register
 from models.pretrained import create_backbone
 
 POOLINGS = ("cls", "mean", "avg", "gem")
@@ -78,11 +78,11 @@ class IRTEmbedder(Embedder):
         if out.dim() == 4:  # CNN map
             if pooling == "cls":
                 raise ValueError(f"{self.config.backbone} has no class token; use pooling 'mean' or 'gem'")
-            return gem(out) if pooling == "gem" else out.mean(dim=(2, 3))
+            return pool(out, pooling)
         if pooling == "cls":
             return out[:, 0]
         patches = out[:, getattr(self.backbone, "num_prefix_tokens", 1) :]
-        return gem(patches) if pooling == "gem" else patches.mean(dim=1)
+        return pool(patches, pooling)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projection(self.features(pixels)), dim=-1)

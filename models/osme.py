@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embedder import Embedder, EmbedderConfig, gem, register
+from models.embedder import Embedder, EmbedderConfig, pool, register
 from models.pretrained import create_backbone
 
 
@@ -49,7 +49,7 @@ class OSMEEmbedder(Embedder):
         parts = []
         for excite, fc in zip(self.excitations, self.part_fcs, strict=True):
             masked = fmap * excite(squeezed)[:, :, None, None]
-            pooled = gem(masked) if self.config.pooling == "gem" else masked.mean(dim=(2, 3))
+            pooled = pool(masked, self.config.pooling)
             parts.append(fc(pooled))
         return F.normalize(torch.stack(parts, dim=1), dim=-1)
 

