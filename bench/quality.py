@@ -29,6 +29,7 @@ PRESET_ROWS = {
     "off_the_shelf": "efficientnet_lite0",
     "off_the_shelf_gem": "efficientnet_lite0_gem",
     "off_the_shelf_lite01": "efficientnet_lite01_gem",
+    "off_the_shelf_lite012": "efficientnet_lite012_gem",
 }
 # Training rows: a config trained by models.train, its best-on-validation checkpoint evaluated on the test split.
 CONFIG_ROWS = {
@@ -40,6 +41,7 @@ CONFIG_ROWS = {
     "irt_gem_late": "configs/irt_gem_late_cub100.yaml",
     "irt_lite01": "configs/irt_lite01_cub100.yaml",
     "irt_lite01_nokoleo": "configs/irt_lite01_nokoleo_cub100.yaml",
+    "irt_lite012": "configs/irt_lite012_cub100.yaml",
 }
 ROWS = [*PRESET_ROWS, *CONFIG_ROWS]
 KS = (1, 2, 4, 8)

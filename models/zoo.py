@@ -39,6 +39,10 @@ PRESETS: dict[str, EmbedderConfig] = {
     # Lite0 + Lite1 side by side (models.ensemble), GeM-pooled: the strongest offline embedder here, at ~2.3x the
     # cost of Lite0 alone.
     "efficientnet_lite01_gem": _lite("ensemble", "tf_efficientnet_lite0+tf_efficientnet_lite1", 2560, "gem"),
+    # All three shipped trunks: best off the shelf on the validation classes (docs/quality.md), ~4x Lite0's cost.
+    "efficientnet_lite012_gem": _lite(
+        "ensemble", "tf_efficientnet_lite0+tf_efficientnet_lite1+tf_efficientnet_lite2", 3840, "gem"
+    ),
 }
 
 

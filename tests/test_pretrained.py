@@ -10,7 +10,7 @@ from PIL import Image
 from models.checkpoint import load_checkpoint, read_config, save_checkpoint
 from models.embedder import EmbedderConfig, build_embedder
 from models.pretrained import create_backbone, load_local_weights
-from models.zoo import create_embedder
+from models.zoo import PRESETS, create_embedder
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -37,14 +37,23 @@ def test_shipped_weights_classify_a_real_cat_and_coffee(lite0_classifier, lite0_
     assert top[1] == 967
 
 
-def test_lite1_weights_map_onto_its_deeper_layout(lite0_embedder) -> None:
-    # Lite1 has more blocks per stage than Lite0; a strict load with Lite0's layout used to fail.
-    classifier = create_backbone("tf_efficientnet_lite1", "package", num_classes=1000).eval()
+@pytest.mark.parametrize("backbone", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_deeper_lite_weights_map_onto_their_layout(backbone, lite0_embedder) -> None:
+    # Lite1/Lite2 have more blocks per stage than Lite0; a strict load with Lite0's layout used to fail.
+    classifier = create_backbone(backbone, "package", num_classes=1000).eval()
     photos = [Image.fromarray(skimage_data.chelsea()), Image.fromarray(skimage_data.coffee())]
     batch = torch.stack([lite0_embedder.preprocess(p) for p in photos])  # same normalisation; 224 px is fine
     with torch.inference_mode():
         top = classifier(batch).argmax(dim=1).tolist()
     assert top[0] in CAT_CLASSES and top[1] == 967
+
+
+def test_every_preset_builds_with_its_shipped_weights_and_declared_size() -> None:
+    pixels = torch.rand(1, 3, 224, 224)
+    for name, config in PRESETS.items():
+        vectors = create_embedder(name).embed(pixels)
+        assert vectors.shape == (1, config.dim), name
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
 def test_embeddings_are_normalised_and_discriminative(lite0_embedder) -> None:
