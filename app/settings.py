@@ -21,8 +21,8 @@ class Settings(BaseSettings):
         "efficientnet_lite0",
         description=(
             "Embedder used when no model version is active: a checkpoint dir or a built-in name "
-            "(efficientnet_lite0; efficientnet_lite0_gem; efficientnet_lite01_gem, ~2.3x slower; "
-            "efficientnet_lite012_gem, all three trunks, the slowest)."
+            "(efficientnet_lite0; efficientnet_lite0_gem; efficientnet_lite01_gem, ~2.4x slower; "
+            "efficientnet_lite012_gem, all three trunks, ~3.9x slower)."
         ),
     )
     host: str = Field("127.0.0.1", description="Address `retrieval serve` binds to.")

@@ -36,10 +36,11 @@ PRESETS: dict[str, EmbedderConfig] = {
     "efficientnet_lite0": _lite("timm", "tf_efficientnet_lite0", 1280, "avg"),
     # GeM pooling instead of the mean: +2.4 R@1 off the shelf on cub100 (docs/quality.md), same cost.
     "efficientnet_lite0_gem": _lite("timm", "tf_efficientnet_lite0", 1280, "gem"),
-    # Lite0 + Lite1 side by side (models.ensemble), GeM-pooled: the strongest offline embedder here, at ~2.3x the
-    # cost of Lite0 alone.
+    # Lite0 + Lite1 side by side (models.ensemble), GeM-pooled: the best R@1 off the shelf here, at ~2.4x the cost
+    # of Lite0 alone (CPU, batch 32).
     "efficientnet_lite01_gem": _lite("ensemble", "tf_efficientnet_lite0+tf_efficientnet_lite1", 2560, "gem"),
-    # All three shipped trunks: best off the shelf on the validation classes (docs/quality.md), ~4x Lite0's cost.
+    # All three shipped trunks: the best MAP@R off the shelf, on validation and test (docs/quality.md), ~3.9x
+    # Lite0's cost.
     "efficientnet_lite012_gem": _lite(
         "ensemble", "tf_efficientnet_lite0+tf_efficientnet_lite1+tf_efficientnet_lite2", 3840, "gem"
     ),
