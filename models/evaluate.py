@@ -11,7 +11,7 @@ Public API:
         keys "recall@K" for each K, "map@r", "r_precision" (fractions in [0, 1]).
     embed_items(embedder, items, batch_size=64, num_workers=2, device=None) -> (embeddings, labels)
     evaluate_items(embedder, items, ks, gallery_items=None, ...) -> dict
-    cli(argv) -> int     (`retrieval eval ...`)
+    cli(argv) -> int     (`retrieval eval ...`; --config FILE --split val evaluates a training config's split)
 """
 
 from __future__ import annotations
@@ -136,8 +136,12 @@ def embed_items(
     num_workers: int = 2,
     device: torch.device | str | None = None,
     amp: bool = False,
+    mirrored: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Embed (path, label) items with the embedder's eval transform; returns (float32 [N, D], int64 [N])."""
+    """Embed (path, label) items with the embedder's eval transform; returns (float32 [N, D], int64 [N]).
+
+    mirrored: embed each image's left-right mirror instead (for test-time flip averaging).
+    """
     device = torch.device(device) if device is not None else next(embedder.parameters()).device
     was_training = embedder.training
     embedder.eval()
@@ -147,6 +151,7 @@ def embed_items(
     chunks, labels = [], []
     for pixels, y in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            pixels = pixels.flip(-1) if mirrored else pixels
             chunks.append(embedder(pixels.to(device, non_blocking=True)).float().cpu())
         labels.append(y)
     embedder.train(was_training)
@@ -189,34 +194,85 @@ def load_eval_items(kind: str, root: str, classes: str | None = None, csv_path: 
     return items
 
 
+def _items_from_config(config_path: str, overrides: Sequence[str], split: str) -> list[Item]:
+    """The train, val or test items of a training config's `data:` section, split exactly as training split them."""
+    from models.train import dataset_splits, load_config
+
+    train, val, test = dataset_splits(load_config(config_path, overrides).data)
+    return {"train": train, "val": val, "test": test}[split]
+
+
 def cli(argv: list[str] | None = None) -> int:
+    from models.train import add_override_option  # models.train imports this module
+
     parser = argparse.ArgumentParser(prog="retrieval eval", description="Recall@K, MAP@R, R-precision of an embedder.")
     parser.add_argument("--model", required=True, help="a preset name (models.zoo.PRESETS) or a checkpoint directory")
     parser.add_argument("--dataset", choices=("cub", "folder", "csv"), default="cub")
-    parser.add_argument("--root", required=True, help="dataset root (or the query CSV's image root)")
+    parser.add_argument("--root", help="dataset root (or the query CSV's image root)")
     parser.add_argument("--csv", help="CSV manifest (path,label) for --dataset csv; the queries for In-Shop")
     parser.add_argument("--gallery-csv", help="query/gallery protocol: the gallery CSV (In-Shop)")
     parser.add_argument("--classes", help="keep labels in [A, B), e.g. 50:100 for cub100's test half")
+    parser.add_argument(
+        "--config", help="take the images from this training config's data section instead of --root/--classes"
+    )
+    parser.add_argument(
+        "--split", choices=("train", "val", "test"), default="test", help="with --config: which of its splits"
+    )
+    add_override_option(parser, "with --config: override a config value as `retrieval train` does")
     parser.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--output", help="also write the metrics JSON here")
     parser.add_argument(
-        "--flip-average", action="store_true", help="average each image's embedding with its mirror image's (2x cost)"
+        "--flip-average",
+        action="store_true",
+        help="average each image's embedding with its mirror image's (2x cost); the plain metrics come along",
     )
     args = parser.parse_args(argv)
+    if (args.config is None) == (args.root is None):
+        parser.error("give exactly one of --root (a dataset) or --config (a training config's split)")
+    if args.config and args.gallery_csv:
+        parser.error("--gallery-csv goes with --root, not --config")
+    if args.overrides and not args.config:
+        parser.error("--set goes with --config")
 
     from models.embedder import resolve_device
     from models.zoo import create_embedder
 
     device = resolve_device(args.device)
     embedder = create_embedder(args.model).to(device)
-    if args.flip_average:
-        embedder.config.flip_average = True
-    items = load_eval_items(args.dataset, args.root, args.classes, args.csv)
+    # Mirrors are embedded below, so the plain and the flip-averaged metrics come from one run.
+    flip_average = args.flip_average or embedder.config.flip_average
+    embedder.config.flip_average = False
+    if args.config:
+        items = _items_from_config(args.config, args.overrides, args.split)
+    else:
+        items = load_eval_items(args.dataset, args.root, args.classes, args.csv)
+    if not items:
+        parser.error("no images selected")
     gallery = load_eval_items("csv", args.root, args.classes, args.gallery_csv) if args.gallery_csv else None
-    metrics = evaluate_items(embedder, items, args.ks, gallery, args.batch_size, args.workers, device)
+
+    def embed(chosen: Sequence[Item]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        plain, labels = embed_items(embedder, chosen, args.batch_size, args.workers, device)
+        views = {"plain": plain}
+        if flip_average:
+            mirror, _ = embed_items(embedder, chosen, args.batch_size, args.workers, device, mirrored=True)
+            summed = plain + mirror
+            views["flip"] = summed / np.linalg.norm(summed, axis=1, keepdims=True).clip(min=1e-12)
+        return views, labels
+
+    query_views, labels = embed(items)
+    gallery_views, gallery_labels = embed(gallery) if gallery is not None else ({}, None)
+
+    def metrics_of(view: str) -> dict:
+        return evaluate_embeddings(query_views[view], labels, args.ks, gallery_views.get(view), gallery_labels)
+
+    if flip_average:
+        metrics: dict = metrics_of("flip")
+        metrics["without_flip_average"] = metrics_of("plain")
+    else:
+        metrics = metrics_of("plain")
     metrics["num_queries"] = len(items)
     text = json.dumps(metrics, indent=2)
     print(text)

@@ -137,6 +137,11 @@ def _set_by_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     data[keys[-1]] = value
 
 
+def add_override_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """`--set KEY=VALUE` (repeatable) into args.overrides, the form load_config takes."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """A YAML training config, with `key.sub=value` overrides (values parsed as YAML)."""
     import yaml
@@ -503,14 +508,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output dir (default: runs/<config name>); resumes when it holds a resume state")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--init-checkpoint", help="fine-tune this checkpoint instead of config.embedder")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set steps=100 --set data.root=/data/cub100",
-    )
+    add_override_option(parser, "override a config value, e.g. --set steps=100 --set data.root=/data/cub100")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)

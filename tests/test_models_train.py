@@ -291,3 +291,33 @@ def test_config_files_parse() -> None:
         assert embedder_config.backbone.startswith("tf_efficientnet_lite0")
         embedder_config.pretrained = "none"
         _freeze_parameters(build_embedder(embedder_config), config.freeze)  # every pattern names real parameters
+
+
+def test_eval_cli_scores_a_configs_validation_split_with_and_without_mirrors(images, tmp_path, capsys) -> None:
+    from models.checkpoint import save_checkpoint
+    from models.evaluate import cli as eval_cli
+
+    model = build_embedder(tiny_config().embedder_config()).eval()
+    save_checkpoint(model, tmp_path / "model")
+    root = Path(images[0][0]).parents[1]
+    config = tmp_path / "config.yaml"
+    data = {"kind": "folder", "root": str(root), "train_classes": [0, 3], "val_fraction": 0.25, "val_split": "classes"}
+    config.write_text(json.dumps({"embedder": {"arch": "irt"}, "data": data}))  # JSON is YAML
+
+    model_dir = str(tmp_path / "model")
+    split = ["--config", str(config), "--set", "data.val_split=images", "--split", "val"]
+    assert eval_cli(["--model", model_dir, *split, "--flip-average"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+
+    _, val = split_items([item for item in folder_items(root)[0] if item[1] < 3], 0.25, by="images")
+    assert printed["num_queries"] == len(val) == 6  # 2 of each training class's 8: what training held out
+    plain = evaluate_items(model, val, num_workers=0)
+    model.config.flip_average = True
+    mirrored = evaluate_items(model, val, num_workers=0)
+    for key in ("recall@1", "map@r"):  # one run gives both, each the same as evaluating that way on its own
+        assert printed[key] == pytest.approx(mirrored[key])
+        assert printed["without_flip_average"][key] == pytest.approx(plain[key])
+
+    with pytest.raises(SystemExit):  # a dataset and a config at once is ambiguous
+        eval_cli(["--model", model_dir, "--config", str(config), "--root", str(root)])
+    assert "exactly one of --root" in capsys.readouterr().err
