@@ -55,6 +55,11 @@ class EmbedderConfig:
         return cls(**kwargs)
 
 
+def average_with_mirror(image: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
+    """Test-time flip averaging: the unit-length mean of an image's embedding and its mirror image's."""
+    return F.normalize(image + mirrored, dim=-1)
+
+
 def eval_transform(config: EmbedderConfig) -> Callable[[Image.Image], torch.Tensor]:
     """Resize the shorter side, centre-crop, normalise: the transform every query and index build uses."""
     return T.Compose(
@@ -85,8 +90,7 @@ class Embedder(nn.Module):
     def __call__(self, pixels: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.config.flip_average and not self.training:
             both = super().__call__(torch.cat([pixels, pixels.flip(-1)]), *args, **kwargs)
-            image, mirrored = both.chunk(2)
-            return F.normalize(image + mirrored, dim=-1)
+            return average_with_mirror(*both.chunk(2))
         return super().__call__(pixels, *args, **kwargs)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.data import Item, ItemsDataset, csv_items, cub_items, folder_items, select_classes
-from models.embedder import Embedder
+from models.embedder import Embedder, average_with_mirror
 
 try:  # faiss is a dependency, but the lent GPU machine may lack it: fall back to torch there.
     import faiss
@@ -150,8 +150,8 @@ def embed_items(
     )
     chunks, labels = [], []
     for pixels, y in loader:
+        pixels = pixels.flip(-1) if mirrored else pixels
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            pixels = pixels.flip(-1) if mirrored else pixels
             chunks.append(embedder(pixels.to(device, non_blocking=True)).float().cpu())
         labels.append(y)
     embedder.train(was_training)
@@ -258,8 +258,7 @@ def cli(argv: list[str] | None = None) -> int:
         views = {"plain": plain}
         if flip_average:
             mirror, _ = embed_items(embedder, chosen, args.batch_size, args.workers, device, mirrored=True)
-            summed = plain + mirror
-            views["flip"] = summed / np.linalg.norm(summed, axis=1, keepdims=True).clip(min=1e-12)
+            views["flip"] = average_with_mirror(torch.from_numpy(plain), torch.from_numpy(mirror)).numpy()
         return views, labels
 
     query_views, labels = embed(items)

@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.data import csv_items, folder_items, m_per_class_batches, split_items
 from models.embedder import build_embedder
+from models.evaluate import cli as eval_cli
 from models.evaluate import evaluate_embeddings, evaluate_items, knn
 from models.train import TrainConfig, _freeze_parameters, load_config, train
 
@@ -294,9 +295,6 @@ def test_config_files_parse() -> None:
 
 
 def test_eval_cli_scores_a_configs_validation_split_with_and_without_mirrors(images, tmp_path, capsys) -> None:
-    from models.checkpoint import save_checkpoint
-    from models.evaluate import cli as eval_cli
-
     model = build_embedder(tiny_config().embedder_config()).eval()
     save_checkpoint(model, tmp_path / "model")
     root = Path(images[0][0]).parents[1]
