@@ -10,6 +10,7 @@ Public API:
     evaluate_embeddings(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=None, gallery_labels=None) -> dict
         keys "recall@K" for each K, "map@r", "r_precision" (fractions in [0, 1]).
     embed_items(embedder, items, batch_size=64, num_workers=2, device=None) -> (embeddings, labels)
+        with_mirror=True: (embeddings, mirror images' embeddings, labels), one decode per image
     evaluate_items(embedder, items, ks, gallery_items=None, ...) -> dict
     cli(argv) -> int     (`retrieval eval ...`; --config FILE --split val evaluates a training config's split)
 """
@@ -136,11 +137,12 @@ def embed_items(
     num_workers: int = 2,
     device: torch.device | str | None = None,
     amp: bool = False,
-    mirrored: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
+    with_mirror: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Embed (path, label) items with the embedder's eval transform; returns (float32 [N, D], int64 [N]).
 
-    mirrored: embed each image's left-right mirror instead (for test-time flip averaging).
+    with_mirror: also embed each image's left-right mirror from the same decode (for test-time flip averaging);
+    returns (plain, mirrored, labels) then.
     """
     device = torch.device(device) if device is not None else next(embedder.parameters()).device
     was_training = embedder.training
@@ -148,16 +150,20 @@ def embed_items(
     loader = DataLoader(
         ItemsDataset(items, embedder.preprocess), batch_size=batch_size, num_workers=num_workers, shuffle=False
     )
-    chunks, labels = [], []
+    num_views = 2 if with_mirror else 1
+    chunks: list[list[torch.Tensor]] = [[] for _ in range(num_views)]
+    labels = []
     for pixels, y in loader:
-        pixels = pixels.flip(-1) if mirrored else pixels
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            chunks.append(embedder(pixels.to(device, non_blocking=True)).float().cpu())
+        pixels = pixels.to(device, non_blocking=True)
+        views = (pixels, pixels.flip(-1))[:num_views]
+        for view, view_chunks in zip(views, chunks, strict=True):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+                view_chunks.append(embedder(view).float().cpu())
         labels.append(y)
     embedder.train(was_training)
-    if not chunks:
-        return np.zeros((0, embedder.dim), np.float32), np.zeros(0, np.int64)
-    return torch.cat(chunks).numpy(), torch.cat(labels).numpy().astype(np.int64)
+    if not labels:
+        return (*[np.zeros((0, embedder.dim), np.float32)] * num_views, np.zeros(0, np.int64))
+    return (*[torch.cat(c).numpy() for c in chunks], torch.cat(labels).numpy().astype(np.int64))
 
 
 def evaluate_items(
@@ -254,12 +260,12 @@ def cli(argv: list[str] | None = None) -> int:
     gallery = load_eval_items("csv", args.root, args.classes, args.gallery_csv) if args.gallery_csv else None
 
     def embed(chosen: Sequence[Item]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        plain, labels = embed_items(embedder, chosen, args.batch_size, args.workers, device)
-        views = {"plain": plain}
-        if flip_average:
-            mirror, _ = embed_items(embedder, chosen, args.batch_size, args.workers, device, mirrored=True)
-            views["flip"] = average_with_mirror(torch.from_numpy(plain), torch.from_numpy(mirror)).numpy()
-        return views, labels
+        if not flip_average:
+            plain, labels = embed_items(embedder, chosen, args.batch_size, args.workers, device)
+            return {"plain": plain}, labels
+        plain, mirror, labels = embed_items(embedder, chosen, args.batch_size, args.workers, device, with_mirror=True)
+        flip = average_with_mirror(torch.from_numpy(plain), torch.from_numpy(mirror)).numpy()
+        return {"plain": plain, "flip": flip}, labels
 
     query_views, labels = embed(items)
     gallery_views, gallery_labels = embed(gallery) if gallery is not None else ({}, None)
