@@ -6,8 +6,9 @@ swap (one reference assignment) never disturbs a request in flight: it finishes 
 
 Loading reconciles the index with SQL, the source of truth: ids deleted since the build are removed; live ids
 missing from the index get their stored embedding from <data_dir>/embeddings/<model>/ (where POST /v1/images
-writes one before answering), or are embedded from their file when only a few are missing. That is what makes
-an added image survive a restart and a hot swap.
+writes one before answering), or are embedded from their file when only a few are missing, through the index
+build's own path (app.indexing.embed_into_store: the same shards, and a file that no longer decodes is marked
+deleted with its reason). That is what makes an added image survive a restart and a hot swap.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from PIL import Image as PILImage
 
 from app import metrics
 from app.db.models import IndexVersion, ModelVersion
-from app.db.queries import image_uris, live_image_ids
+from app.db.queries import live_image_ids
 from app.db.session import session_scope
-from app.images import ImageError, read_image_file
+from app.indexing import BuildReport, embed_into_store
 from app.registry import active_index
 from app.settings import Settings
 from index import versions
@@ -70,7 +71,7 @@ class Deployment:
         return out.float().cpu().numpy()
 
     def embed(self, images: list[PILImage.Image]) -> np.ndarray:
-        """Embed images directly (no batcher): loading-time catch-up and scripts."""
+        """Embed images directly, without the batcher (POST /v1/images, scripts)."""
         return self.forward_batch(torch.stack([self.preprocess(im) for im in images]))
 
     def search(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
@@ -146,24 +147,18 @@ def reconcile(settings: Settings, deployment: Deployment) -> dict[str, int]:
 
 
 def _embed_from_files(settings: Settings, deployment: Deployment, ids: np.ndarray) -> int:
-    with session_scope(settings.resolved_database_url) as session:
-        uris = image_uris(session, ids)
-    done_ids, done_vecs = [], []
-    for image_id in ids.tolist():
-        try:
-            image = read_image_file(uris[image_id], settings.max_upload_bytes, settings.max_image_pixels)
-        except (ImageError, OSError, KeyError) as exc:
-            log.warning("image %d cannot be embedded at load: %s", image_id, exc)
-            continue
-        done_ids.append(image_id)
-        done_vecs.append(deployment.embed([image])[0])
-    if not done_ids:
-        return 0
-    id_array, vectors = np.asarray(done_ids, dtype=np.int64), np.stack(done_vecs)
-    stem = f"{API_SHARD_PREFIX}-catchup-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}"
-    versions.write_embedding_shard(deployment.store, stem, id_array, vectors)
-    deployment.add(id_array, vectors)
-    return len(done_ids)
+    """Embed `ids` with the deployment's own model, the way an index build does (one code path: same shards,
+    same handling of files that no longer decode), then add what was stored."""
+    report = BuildReport()
+    # No DataLoader workers: this runs inside the server process, where forking next to threads is unsafe.
+    embed_into_store(settings, deployment.embedder, deployment.store, ids, report, progress=False,
+                     stem_prefix=f"{API_SHARD_PREFIX}-catchup", num_workers=0)
+    for uri, reason in report.failed:
+        log.warning("image %s cannot be embedded at load and is marked deleted: %s", uri, reason)
+    stored_ids, vectors = versions.load_embeddings(deployment.store, keep=ids)
+    if len(stored_ids):
+        deployment.add(stored_ids, vectors)
+    return len(stored_ids)
 
 
 def load_deployment(settings: Settings, index_row: IndexVersion, model_row: ModelVersion) -> Deployment:

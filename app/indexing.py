@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import select
@@ -47,6 +47,9 @@ from app.registry import active_index, ensure_model_version, new_version_name, p
 from app.settings import Settings
 from index import versions
 from index.vector_index import VectorIndex, build, choose_factory, merge_ivf_ondisk
+
+if TYPE_CHECKING:  # torch loads lazily: the CLI's SQL-only commands start fast
+    from models.embedder import Embedder
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 REGISTER_CHUNK = 512
@@ -291,28 +294,38 @@ def _uris(session: Session, ids: np.ndarray) -> np.ndarray:
 def embed_missing(settings: Settings, model: ModelVersion, candidates: np.ndarray | None, report: BuildReport,
                   progress: bool, stem_prefix: str = "run") -> None:
     """Embed live images (all, or `candidates`) that have no stored embedding for `model`."""
+    from models.checkpoint import load_checkpoint
+    from models.embedder import resolve_device
+
+    store = settings.embeddings_dir(model.name)
+    with session_scope(settings.resolved_database_url) as session:
+        live = live_image_ids(session)
+    todo = live if candidates is None else np.intersect1d(candidates, live)
+    todo = np.setdiff1d(todo, versions.embedded_ids(store))
+    if len(todo) == 0:
+        return
+    embedder = load_checkpoint(model.path, resolve_device(settings.device))
+    embed_into_store(settings, embedder, store, todo, report, progress, stem_prefix, settings.num_workers)
+
+
+def embed_into_store(settings: Settings, embedder: Embedder, store: Path, ids: np.ndarray, report: BuildReport,
+                     progress: bool, stem_prefix: str, num_workers: int) -> None:
+    """Embed images `ids` from their files into embedding shards under `store`, flushed every
+    `embed_flush_every` images (so a kill loses at most that much). A file that does not decode soft-deletes
+    its row with the reason (BuildReport.failed). Used by index builds and by the service's catch-up at load."""
     import torch
     from tqdm import tqdm
 
-    from models.checkpoint import load_checkpoint
-    from models.embedder import eval_transform, resolve_device
+    from models.embedder import eval_transform
 
     url = settings.resolved_database_url
-    store = settings.embeddings_dir(model.name)
     with session_scope(url) as session:
-        live = live_image_ids(session)
-        todo = live if candidates is None else np.intersect1d(candidates, live)
-        todo = np.setdiff1d(todo, versions.embedded_ids(store))
-        uris = _uris(session, todo) if len(todo) else np.zeros(0, dtype=np.bytes_)
-    if len(todo) == 0:
-        return
-    device = resolve_device(settings.device)
-    embedder = load_checkpoint(model.path, device)
-    dataset = _DecodeDataset(todo, uris, eval_transform(embedder.config), settings.max_upload_bytes,
+        uris = _uris(session, ids)
+    device = next(embedder.parameters()).device
+    dataset = _DecodeDataset(ids, uris, eval_transform(embedder.config), settings.max_upload_bytes,
                              settings.max_image_pixels)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size,
-                                         num_workers=settings.num_workers, collate_fn=_collate,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=num_workers,
+                                         collate_fn=_collate, pin_memory=device.type == "cuda")
     buf_ids: list[np.ndarray] = []
     buf_vecs: list[np.ndarray] = []
     run_tag = f"{stem_prefix}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{os.getpid()}"
@@ -328,17 +341,17 @@ def embed_missing(settings: Settings, model: ModelVersion, candidates: np.ndarra
             buf_vecs.clear()
 
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="embed", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(ids), desc="embed", unit="img", disable=not progress, dynamic_ncols=True)
     pending_failures: list[tuple[int, str, str]] = []
-    for ids, batch, failed in loader:
+    for batch_ids, batch, failed in loader:
         if batch is not None:
             with torch.inference_mode():
                 vectors = embedder(batch.to(device, non_blocking=True)).float().cpu().numpy()
-            buf_ids.append(ids)
+            buf_ids.append(batch_ids)
             buf_vecs.append(vectors)
-            report.embedded += len(ids)
+            report.embedded += len(batch_ids)
         pending_failures.extend(failed)
-        bar.update(len(ids) + len(failed))
+        bar.update(len(batch_ids) + len(failed))
         if sum(len(b) for b in buf_ids) >= settings.embed_flush_every:
             flush()
             _mark_failed(url, pending_failures, report)

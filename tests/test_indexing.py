@@ -6,6 +6,8 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
+from PIL import Image as PILImage
 from sqlalchemy import select
 
 from tests.conftest import CLASS_COLOURS, class_image, make_settings
@@ -126,3 +128,41 @@ def test_default_embedder_build(database_url: str, tmp_path: Path) -> None:
     _, found = index.search(vectors, 2)
     same = [labels[int(i)] == labels[int(row[1])] for i, row in zip(ids, found, strict=True)]
     assert np.mean(same) >= 0.9
+
+
+def test_service_load_embeds_live_images_the_index_lacks(database_url: str, tmp_path: Path,
+                                                         tiny_embedder: Path) -> None:
+    """Rows registered after the build (say, a build killed before embedding) are embedded when the service
+    loads, through the same path as a build: the good file becomes searchable, the text file named .jpg is
+    marked deleted with its reason, and nothing else changes."""
+    from app.db.models import Image
+    from app.db.session import session_scope
+    from app.deployment import load_active
+    from app.indexing import build_index
+    from index import versions
+
+    corpus = make_corpus(tmp_path / "corpus", per_class=3)
+    settings = make_settings(tmp_path / "data", database_url, embedder=str(tiny_embedder))
+    build_index(settings, corpus, progress=False)
+    late = tmp_path / "late.jpg"
+    class_image("blue", seed=4242, size=64).save(late, quality=90)
+    fake = tmp_path / "fake.jpg"
+    fake.write_text("not an image at all")
+    with session_scope(database_url) as session:
+        rows = [Image(sha256=f"{n}" * 64, uri=str(path), width=64, height=64, meta={}) for n, path in
+                ((1, late), (2, fake))]
+        session.add_all(rows)
+        session.flush()
+        late_id, fake_id = (row.id for row in rows)
+
+    deployment = load_active(settings)
+    assert deployment is not None and len(deployment.index) == 13  # 12 built + the late one
+    stored_ids, stored = versions.load_embeddings(deployment.store, keep=np.array([late_id]))
+    assert stored_ids.tolist() == [late_id]  # kept as a shard: a restart restores it without re-embedding
+    scores, found = deployment.search(stored, 13)
+    assert scores[0][found[0] == late_id] == pytest.approx(1.0, abs=1e-4)  # it is in the served index
+    direct = deployment.embed([PILImage.open(late).convert("RGB")])
+    np.testing.assert_allclose(direct, stored, atol=2e-3)  # the model's own embedding (shards hold float16)
+    with session_scope(database_url) as session:
+        bad = session.get(Image, fake_id)
+        assert bad.deleted_at is not None and "decode_error" in bad.meta
