@@ -169,7 +169,6 @@ def load_deployment(settings: Settings, index_row: IndexVersion, model_row: Mode
         raise ValueError(
             f"index {index_row.name} has dimension {index.dim} but model {model_row.name} embeds to {embedder.dim}"
         )
-    torch.set_grad_enabled(False)
     deployment = Deployment(model_name=model_row.name, index_name=index_row.name, embedder=embedder, index=index,
                             device=device, store=settings.embeddings_dir(model_row.name),
                             index_version_id=index_row.id)

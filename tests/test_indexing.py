@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image as PILImage
 from sqlalchemy import select
 
@@ -157,10 +158,11 @@ def test_service_load_embeds_live_images_the_index_lacks(database_url: str, tmp_
 
     deployment = load_active(settings)
     assert deployment is not None and len(deployment.index) == 13  # 12 built + the late one
+    assert torch.is_grad_enabled()  # loading leaves the caller's autograd alone (it once switched it off)
     stored_ids, stored = versions.load_embeddings(deployment.store, keep=np.array([late_id]))
     assert stored_ids.tolist() == [late_id]  # kept as a shard: a restart restores it without re-embedding
     scores, found = deployment.search(stored, 13)
-    assert scores[0][found[0] == late_id] == pytest.approx(1.0, abs=1e-4)  # it is in the served index
+    assert scores[0][found[0] == late_id] == pytest.approx(1.0, abs=2e-3)  # it is in the served index
     direct = deployment.embed([PILImage.open(late).convert("RGB")])
     np.testing.assert_allclose(direct, stored, atol=2e-3)  # the model's own embedding (shards hold float16)
     with session_scope(database_url) as session:
