@@ -148,17 +148,14 @@ def reconcile(settings: Settings, deployment: Deployment) -> dict[str, int]:
 
 def _embed_from_files(settings: Settings, deployment: Deployment, ids: np.ndarray) -> int:
     """Embed `ids` with the deployment's own model, the way an index build does (one code path: same shards,
-    same handling of files that no longer decode), then add what was stored."""
+    same handling of files that no longer decode), adding each shard to the index once it is stored."""
     report = BuildReport()
     # No DataLoader workers: this runs inside the server process, where forking next to threads is unsafe.
     embed_into_store(settings, deployment.embedder, deployment.store, ids, report, progress=False,
-                     stem_prefix=f"{API_SHARD_PREFIX}-catchup", num_workers=0)
+                     stem_prefix=f"{API_SHARD_PREFIX}-catchup", num_workers=0, on_stored=deployment.add)
     for uri, reason in report.failed:
         log.warning("image %s cannot be embedded at load and is marked deleted: %s", uri, reason)
-    stored_ids, vectors = versions.load_embeddings(deployment.store, keep=ids)
-    if len(stored_ids):
-        deployment.add(stored_ids, vectors)
-    return len(stored_ids)
+    return report.embedded
 
 
 def load_deployment(settings: Settings, index_row: IndexVersion, model_row: ModelVersion) -> Deployment:

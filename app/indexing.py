@@ -27,7 +27,7 @@ import io
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -309,10 +309,12 @@ def embed_missing(settings: Settings, model: ModelVersion, candidates: np.ndarra
 
 
 def embed_into_store(settings: Settings, embedder: Embedder, store: Path, ids: np.ndarray, report: BuildReport,
-                     progress: bool, stem_prefix: str, num_workers: int) -> None:
+                     progress: bool, stem_prefix: str, num_workers: int,
+                     on_stored: Callable[[np.ndarray, np.ndarray], None] | None = None) -> None:
     """Embed images `ids` from their files into embedding shards under `store`, flushed every
     `embed_flush_every` images (so a kill loses at most that much). A file that does not decode soft-deletes
-    its row with the reason (BuildReport.failed). Used by index builds and by the service's catch-up at load."""
+    its row with the reason (BuildReport.failed). `on_stored(ids, vectors)` sees each shard once it is on disk.
+    Used by index builds and by the service's catch-up at load."""
     import torch
     from tqdm import tqdm
 
@@ -334,8 +336,10 @@ def embed_into_store(settings: Settings, embedder: Embedder, store: Path, ids: n
     def flush() -> None:
         nonlocal shard_no
         if buf_ids:
-            versions.write_embedding_shard(store, f"{run_tag}-{shard_no:05d}", np.concatenate(buf_ids),
-                                           np.concatenate(buf_vecs))
+            shard_ids, shard_vecs = np.concatenate(buf_ids), np.concatenate(buf_vecs)
+            versions.write_embedding_shard(store, f"{run_tag}-{shard_no:05d}", shard_ids, shard_vecs)
+            if on_stored is not None:
+                on_stored(shard_ids, shard_vecs)
             shard_no += 1
             buf_ids.clear()
             buf_vecs.clear()
