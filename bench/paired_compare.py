@@ -30,7 +30,10 @@ from models.evaluate import embed_items, knn, load_eval_items  # noqa: E402
 
 
 def per_query_scores(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Leave-one-out hit at 1 (bool [N]) and average precision at R (float [N]), R = the query's class size - 1."""
+    """Leave-one-out hit at 1 (bool [N]) and average precision at R (float [N]), R = the query's class size - 1.
+
+    pytorch-metric-learning reports only the mean MAP@R; the paired tests need each query's own value.
+    """
     counts = np.bincount(labels)
     r_per_query = counts[labels] - 1
     neighbors = knn(embeddings, embeddings, int(r_per_query.max()), exclude_self=True)
@@ -43,8 +46,9 @@ def per_query_scores(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.nda
     return hit_at_1, ap_at_r
 
 
-def mcnemar_p(only_a: int, only_b: int) -> float:
-    """Two-sided exact McNemar p-value: a binomial test of the discordant queries against 1/2."""
+def sign_test_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided binomial test of a split against 1/2: McNemar's test when the counts are the discordant
+    queries (right in one model only), a sign test when they are the queries each model scores higher."""
     n, fewer = only_a + only_b, min(only_a, only_b)
     tail = sum(math.comb(n, i) for i in range(fewer + 1))
     return min(1.0, float(Fraction(2 * tail, 2**n)))  # exact integers: n runs to thousands
@@ -68,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.root).is_dir():
         print(f"skipped: no dataset at {args.root} (see ../shared/ASSETS.md)")
         return 0
+    if any("=" not in spec for spec in args.model):
+        parser.error("each --model is NAME=PRESET_OR_CHECKPOINT")
     models = dict(spec.split("=", 1) for spec in args.model)
     if len(models) < 2:
         parser.error("give at least two --model NAME=... to compare")
@@ -108,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         better, worse = int((diff > 0).sum()), int((diff < 0).sum())
         print(
             f"| {name} | {100 * (hits.mean() - base_hits.mean()):+.1f} | {only_here} / {only_base} "
-            f"| {mcnemar_p(only_here, only_base):.3g} "
+            f"| {sign_test_p(only_here, only_base):.3g} "
             f"| {100 * diff.mean():+.1f} ({100 * low:+.1f} to {100 * high:+.1f}) "
-            f"| {better} / {worse} | {mcnemar_p(better, worse):.3g} |"
+            f"| {better} / {worse} | {sign_test_p(better, worse):.3g} |"
         )
     return 0
 

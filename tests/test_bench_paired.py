@@ -7,7 +7,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from paired_compare import mcnemar_p, per_query_scores  # noqa: E402
+from paired_compare import per_query_scores, sign_test_p  # noqa: E402
 
 from models.evaluate import evaluate_embeddings  # noqa: E402
 
@@ -28,7 +28,7 @@ def test_per_query_scores_average_to_the_evaluators_recall_and_map_at_r():
     assert 0.0 < expected["map@r"] < 1.0  # neither trivial nor random
 
 
-def test_mcnemar_is_symmetric_and_neutral_without_discordant_queries():
-    assert mcnemar_p(0, 0) == 1.0
-    assert mcnemar_p(122, 93) == mcnemar_p(93, 122)
-    assert mcnemar_p(30, 5) < 0.001 < mcnemar_p(20, 15)
+def test_sign_test_is_symmetric_and_neutral_without_discordant_queries():
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(122, 93) == sign_test_p(93, 122)
+    assert sign_test_p(30, 5) < 0.001 < sign_test_p(20, 15)
