@@ -7,7 +7,8 @@ Two rows of docs/quality.md differ by a few tenths of a point; against R@1's unp
   test over the queries where the two differ.
 
 Each model is a preset name or a checkpoint directory, as for `retrieval eval --model`; the first is the baseline
-every other one is compared with. Embeddings are cached under --cache, so a re-run only scores.
+every other one is compared with. Embeddings are cached under --cache, so a re-run of the same models only
+scores.
 
     python bench/paired_compare.py --root /work/shared/data/cub100 --classes 50:100 \\
         --model off_the_shelf=efficientnet_lite012_gem --model irt=runs/x/best --model proxy_anchor=runs/y/best
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="/work/shared/data/cub100")
     parser.add_argument("--classes", default="50:100")
     parser.add_argument("--model", action="append", required=True, metavar="NAME=PRESET_OR_CHECKPOINT")
-    parser.add_argument("--cache", default="runs/paired_compare", help="embeddings are kept here as NAME.npz")
+    parser.add_argument(
+        "--cache", default="runs/paired_compare", help="embeddings are kept here as NAME.npz, with their provenance"
+    )
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     if not Path(args.root).is_dir():
@@ -84,14 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, source in models.items():
         cached = cache / f"{name}.npz"
-        if cached.exists():
-            saved = np.load(cached)
+        # A cached file is reused only for the same model and images: a name reused for another model re-embeds.
+        provenance = np.array([source, args.root, args.classes])
+        saved = np.load(cached) if cached.exists() else None
+        if saved is not None and np.array_equal(saved.get("provenance"), provenance):
             embeddings, labels = saved["embeddings"], saved["labels"]
         else:
             from models.zoo import create_embedder
 
             embeddings, labels = embed_items(create_embedder(source), items, num_workers=args.workers)
-            np.savez(cached, embeddings=embeddings, labels=labels)
+            np.savez(cached, embeddings=embeddings, labels=labels, provenance=provenance)
         scores[name] = per_query_scores(embeddings, labels)
 
     print(f"{len(items)} queries, leave-one-out, classes {args.classes}\n")
