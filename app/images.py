@@ -1,6 +1,7 @@
 """The one safe image decoder: bytes -> RGB PIL image, or an ImageError that says what was wrong.
 
-Every path that turns bytes into pixels (uploads, the batch index job, the worker) goes through `decode_image`.
+Every path that turns bytes into pixels (uploads, the batch index job, the worker, training and evaluation) goes
+through `decode_image`; models/ gets it as a `load_image` function from `file_loader(settings)`.
 Guards, in order: empty input, byte limit, format sniffing, pixel count read from the header before any pixel is
 decoded (decompression bombs), a full decode that fails loudly on truncated data, then EXIF orientation and a
 mode conversion that keeps 16-bit and transparent images looking right.
@@ -8,12 +9,18 @@ mode conversion that keeps 16-bit and transparent images looking right.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 # Truncated files must fail, not come back half grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -101,3 +108,11 @@ def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: i
         raise ImageError(413, f"{path} is {size} bytes; the limit is {max_bytes} bytes")
     with open(path, "rb") as handle:
         return decode_image(handle.read(), max_bytes=max_bytes, max_pixels=max_pixels)
+
+
+def file_loader(settings: Settings) -> Callable[[str], Image.Image]:
+    """`read_image_file` with the settings' limits: the `load_image` that models/ datasets, training and evaluation
+    take (a partial, so DataLoader worker processes can pickle it)."""
+    return functools.partial(
+        read_image_file, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels
+    )

@@ -163,7 +163,7 @@ def class_split(ctx: JobContext) -> tuple[list[tuple[str, int]], list[tuple[str,
 
 def train_config(params: dict[str, Any]) -> Any:
     """TrainConfig from job params: a YAML file (`config_path`), a dict (`config`), then the shortcut fields."""
-    from models.train import TrainConfig, load_config
+    from models.config import TrainConfig, load_config
 
     if params.get("config_path"):
         config = load_config(params["config_path"])
@@ -240,11 +240,13 @@ def publish_for_model(ctx: JobContext, model: ModelVersion, start: float, end: f
 
 
 def run_train(ctx: JobContext) -> dict[str, Any]:
+    from app.images import file_loader
     from models.checkpoint import load_checkpoint, read_config
     from models.evaluate import evaluate_items
     from models.train import train
 
     settings, params = ctx.settings, ctx.params
+    load_image = file_loader(settings)  # train and judge on the pixels the service decodes
     config = train_config(params)
     train_items, val_items = class_split(ctx)
     ctx.progress(0.02, f"split: {len(train_items)} train / {len(val_items)} validation images "
@@ -257,7 +259,7 @@ def run_train(ctx: JobContext) -> dict[str, Any]:
         shown = {k: round(v, 4) for k, v in entry.items() if isinstance(v, float)}
         ctx.progress(fraction, f"{entry.get('event')} step {entry.get('step')}/{config.steps} {shown}")
 
-    result = train(config, train_items, val_items, ctx.dir / "train", init_checkpoint=init,
+    result = train(config, train_items, val_items, ctx.dir / "train", load_image, init_checkpoint=init,
                    device=settings.device, progress=on_record, should_stop=ctx.should_stop)
     if result.stopped:
         raise JobStopped(ctx.stop_reason())
@@ -269,8 +271,9 @@ def run_train(ctx: JobContext) -> dict[str, Any]:
     # Fixed at the first evaluation: a re-run after a crash compares against the same baseline, even if the
     # candidate was already promoted by the run that crashed.
     evaluation = _fixed(ctx, "evaluation.json", lambda: {
-        "candidate": evaluate_items(load_checkpoint(result.best_checkpoint_dir), val_items, ks, num_workers=workers),
-        "baseline": evaluate_items(load_checkpoint(active["path"]), val_items, ks, num_workers=workers),
+        "candidate": evaluate_items(load_checkpoint(result.best_checkpoint_dir), val_items, load_image, ks,
+                                    num_workers=workers),
+        "baseline": evaluate_items(load_checkpoint(active["path"]), val_items, load_image, ks, num_workers=workers),
     })
     candidate_metrics, active_metrics = evaluation["candidate"], evaluation["baseline"]
     better = _is_better(candidate_metrics, active_metrics)

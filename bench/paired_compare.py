@@ -27,7 +27,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.evaluate import embed_items, knn, load_eval_items  # noqa: E402
+from app.images import file_loader  # noqa: E402
+from app.settings import get_settings  # noqa: E402
+from models.data import load_eval_items  # noqa: E402
+from models.evaluate import embed_items, knn  # noqa: E402
 
 
 def per_query_scores(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from models.zoo import create_embedder
 
-            embeddings, labels = embed_items(create_embedder(source), items, num_workers=args.workers)
+            embeddings, labels = embed_items(
+                create_embedder(source), items, file_loader(get_settings()), num_workers=args.workers
+            )
             np.savez(cached, embeddings=embeddings, labels=labels, provenance=provenance)
         scores[name] = per_query_scores(embeddings, labels)
 

@@ -1,7 +1,7 @@
 """The cub100 quality rows (docs/quality.md): off-the-shelf EfficientNet-Lite0, then each training config.
 
 Reads /work/shared/data/cub100 (or --data-root); skips with a message when it is absent. Training rows run as
-separate processes (`python -m models.train --config ...`, the same code as `retrieval train`), several at once
+separate processes (`python -m app.cli train --config ...`, i.e. `retrieval train`), several at once
 with --parallel (one GPU has room for all of them). Writes <out>/results.json and prints a markdown table.
 
     python bench/quality.py                                   # all rows, full configs
@@ -48,25 +48,29 @@ KS = (1, 2, 4, 8)
 
 
 def off_the_shelf(preset: str, root: Path, pretrained: str | None, device: str, workers: int) -> dict:
+    from app.images import file_loader
+    from app.settings import get_settings
     from models.data import cub_items, select_classes
-    from models.embedder import EmbedderConfig, build_embedder, resolve_device
+    from models.embedder import EmbedderConfig, resolve_device
     from models.evaluate import evaluate_items
-    from models.zoo import PRESETS
+    from models.zoo import PRESETS, create_embedder
 
     config = EmbedderConfig.from_dict(PRESETS[preset].to_dict())
     if pretrained and config.arch != "ensemble":  # one weights file can only stand in for a single trunk
         config.pretrained = pretrained
     dev = resolve_device(device)
-    embedder = build_embedder(config).to(dev)
+    embedder = create_embedder(config).to(dev)
     test = select_classes(cub_items(root), 50, 100)
     return {
-        "test": evaluate_items(embedder, test, KS, batch_size=128, num_workers=workers, device=dev),
+        "test": evaluate_items(
+            embedder, test, file_loader(get_settings()), KS, batch_size=128, num_workers=workers, device=dev
+        ),
         "num_test": len(test),
     }
 
 
 def train_command(config: str, out: Path, args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, "-m", "models.train", "--config", config, "--out", str(out), "--device", args.device]
+    cmd = [sys.executable, "-m", "app.cli", "train", "--config", config, "--out", str(out), "--device", args.device]
     cmd += ["--set", f"data.root={args.data_root}"]
     if args.steps:
         cmd += ["--set", f"steps={args.steps}", "--set", f"eval_every={max(args.steps // 10, 1)}"]

@@ -5,7 +5,7 @@ set -u
 root=$1; weights=$2; out=$3; steps=$4
 common=(--set data.root=$root --set embedder.pretrained=$weights --set steps=$steps --set eval_every=50
         --set warmup_steps=50 --set num_workers=2)
-run() { name=$1; shift; ${PYTHON:-python3} -m models.train --out "$out/$name" "${common[@]}" "$@" > "$out/$name.log" 2>&1 & }
+run() { name=$1; shift; ${PYTHON:-python3} -m app.cli train --out "$out/$name" "${common[@]}" "$@" > "$out/$name.log" 2>&1 & }
 mkdir -p "$out"
 irt=(--config configs/irt_cub100.yaml)
 run sum_koleo_lr1e-5 "${irt[@]}" --set lr=1e-5 --set head_lr=1e-5 --set loss.reduction=sum_per_anchor

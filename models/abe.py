@@ -13,13 +13,11 @@ extra: num_learners (M, default 4), split_stage (default: the third-last stage),
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embedder import Embedder, EmbedderConfig, pool, register
+from models.embedder import EmbedderConfig, PartsEmbedder, pool, register
 from models.pretrained import create_backbone
 from models.trunk import channels_after, run_modules, trunk_layout
 
@@ -43,10 +41,10 @@ class AttentionModule(nn.Module):
 
 
 @register("abe")
-class ABEEmbedder(Embedder):
+class ABEEmbedder(PartsEmbedder):
     def __init__(self, config: EmbedderConfig) -> None:
         super().__init__(config)
-        self.num_learners = int(config.extra.get("num_learners", 4))
+        self.num_parts = int(config.extra.get("num_learners", 4))
         if config.dim % self.num_learners:
             raise ValueError(f"dim {config.dim} must be divisible by num_learners {self.num_learners}")
         self.trunk = create_backbone(config.backbone, config.pretrained, **config.extra.get("backbone_kwargs", {}))
@@ -60,6 +58,13 @@ class ABEEmbedder(Embedder):
         hidden = int(config.extra.get("attention_channels", channels))
         self.attention = nn.ModuleList(AttentionModule(channels, hidden) for _ in range(self.num_learners))
         self.embedding = nn.Linear(self.trunk.num_features, config.dim // self.num_learners)
+
+    @property
+    def num_learners(self) -> int:
+        return self.num_parts
+
+    def backbone_modules(self) -> list[nn.Module]:
+        return [self.trunk]
 
     def spatial(self, pixels: torch.Tensor) -> torch.Tensor:
         """S(x): [B, C, H, W]."""
@@ -82,9 +87,6 @@ class ABEEmbedder(Embedder):
         b, m = attended.shape[:2]
         learners = self.global_embedding(attended.flatten(0, 1))  # G is shared: run all learners as one batch
         return F.normalize(learners.view(b, m, -1), dim=-1)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(pixels).flatten(1) / math.sqrt(self.num_learners)
 
 
 __all__ = ["ABEEmbedder", "AttentionModule"]

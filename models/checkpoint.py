@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.embedder import Embedder, EmbedderConfig, build_embedder
+from models.embedder import Embedder, EmbedderConfig, from_config
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -53,7 +53,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     directory = Path(directory)
     config = read_config(directory)
     config.pretrained = "none"  # the checkpoint carries the weights
-    model = build_embedder(config)
+    model = from_config(config)
     model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
     return model.to(device).eval()
 

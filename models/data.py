@@ -1,6 +1,10 @@
 """Datasets (a folder of class sub-folders, a CSV manifest, CUB-style lists), transforms and m-per-class sampling.
 
-An item is `(image_path, label)`; datasets decode lazily with PIL. Train transform: resize the shorter side to
+An item is `(image_path, label)`. Datasets decode lazily with the `load_image` function they are given (path ->
+upright RGB PIL image): models/ has no decoder of its own, so that training and evaluation see exactly the pixels
+the service sees (app passes app.images.file_loader(settings): EXIF orientation, transparency on white, 16-bit
+greys scaled, size limits). Pass a picklable function (e.g. a functools.partial) when DataLoader workers are used.
+Train transform: resize the shorter side to
 config.resize_size (256), random crop config.image_size (224), horizontal flip; the eval transform is the
 embedder's own (models.embedder.eval_transform).
 """
@@ -12,6 +16,7 @@ import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,23 +28,26 @@ from torchvision.transforms import v2 as T
 from models.embedder import EmbedderConfig, eval_transform
 
 Item = tuple[str, int]
+LoadImage = Callable[[str], Image.Image]  # path -> upright RGB image
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 class ItemsDataset(Dataset):
     """(path, label) items -> (transformed image tensor, label)."""
 
-    def __init__(self, items: Sequence[Item], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(
+        self, items: Sequence[Item], transform: Callable[[Image.Image], torch.Tensor], load_image: LoadImage
+    ) -> None:
         self.items = list(items)
         self.transform = transform
+        self.load_image = load_image
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[index]
-        with Image.open(path) as image:
-            return self.transform(image.convert("RGB")), label
+        return self.transform(self.load_image(path)), label
 
     @property
     def labels(self) -> list[int]:
@@ -116,6 +124,38 @@ def split_items(
     return train, val
 
 
+def load_eval_items(kind: str, root: str, classes: str | None = None, csv_path: str | None = None) -> list[Item]:
+    """Items of a dataset: kind "cub" (images.txt lists), "folder" or "csv"; classes "A:B" keeps labels in [A, B)."""
+    if kind == "cub":
+        items = cub_items(root)
+    elif kind == "folder":
+        items, _ = folder_items(root)
+    elif kind == "csv":
+        items, _ = csv_items(csv_path or root, root=None if csv_path is None else root)
+    else:
+        raise ValueError(f"unknown dataset kind {kind!r}")
+    if classes:
+        start, stop = (int(v) for v in classes.split(":"))
+        items = select_classes(items, start, stop)
+    return items
+
+
+def dataset_splits(data: dict[str, Any]) -> tuple[list[Item], list[Item], list[Item]]:
+    """(train, val, test) items from a training config's `data:` section.
+
+    data: root, kind ("cub", "folder" or "csv"), csv, train_classes [A, B], test_classes [C, D], val_fraction,
+    val_split ("images" or "classes"), split_seed.
+    """
+    items = load_eval_items(data.get("kind", "cub"), data["root"], csv_path=data.get("csv"))
+    train_range, test_range = data.get("train_classes"), data.get("test_classes")
+    pool = select_classes(items, *train_range) if train_range else items
+    test = select_classes(items, *test_range) if test_range else []
+    train_part, val = split_items(
+        pool, float(data.get("val_fraction", 0.15)), data.get("val_split", "images"), int(data.get("split_seed", 0))
+    )
+    return train_part, val, test
+
+
 def train_transform(config: EmbedderConfig) -> Callable[[Image.Image], torch.Tensor]:
     return T.Compose(
         [
@@ -150,10 +190,13 @@ def m_per_class_batches(labels: Sequence[int], m: int, batch_size: int, num_batc
 __all__ = [
     "Item",
     "ItemsDataset",
+    "LoadImage",
     "csv_items",
     "cub_items",
+    "dataset_splits",
     "eval_transform",
     "folder_items",
+    "load_eval_items",
     "m_per_class_batches",
     "select_classes",
     "split_items",

@@ -1,17 +1,27 @@
 """The Embedder interface: images -> L2-normalised float32 [B, D], carrying its own config and eval transform.
 
-Concrete embedders register an `arch` name with `register`; `build_embedder(config)` builds any of them, which
-is what the one checkpoint format (models/checkpoint.py) relies on.
+Concrete embedders register an `arch` name with `register` (every arch module is imported by `models/__init__`,
+so importing any part of `models` registers them all). `models.zoo.create_embedder` is the one way to build an
+embedder (a preset, a checkpoint directory or an EmbedderConfig); `from_config` is the registry lookup under it
+and under the checkpoint loader.
+
+Training hooks every arch declares (models/train.py relies on them, never on attribute names):
+- `backbone_modules()`: the pretrained trunk(s); `parameter_groups()` splits the parameters into those ("backbone",
+  trained at `lr`, BatchNorm frozen with freeze_bn) and the rest ("head", new layers, trained at `head_lr`);
+- `num_parts` and `forward_train(pixels) -> (embedding, parts or None)`: what the losses see (PartsEmbedder gives
+  the per-learner / per-part embeddings of ABE and OSME);
+- `extra_losses(embedding, parts)`: terms an arch adds to the configured loss (none of the shipped archs does;
+  ABE's divergence is a loss option, `loss.divergence`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -74,9 +84,10 @@ def eval_transform(config: EmbedderConfig) -> Callable[[Image.Image], torch.Tens
 
 
 class Embedder(nn.Module):
-    """Base class. Subclasses implement `forward(pixels) -> [B, D]` already L2-normalised."""
+    """Base class. Subclasses implement `forward(pixels) -> [B, D]` already L2-normalised and `backbone_modules`."""
 
     config: EmbedderConfig
+    num_parts: int = 0  # > 0: forward_train also gives that many part embeddings (see PartsEmbedder)
 
     def __init__(self, config: EmbedderConfig) -> None:
         super().__init__()
@@ -95,6 +106,29 @@ class Embedder(nn.Module):
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._transform(image)
+
+    # -- training hooks --------------------------------------------------------------------------------------
+
+    def backbone_modules(self) -> list[nn.Module]:
+        """The pretrained trunk(s). Each arch names its own: a guess by attribute name would silently train a
+        trunk stored under another name at the head's (10x) learning rate."""
+        raise NotImplementedError(f"{type(self).__name__} must declare backbone_modules() to be trained")
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{"backbone": the trunks' parameters, "head": every other parameter}, each in `parameters()` order."""
+        in_backbone = {id(p) for module in self.backbone_modules() for p in module.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": []}
+        for param in self.parameters():
+            groups["backbone" if id(param) in in_backbone else "head"].append(param)
+        return groups
+
+    def forward_train(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(embedding [B, D], part embeddings [B, num_parts, D / num_parts] or None): what the losses see."""
+        return self(pixels), None
+
+    def extra_losses(self, embedding: torch.Tensor, parts: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Weighted loss terms the arch itself adds to the configured loss, by name (logged as such)."""
+        return {}
 
     @torch.inference_mode()
     def embed(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 64) -> np.ndarray:
@@ -116,25 +150,45 @@ class Embedder(nn.Module):
         return torch.cat(out).numpy().astype(np.float32, copy=False)
 
 
+class PartsEmbedder(Embedder):
+    """An embedder made of `num_parts` L2-normalised part embeddings (ABE's learners, OSME's parts): the
+    descriptor is their concatenation / sqrt(P), unit length like each part."""
+
+    def forward_parts(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The parts' L2-normalised embeddings, [B, P, dim / P]."""
+        raise NotImplementedError
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.forward_parts(pixels).flatten(1) / math.sqrt(self.num_parts)
+
+    def forward_train(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        parts = self.forward_parts(pixels).float()
+        return F.normalize(parts.flatten(1), dim=-1), parts
+
+
 _REGISTRY: dict[str, Callable[[EmbedderConfig], Embedder]] = {}
 
 
 def register(arch: str) -> Callable[[type[Embedder]], type[Embedder]]:
     def wrap(cls: type[Embedder]) -> type[Embedder]:
+        if arch in _REGISTRY:
+            raise ValueError(f"embedder arch {arch!r} is registered twice")
         _REGISTRY[arch] = cls
         return cls
 
     return wrap
 
 
-def build_embedder(config: EmbedderConfig) -> Embedder:
-    # Import the modules that register archs, so a checkpoint of any arch can be rebuilt.
-    from models import zoo  # noqa: F401
+def registered_archs() -> list[str]:
+    return sorted(_REGISTRY)
 
+
+def from_config(config: EmbedderConfig) -> Embedder:
+    """The registry lookup behind `models.zoo.create_embedder` and the checkpoint loader (use those)."""
     try:
         factory = _REGISTRY[config.arch]
     except KeyError:
-        raise ValueError(f"unknown embedder arch {config.arch!r}; known: {sorted(_REGISTRY)}") from None
+        raise ValueError(f"unknown embedder arch {config.arch!r}; known: {registered_archs()}") from None
     return factory(config)
 
 
@@ -164,6 +218,9 @@ class TimmEmbedder(Embedder):
         features = self.backbone.num_features
         self.projection: nn.Module = nn.Identity() if config.dim == features else nn.Linear(features, config.dim)
 
+    def backbone_modules(self) -> list[nn.Module]:
+        return [self.backbone]
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         fmap = self.backbone.forward_features(pixels)
         pooled = pool(fmap, self.config.pooling)
@@ -179,11 +236,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 __all__ = [
     "Embedder",
     "EmbedderConfig",
+    "PartsEmbedder",
     "TimmEmbedder",
-    "build_embedder",
     "eval_transform",
+    "from_config",
     "gem",
     "register",
+    "registered_archs",
     "resolve_device",
-    "timm",
 ]

@@ -41,6 +41,9 @@ class EnsembleEmbedder(Embedder):
         if config.dim != sum(widths):
             raise ValueError(f"dim must be the sum of the trunk widths {widths} = {sum(widths)}, got {config.dim}")
 
+    def backbone_modules(self) -> list[nn.Module]:
+        return list(self.backbones)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         parts = []
         for trunk in self.backbones:

@@ -6,27 +6,24 @@ GPU support and CUDA is present, queried in chunks so 100k+ images fit in GPU me
 chunked torch kNN (on the GPU when present). MAP@R and R-precision come from pytorch-metric-learning's
 AccuracyCalculator; Recall@K for K > 1 is computed here.
 
-Public API:
+Public API (`load_image`: path -> upright RGB PIL image, see models/data.py):
     evaluate_embeddings(embeddings, labels, ks=(1, 2, 4, 8), gallery_embeddings=None, gallery_labels=None) -> dict
         keys "recall@K" for each K, "map@r", "r_precision" (fractions in [0, 1]).
-    embed_items(embedder, items, batch_size=64, num_workers=2, device=None) -> (embeddings, labels)
+    embed_items(embedder, items, load_image, batch_size=64, num_workers=2, device=None) -> (embeddings, labels)
         with_mirror=True: (embeddings, mirror images' embeddings, labels), one decode per image
-    evaluate_items(embedder, items, ks, gallery_items=None, ...) -> dict
-    cli(argv) -> int     (`retrieval eval ...`; --config FILE --split val evaluates a training config's split)
+    evaluate_items(embedder, items, load_image, ks, gallery_items=None, ...) -> dict
+    evaluate_with_flip_average(...) -> dict     (what `retrieval eval` prints: both with and without mirrors)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from models.data import Item, ItemsDataset, csv_items, cub_items, folder_items, select_classes
+from models.data import Item, ItemsDataset, LoadImage
 from models.embedder import Embedder, average_with_mirror
 
 try:  # faiss is a dependency, but the lent GPU machine may lack it: fall back to torch there.
@@ -97,7 +94,10 @@ def _map_at_r(
         knn_func=CustomKNN(CosineSimilarity(), batch_size=4096),
         device=device,
     )
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+
+    def t(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
     result = calculator.get_accuracy(
         t(queries), t(query_labels), t(gallery), t(gallery_labels), ref_includes_query=same_set
     )
@@ -116,7 +116,10 @@ def evaluate_embeddings(
     Without a gallery: leave-one-out over `embeddings` (CUB, Cars, SOP). With one: `embeddings` are the queries
     and neighbours come from the gallery only (In-Shop).
     """
-    as_np = lambda a: a.detach().float().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)  # noqa: E731
+
+    def as_np(values: np.ndarray | Sequence[int] | torch.Tensor) -> np.ndarray:
+        return values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+
     queries, query_labels = as_np(embeddings).astype(np.float32), as_np(labels).astype(np.int64)
     same_set = gallery_embeddings is None
     if same_set:
@@ -133,6 +136,7 @@ def evaluate_embeddings(
 def embed_items(
     embedder: Embedder,
     items: Sequence[Item],
+    load_image: LoadImage,
     batch_size: int = 64,
     num_workers: int = 2,
     device: torch.device | str | None = None,
@@ -147,9 +151,8 @@ def embed_items(
     device = torch.device(device) if device is not None else next(embedder.parameters()).device
     was_training = embedder.training
     embedder.eval()
-    loader = DataLoader(
-        ItemsDataset(items, embedder.preprocess), batch_size=batch_size, num_workers=num_workers, shuffle=False
-    )
+    dataset = ItemsDataset(items, embedder.preprocess, load_image)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     num_views = 2 if with_mirror else 1
     chunks: list[list[torch.Tensor]] = [[] for _ in range(num_views)]
     labels = []
@@ -169,6 +172,7 @@ def embed_items(
 def evaluate_items(
     embedder: Embedder,
     items: Sequence[Item],
+    load_image: LoadImage,
     ks: Sequence[int] = DEFAULT_KS,
     gallery_items: Sequence[Item] | None = None,
     batch_size: int = 64,
@@ -177,101 +181,48 @@ def evaluate_items(
     amp: bool = False,
 ) -> dict[str, float]:
     """Embed and evaluate: leave-one-out over `items`, or `items` as queries against `gallery_items`."""
-    emb, labels = embed_items(embedder, items, batch_size, num_workers, device, amp)
+    emb, labels = embed_items(embedder, items, load_image, batch_size, num_workers, device, amp)
     if gallery_items is None:
         return evaluate_embeddings(emb, labels, ks)
-    g_emb, g_labels = embed_items(embedder, gallery_items, batch_size, num_workers, device, amp)
+    g_emb, g_labels = embed_items(embedder, gallery_items, load_image, batch_size, num_workers, device, amp)
     return evaluate_embeddings(emb, labels, ks, g_emb, g_labels)
 
 
-def load_eval_items(kind: str, root: str, classes: str | None = None, csv_path: str | None = None) -> list[Item]:
-    """Items of a dataset: kind "cub" (images.txt lists), "folder" or "csv"; classes "A:B" keeps labels in [A, B)."""
-    if kind == "cub":
-        items = cub_items(root)
-    elif kind == "folder":
-        items, _ = folder_items(root)
-    elif kind == "csv":
-        items, _ = csv_items(csv_path or root, root=None if csv_path is None else root)
-    else:
-        raise ValueError(f"unknown dataset kind {kind!r}")
-    if classes:
-        start, stop = (int(v) for v in classes.split(":"))
-        items = select_classes(items, start, stop)
-    return items
-
-
-def _items_from_config(config_path: str, overrides: Sequence[str], split: str) -> list[Item]:
-    """The train, val or test items of a training config's `data:` section, split exactly as training split them."""
-    from models.train import dataset_splits, load_config
-
-    train, val, test = dataset_splits(load_config(config_path, overrides).data)
-    return {"train": train, "val": val, "test": test}[split]
-
-
-def cli(argv: list[str] | None = None) -> int:
-    from models.train import add_override_option  # models.train imports this module
-
-    parser = argparse.ArgumentParser(prog="retrieval eval", description="Recall@K, MAP@R, R-precision of an embedder.")
-    parser.add_argument("--model", required=True, help="a preset name (models.zoo.PRESETS) or a checkpoint directory")
-    parser.add_argument("--dataset", choices=("cub", "folder", "csv"), default="cub")
-    parser.add_argument("--root", help="dataset root (or the query CSV's image root)")
-    parser.add_argument("--csv", help="CSV manifest (path,label) for --dataset csv; the queries for In-Shop")
-    parser.add_argument("--gallery-csv", help="query/gallery protocol: the gallery CSV (In-Shop)")
-    parser.add_argument("--classes", help="keep labels in [A, B), e.g. 50:100 for cub100's test half")
-    parser.add_argument(
-        "--config", help="take the images from this training config's data section instead of --root/--classes"
-    )
-    parser.add_argument(
-        "--split", choices=("train", "val", "test"), default="test", help="with --config: which of its splits"
-    )
-    add_override_option(parser, "with --config: override a config value as `retrieval train` does")
-    parser.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--output", help="also write the metrics JSON here")
-    parser.add_argument(
-        "--flip-average",
-        action="store_true",
-        help="average each image's embedding with its mirror image's (2x cost); the plain metrics come along",
-    )
-    args = parser.parse_args(argv)
-    if (args.config is None) == (args.root is None):
-        parser.error("give exactly one of --root (a dataset) or --config (a training config's split)")
-    if args.config and args.gallery_csv:
-        parser.error("--gallery-csv goes with --root, not --config")
-    if args.overrides and not args.config:
-        parser.error("--set goes with --config")
-
-    from models.embedder import resolve_device
-    from models.zoo import create_embedder
-
-    device = resolve_device(args.device)
-    embedder = create_embedder(args.model).to(device)
-    # Mirrors are embedded below, so the plain and the flip-averaged metrics come from one run.
-    flip_average = args.flip_average or embedder.config.flip_average
-    embedder.config.flip_average = False
-    if args.config:
-        items = _items_from_config(args.config, args.overrides, args.split)
-    else:
-        items = load_eval_items(args.dataset, args.root, args.classes, args.csv)
-    if not items:
-        parser.error("no images selected")
-    gallery = load_eval_items("csv", args.root, args.classes, args.gallery_csv) if args.gallery_csv else None
+def evaluate_with_flip_average(
+    embedder: Embedder,
+    items: Sequence[Item],
+    load_image: LoadImage,
+    ks: Sequence[int] = DEFAULT_KS,
+    gallery_items: Sequence[Item] | None = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: torch.device | str | None = None,
+    flip_average: bool = False,
+) -> dict:
+    """`retrieval eval`'s metrics. With flip averaging (asked for, or in the embedder's config) the metrics of the
+    mirror-averaged embeddings, and the plain ones under "without_flip_average", from one decode per image."""
+    configured = embedder.config.flip_average
+    flip_average = flip_average or configured
 
     def embed(chosen: Sequence[Item]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         if not flip_average:
-            plain, labels = embed_items(embedder, chosen, args.batch_size, args.workers, device)
+            plain, labels = embed_items(embedder, chosen, load_image, batch_size, num_workers, device)
             return {"plain": plain}, labels
-        plain, mirror, labels = embed_items(embedder, chosen, args.batch_size, args.workers, device, with_mirror=True)
+        plain, mirror, labels = embed_items(
+            embedder, chosen, load_image, batch_size, num_workers, device, with_mirror=True
+        )
         flip = average_with_mirror(torch.from_numpy(plain), torch.from_numpy(mirror)).numpy()
         return {"plain": plain, "flip": flip}, labels
 
-    query_views, labels = embed(items)
-    gallery_views, gallery_labels = embed(gallery) if gallery is not None else ({}, None)
+    embedder.config.flip_average = False  # the mirrors are embedded here, so the plain embeddings come along
+    try:
+        query_views, labels = embed(items)
+        gallery_views, gallery_labels = embed(gallery_items) if gallery_items is not None else ({}, None)
+    finally:
+        embedder.config.flip_average = configured
 
     def metrics_of(view: str) -> dict:
-        return evaluate_embeddings(query_views[view], labels, args.ks, gallery_views.get(view), gallery_labels)
+        return evaluate_embeddings(query_views[view], labels, ks, gallery_views.get(view), gallery_labels)
 
     if flip_average:
         metrics: dict = metrics_of("flip")
@@ -279,14 +230,6 @@ def cli(argv: list[str] | None = None) -> int:
     else:
         metrics = metrics_of("plain")
     metrics["num_queries"] = len(items)
-    text = json.dumps(metrics, indent=2)
-    print(text)
-    if args.output:
-        from pathlib import Path
-
-        Path(args.output).write_text(text)
-    return 0
+    return metrics
 
 
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.data import Item, ItemsDataset, LoadImage
 from models.embedder import Embedder, EmbedderConfig, pool, register
 from models.pretrained import create_backbone
 
@@ -71,6 +72,9 @@ class IRTEmbedder(Embedder):
         else:
             self.projection = nn.Identity()
 
+    def backbone_modules(self) -> list[nn.Module]:
+        return [self.backbone]
+
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features before projection and normalisation, [B, width]."""
         out = self.backbone.forward_features(pixels)
@@ -102,12 +106,12 @@ class IRTEmbedder(Embedder):
         self.train(was_training)
 
 
-def fit_pca_on_items(embedder: IRTEmbedder, items: Sequence[tuple[str, int]], max_items: int = 2048) -> None:
+def fit_pca_on_items(
+    embedder: IRTEmbedder, items: Sequence[Item], load_image: LoadImage, max_items: int = 2048
+) -> None:
     """Fit a PCA projection on (a fixed sample of) image files, with the embedder's eval transform."""
-    from models.data import ItemsDataset
-
     chosen = random.Random(0).sample(list(items), min(max_items, len(items)))
-    dataset = ItemsDataset(chosen, embedder.preprocess)
+    dataset = ItemsDataset(chosen, embedder.preprocess, load_image)
     embedder.fit_pca(torch.stack([dataset[i][0] for i in range(len(dataset))]))
 
 

@@ -9,13 +9,11 @@ extra: num_parts (P, default 2), reduction (SE bottleneck ratio, default 16), ba
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embedder import Embedder, EmbedderConfig, pool, register
+from models.embedder import EmbedderConfig, PartsEmbedder, pool, register
 from models.pretrained import create_backbone
 
 
@@ -30,7 +28,7 @@ class Excitation(nn.Module):
 
 
 @register("osme")
-class OSMEEmbedder(Embedder):
+class OSMEEmbedder(PartsEmbedder):
     def __init__(self, config: EmbedderConfig) -> None:
         super().__init__(config)
         self.num_parts = int(config.extra.get("num_parts", 2))
@@ -43,6 +41,9 @@ class OSMEEmbedder(Embedder):
         part_dim = config.dim // self.num_parts
         self.part_fcs = nn.ModuleList(nn.Linear(channels, part_dim) for _ in range(self.num_parts))
 
+    def backbone_modules(self) -> list[nn.Module]:
+        return [self.backbone]
+
     def forward_parts(self, pixels: torch.Tensor) -> torch.Tensor:
         fmap = self.backbone.forward_features(pixels)
         squeezed = fmap.mean(dim=(2, 3))  # the one squeeze
@@ -52,9 +53,6 @@ class OSMEEmbedder(Embedder):
             pooled = pool(masked, self.config.pooling)
             parts.append(fc(pooled))
         return F.normalize(torch.stack(parts, dim=1), dim=-1)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(pixels).flatten(1) / math.sqrt(self.num_parts)
 
 
 __all__ = ["Excitation", "OSMEEmbedder"]

@@ -1,17 +1,11 @@
-"""Named embedders and the module imports that register every arch with models.embedder."""
+"""Named embedders (presets) and `create_embedder`, the one way to build an embedder."""
 
 from __future__ import annotations
 
-from models.embedder import Embedder, EmbedderConfig, build_embedder
+from pathlib import Path
 
-# Each import registers its arch; keep this list in step with the models/ files.
-ARCH_MODULES = ("models.irt", "models.abe", "models.osme", "models.ensemble")
-for _module in ARCH_MODULES:
-    try:
-        __import__(_module)
-    except ModuleNotFoundError as exc:
-        if exc.name != _module:
-            raise
+from models.checkpoint import is_checkpoint, load_checkpoint
+from models.embedder import Embedder, EmbedderConfig, from_config
 
 # EfficientNet-Lite: "same" padding, BN eps 1e-3, inputs normalised with mean = std = 0.5.
 LITE_MEAN_STD = (0.5, 0.5, 0.5)
@@ -47,13 +41,13 @@ PRESETS: dict[str, EmbedderConfig] = {
 }
 
 
-def create_embedder(name: str) -> Embedder:
-    """A preset by name (with its shipped weights), or a checkpoint directory."""
-    from models.checkpoint import is_checkpoint, load_checkpoint
-
-    if name in PRESETS:
-        config = EmbedderConfig.from_dict(PRESETS[name].to_dict())
-        return build_embedder(config).eval()
-    if is_checkpoint(name):
-        return load_checkpoint(name)
-    raise ValueError(f"unknown embedder {name!r}: not a preset {sorted(PRESETS)} and not a checkpoint directory")
+def create_embedder(source: str | Path | EmbedderConfig) -> Embedder:
+    """An embedder from a preset name (with its shipped weights, in eval mode), a checkpoint directory (eval mode)
+    or an EmbedderConfig (weights from its `pretrained` source, in train mode as nn.Modules start)."""
+    if isinstance(source, EmbedderConfig):
+        return from_config(source)
+    if isinstance(source, str) and source in PRESETS:
+        return from_config(EmbedderConfig.from_dict(PRESETS[source].to_dict())).eval()
+    if is_checkpoint(source):
+        return load_checkpoint(source)
+    raise ValueError(f"unknown embedder {source!r}: not a preset {sorted(PRESETS)} and not a checkpoint directory")

@@ -148,11 +148,12 @@ def dockerfile_healthcheck() -> list[str]:
 @pytest.fixture
 def tiny_embedder(tmp_path: Path) -> Path:
     from models.checkpoint import save_checkpoint
-    from models.embedder import EmbedderConfig, build_embedder
+    from models.embedder import EmbedderConfig
+    from models.zoo import create_embedder
 
     config = EmbedderConfig(arch="timm", backbone="resnet10t", dim=64, image_size=64, resize_size=64,
                             pretrained="none")
-    return save_checkpoint(build_embedder(config).eval(), tmp_path / "tiny-embedder")
+    return save_checkpoint(create_embedder(config).eval(), tmp_path / "tiny-embedder")
 
 
 @pytest.mark.slow

@@ -8,10 +8,11 @@ import torch
 
 from models.abe import ABEEmbedder
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.embedder import EmbedderConfig, build_embedder
+from models.embedder import EmbedderConfig
 from models.irt import IRTEmbedder
 from models.losses import ABEDivergenceLoss
 from models.osme import OSMEEmbedder
+from models.zoo import create_embedder
 
 SIZE = 64
 
@@ -27,7 +28,7 @@ def _vit_config(pooling: str = "cls", **extra) -> EmbedderConfig:
 
 @pytest.mark.parametrize("pooling", ["cls", "mean", "gem"])
 def test_irt_vit_outputs_unit_vectors(pooling: str) -> None:
-    model = build_embedder(_vit_config(pooling)).eval()
+    model = create_embedder(_vit_config(pooling)).eval()
     out = model(torch.randn(3, 3, SIZE, SIZE))
     assert out.shape == (3, 192)
     assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
@@ -40,7 +41,7 @@ def test_irt_loads_a_local_state_dict(tmp_path) -> None:
     torch.save(source.state_dict(), path)
     config = _vit_config()
     config.pretrained = str(path)
-    model = build_embedder(config).eval()
+    model = create_embedder(config).eval()
     pixels = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         expected = torch.nn.functional.normalize(source.forward_features(pixels)[:, 0], dim=-1)
@@ -48,20 +49,20 @@ def test_irt_loads_a_local_state_dict(tmp_path) -> None:
 
 
 def test_irt_projection_linear_and_pca() -> None:
-    linear = build_embedder(_config("irt", dim=16, extra={"projection": "linear"})).eval()
+    linear = create_embedder(_config("irt", dim=16, extra={"projection": "linear"})).eval()
     assert linear(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 16)
-    pca = build_embedder(_config("irt", dim=8, extra={"projection": "pca"}))
+    pca = create_embedder(_config("irt", dim=8, extra={"projection": "pca"}))
     assert isinstance(pca, IRTEmbedder)
     pca.fit_pca(torch.randn(20, 3, SIZE, SIZE))
     out = pca.eval()(torch.randn(4, 3, SIZE, SIZE))
     assert out.shape == (4, 8) and torch.allclose(out.norm(dim=1), torch.ones(4), atol=1e-5)
     with pytest.raises(ValueError):
-        build_embedder(_config("irt", dim=16, extra={"projection": "none"}))
+        create_embedder(_config("irt", dim=16, extra={"projection": "none"}))
 
 
 @pytest.mark.parametrize("backbone", ["resnet10t", "tf_efficientnet_lite0", "resnet50", "convnext_atto"])
 def test_abe_masks_have_the_shape_of_s_and_gradients_reach_everything(backbone: str) -> None:
-    model = build_embedder(_config("abe", backbone, dim=32, extra={"num_learners": 4}))
+    model = create_embedder(_config("abe", backbone, dim=32, extra={"num_learners": 4}))
     assert isinstance(model, ABEEmbedder)
     pixels = torch.randn(4, 3, SIZE, SIZE)
     fmap = model.spatial(pixels)
@@ -80,7 +81,7 @@ def test_abe_masks_have_the_shape_of_s_and_gradients_reach_everything(backbone: 
 
 def test_abe_learners_move_apart_after_a_divergence_step() -> None:
     torch.manual_seed(0)
-    model = build_embedder(_config("abe", dim=32, extra={"num_learners": 4}))
+    model = create_embedder(_config("abe", dim=32, extra={"num_learners": 4}))
     pixels = torch.randn(8, 3, SIZE, SIZE)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     divergence = ABEDivergenceLoss(margin=1.0)
@@ -102,13 +103,13 @@ def test_abe_learners_move_apart_after_a_divergence_step() -> None:
 
 def test_abe_rejects_bad_options() -> None:
     with pytest.raises(ValueError):
-        build_embedder(_config("abe", dim=30, extra={"num_learners": 4}))
+        create_embedder(_config("abe", dim=30, extra={"num_learners": 4}))
     with pytest.raises(ValueError):
-        build_embedder(_config("abe", dim=32, extra={"split_stage": 3}))  # resnet: the last stage leaves no G
+        create_embedder(_config("abe", dim=32, extra={"split_stage": 3}))  # resnet: the last stage leaves no G
 
 
 def test_osme_parts_and_gradients() -> None:
-    model = build_embedder(_config("osme", dim=32, extra={"num_parts": 2}))
+    model = create_embedder(_config("osme", dim=32, extra={"num_parts": 2}))
     assert isinstance(model, OSMEEmbedder)
     parts = model.forward_parts(torch.randn(3, 3, SIZE, SIZE))
     assert parts.shape == (3, 2, 16)
@@ -118,7 +119,7 @@ def test_osme_parts_and_gradients() -> None:
 
 
 def test_flip_average_gives_a_mirror_invariant_embedding_in_eval_only() -> None:
-    model = build_embedder(_config("irt", dim=16, extra={"projection": "linear"}, flip_average=True)).eval()
+    model = create_embedder(_config("irt", dim=16, extra={"projection": "linear"}, flip_average=True)).eval()
     pixels = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         torch.testing.assert_close(model(pixels), model(pixels.flip(-1)))
@@ -128,16 +129,16 @@ def test_flip_average_gives_a_mirror_invariant_embedding_in_eval_only() -> None:
 
 
 def test_ensemble_weighs_every_trunk_equally_and_checks_its_options() -> None:
-    model = build_embedder(_config("ensemble", backbone="resnet10t+resnet10t", dim=1024)).eval()
+    model = create_embedder(_config("ensemble", backbone="resnet10t+resnet10t", dim=1024)).eval()
     with torch.no_grad():
         out = model(torch.randn(3, 3, SIZE, SIZE))
     assert out.shape == (3, 1024)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
     torch.testing.assert_close(out[:, :512].norm(dim=1), out[:, 512:].norm(dim=1))  # each half is 1/sqrt(2)
     with pytest.raises(ValueError, match="at least two trunks"):
-        build_embedder(_config("ensemble", dim=512))
+        create_embedder(_config("ensemble", dim=512))
     with pytest.raises(ValueError, match="sum of the trunk widths"):
-        build_embedder(_config("ensemble", backbone="resnet10t+resnet10t", dim=512))
+        create_embedder(_config("ensemble", backbone="resnet10t+resnet10t", dim=512))
 
 
 @pytest.mark.parametrize(
@@ -152,7 +153,7 @@ def test_ensemble_weighs_every_trunk_equally_and_checks_its_options() -> None:
     ids=["irt-cnn", "irt-vit", "abe", "osme", "ensemble"],
 )
 def test_checkpoint_round_trip_gives_identical_embeddings(config: EmbedderConfig, tmp_path) -> None:
-    model = build_embedder(config).eval()
+    model = create_embedder(config).eval()
     pixels = torch.randn(2, 3, SIZE, SIZE)
     save_checkpoint(model, tmp_path / "ckpt")
     loaded = load_checkpoint(tmp_path / "ckpt")

@@ -15,12 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
+from app.cli import main as retrieval_cli
+from app.images import read_image_file
 from models.checkpoint import load_checkpoint, save_checkpoint
+from models.config import TrainConfig, load_config, parse_override
 from models.data import csv_items, folder_items, m_per_class_batches, split_items
-from models.embedder import build_embedder
-from models.evaluate import cli as eval_cli
 from models.evaluate import evaluate_embeddings, evaluate_items, knn
-from models.train import TrainConfig, _freeze_parameters, load_config, train
+from models.optim import freeze_parameters
+from models.train import train
+from models.zoo import create_embedder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,9 +84,9 @@ def images(tmp_path_factory) -> list[tuple[str, int]]:
 
 
 def test_overfits_a_tiny_set_to_recall_one(images, tmp_path) -> None:
-    result = train(tiny_config(), images, images, tmp_path / "run", device="cpu")
+    result = train(tiny_config(), images, images, tmp_path / "run", read_image_file, device="cpu")
     best = load_checkpoint(result.best_checkpoint_dir)
-    metrics = evaluate_items(best, images, ks=[1], num_workers=0)
+    metrics = evaluate_items(best, images, read_image_file, ks=[1], num_workers=0)
     assert metrics["recall@1"] == 1.0
     assert result.metrics["recall@1"] == 1.0
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -101,14 +104,17 @@ def test_stop_and_resume_continue_from_the_same_step(images, tmp_path) -> None:
         if entry["event"] == "train":
             seen.append(entry["step"])
 
-    first = train(config, images, images[:8], out, device="cpu", progress=progress, should_stop=lambda: len(seen) >= 5)
+    first = train(
+        config, images, images[:8], out, read_image_file, device="cpu", progress=progress,
+        should_stop=lambda: len(seen) >= 5,
+    )
     assert first.stopped and first.step == 5
     assert torch.load(out / "resume.pt", weights_only=False)["step"] == 5
-    second = train(config, images, images[:8], out, device="cpu", progress=progress)
+    second = train(config, images, images[:8], out, read_image_file, device="cpu", progress=progress)
     assert not second.stopped and second.step == 12
     assert seen == list(range(1, 13))  # steps 6..12 after the resume, none repeated
     # A third call finds the run finished and returns without training.
-    third = train(config, images, images[:8], out, device="cpu", progress=progress)
+    third = train(config, images, images[:8], out, read_image_file, device="cpu", progress=progress)
     assert third.step == 12 and seen == list(range(1, 13))
 
 
@@ -122,7 +128,8 @@ def test_pca_head_is_fitted_before_training(images, tmp_path) -> None:
         "extra": {"projection": "pca"},
     }
     result = train(
-        tiny_config(embedder=embedder, steps=2, eval_every=2), images, images, tmp_path / "pca", device="cpu"
+        tiny_config(embedder=embedder, steps=2, eval_every=2), images, images, tmp_path / "pca", read_image_file,
+        device="cpu",
     )
     model = load_checkpoint(result.best_checkpoint_dir)
     components = model.projection.components
@@ -133,9 +140,9 @@ def test_pca_head_is_fitted_before_training(images, tmp_path) -> None:
 
 def test_frozen_stages_keep_their_pretrained_weights(images, tmp_path) -> None:
     config = tiny_config(steps=4, eval_every=4, freeze=["backbone.conv1", "backbone.bn1", "backbone.layer1"])
-    train(config, images, images[:8], tmp_path / "frozen", device="cpu")
+    train(config, images, images[:8], tmp_path / "frozen", read_image_file, device="cpu")
     torch.manual_seed(config.seed)  # the run seeds before building, so this rebuilds its starting weights
-    start = build_embedder(config.embedder_config())
+    start = create_embedder(config.embedder_config())
     trained = load_checkpoint(tmp_path / "frozen" / "last")
     before, after = start.state_dict(), trained.state_dict()
     for name, value in after.items():
@@ -143,7 +150,9 @@ def test_frozen_stages_keep_their_pretrained_weights(images, tmp_path) -> None:
             assert torch.equal(value, before[name]), name
     assert not torch.equal(after["backbone.layer4.0.conv1.weight"], before["backbone.layer4.0.conv1.weight"])
     with pytest.raises(ValueError, match="matches no parameter"):
-        train(tiny_config(freeze=["backbone.nope"]), images, images[:8], tmp_path / "bad", device="cpu")
+        train(
+            tiny_config(freeze=["backbone.nope"]), images, images[:8], tmp_path / "bad", read_image_file, device="cpu"
+        )
 
 
 def test_resume_after_a_kill(images, tmp_path) -> None:
@@ -155,10 +164,12 @@ def test_resume_after_a_kill(images, tmp_path) -> None:
     script.write_text(
         textwrap.dedent(f"""
         import json
-        from models.train import TrainConfig, train
+        from app.images import read_image_file
+        from models.config import TrainConfig
+        from models.train import train
         items = [tuple(i) for i in json.loads(open({str(tmp_path / "items.json")!r}).read())]
         config = TrainConfig.from_dict(json.loads(open({str(tmp_path / "config.json")!r}).read()))
-        train(config, items, [], {str(out)!r}, device="cpu")
+        train(config, items, [], {str(out)!r}, read_image_file, device="cpu")
     """)
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -180,6 +191,7 @@ def test_resume_after_a_kill(images, tmp_path) -> None:
         images,
         [],
         out,
+        read_image_file,
         device="cpu",
         progress=lambda e: resumed.append(e["step"]) if e["event"] == "train" else None,
     )
@@ -202,6 +214,7 @@ def test_ensemble_archs_train_with_their_losses(arch, images, tmp_path) -> None:
         images,
         images[:8],
         tmp_path / arch,
+        read_image_file,
         device="cpu",
     )
     train_lines = [json.loads(x) for x in (tmp_path / arch / "log.jsonl").read_text().splitlines()]
@@ -217,11 +230,13 @@ def test_ddp_two_cpu_processes_with_gloo(images, tmp_path) -> None:
         textwrap.dedent(f"""
         import json
         import torch.distributed as dist
-        from models.train import TrainConfig, train
+        from app.images import read_image_file
+        from models.config import TrainConfig
+        from models.train import train
         items = json.loads(open({str(tmp_path / "items.json")!r}).read())
         config = TrainConfig.from_dict(json.loads(open({str(tmp_path / "config.json")!r}).read()))
         items = [tuple(i) for i in items]
-        result = train(config, items, items[:8], {str(tmp_path / "out")!r}, device="cpu")
+        result = train(config, items, items[:8], {str(tmp_path / "out")!r}, read_image_file, device="cpu")
         rank = dist.get_rank()
         with open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w") as f:
             json.dump({{"world": dist.get_world_size(), "step": result.step}}, f)
@@ -286,16 +301,16 @@ def test_data_helpers(images, tmp_path) -> None:
 
 def test_config_files_parse() -> None:
     for path in sorted((REPO / "configs").glob("*_cub100.yaml")):
-        config = load_config(path, ["steps=3", "lr=3e-5"])
+        config = load_config(path, [parse_override("steps=3"), parse_override("lr=3e-5")])
         assert config.steps == 3 and config.lr == 3e-5
         embedder_config = config.embedder_config()
         assert embedder_config.backbone.startswith("tf_efficientnet_lite0")
         embedder_config.pretrained = "none"
-        _freeze_parameters(build_embedder(embedder_config), config.freeze)  # every pattern names real parameters
+        freeze_parameters(create_embedder(embedder_config), config.freeze)  # every pattern names real parameters
 
 
 def test_eval_cli_scores_a_configs_validation_split_with_and_without_mirrors(images, tmp_path, capsys) -> None:
-    model = build_embedder(tiny_config().embedder_config()).eval()
+    model = create_embedder(tiny_config().embedder_config()).eval()
     save_checkpoint(model, tmp_path / "model")
     root = Path(images[0][0]).parents[1]
     config = tmp_path / "config.yaml"
@@ -304,18 +319,18 @@ def test_eval_cli_scores_a_configs_validation_split_with_and_without_mirrors(ima
 
     model_dir = str(tmp_path / "model")
     split = ["--config", str(config), "--set", "data.val_split=images", "--split", "val"]
-    assert eval_cli(["--model", model_dir, *split, "--flip-average"]) == 0
+    assert retrieval_cli(["eval", "--model", model_dir, *split, "--flip-average"]) == 0
     printed = json.loads(capsys.readouterr().out)
 
     _, val = split_items([item for item in folder_items(root)[0] if item[1] < 3], 0.25, by="images")
     assert printed["num_queries"] == len(val) == 6  # 2 of each training class's 8: what training held out
-    plain = evaluate_items(model, val, num_workers=0)
+    plain = evaluate_items(model, val, read_image_file, num_workers=0)
     model.config.flip_average = True
-    mirrored = evaluate_items(model, val, num_workers=0)
+    mirrored = evaluate_items(model, val, read_image_file, num_workers=0)
     for key in ("recall@1", "map@r"):  # one run gives both, each the same as evaluating that way on its own
         assert printed[key] == pytest.approx(mirrored[key])
         assert printed["without_flip_average"][key] == pytest.approx(plain[key])
 
     with pytest.raises(SystemExit):  # a dataset and a config at once is ambiguous
-        eval_cli(["--model", model_dir, "--config", str(config), "--root", str(root)])
+        retrieval_cli(["eval", "--model", model_dir, "--config", str(config), "--root", str(root)])
     assert "exactly one of --root" in capsys.readouterr().err

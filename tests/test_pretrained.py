@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from models.checkpoint import load_checkpoint, read_config, save_checkpoint
-from models.embedder import EmbedderConfig, build_embedder
+from models.embedder import EmbedderConfig
 from models.pretrained import create_backbone, load_local_weights
 from models.zoo import PRESETS, create_embedder
 
@@ -91,7 +91,7 @@ def test_local_weights_file_is_loaded(tmp_path) -> None:
 
 def test_projection_head_and_gem_pooling() -> None:
     config = EmbedderConfig(arch="timm", backbone="resnet10t", dim=64, image_size=64, resize_size=72, pooling="gem")
-    model = build_embedder(config)
+    model = create_embedder(config)
     out = model.embed(torch.rand(3, 3, 64, 64))
     assert out.shape == (3, 64)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
