@@ -334,3 +334,24 @@ def test_eval_cli_scores_a_configs_validation_split_with_and_without_mirrors(ima
     with pytest.raises(SystemExit):  # a dataset and a config at once is ambiguous
         retrieval_cli(["eval", "--model", model_dir, "--config", str(config), "--root", str(root)])
     assert "exactly one of --root" in capsys.readouterr().err
+
+
+def test_retrieval_verbose_train_runs_a_config_and_scores_its_test_classes(images, tmp_path) -> None:
+    root = Path(images[0][0]).parents[1]
+    config = tmp_path / "tiny.yaml"
+    data = {"kind": "folder", "root": str(root), "train_classes": [0, 3], "test_classes": [3, 4],
+            "val_fraction": 0.25}
+    config.write_text(json.dumps({**tiny_config().to_dict(), "data": data}))  # JSON is YAML
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "app.cli", "-v", "train", "--config", str(config), "--out", str(out),
+           "--device", "cpu", "--set", "steps=2", "--set", "eval_every=2", "--set", "batch_size=12"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert " DEBUG " in done.stderr  # -v before the sub-command turns on debug logging
+    summary = json.loads((out / "test_metrics.json").read_text())
+    assert summary["step"] == 2 and summary["num_test"] == 8 and "recall@1" in summary["test"]
+    assert json.loads(done.stdout) == summary
+
+    bad = subprocess.run([*cmd[:-2], "--set", "steps"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "expected KEY=VALUE" in bad.stderr
