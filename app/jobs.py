@@ -32,7 +32,7 @@ from app.settings import Settings
 
 JOB_KINDS = ("train", "rebuild_index", "reembed")
 FINISHED = ("succeeded", "failed", "cancelled")
-# TrainConfig fields (models/train.py) a train job may set directly.
+# TrainConfig fields (models/config.py) a train job may set directly.
 TRAIN_FIELDS = ("steps", "batch_size", "m_per_class", "lr", "head_lr", "loss_lr", "weight_decay", "warmup_steps",
                 "seed", "num_workers", "eval_every", "checkpoint_every", "log_every", "eval_batch_size", "amp",
                 "grad_clip", "min_lr_ratio")
