@@ -161,11 +161,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.parser.error("no images selected")
     gallery = load_eval_items("csv", args.root, args.classes, args.gallery_csv) if args.gallery_csv else None
     device = resolve_device(args.device)
-    metrics = evaluate_with_flip_average(
-        create_embedder(args.model).to(device), items, file_loader(get_settings()), args.ks or DEFAULT_KS,
-        gallery,
-        args.batch_size, args.workers, device, flip_average=args.flip_average,
-    )
+    embedder = create_embedder(args.model).to(device)
+    metrics = evaluate_with_flip_average(embedder, items, file_loader(get_settings()), args.ks or DEFAULT_KS, gallery,
+                                         args.batch_size, args.workers, device, flip_average=args.flip_average)
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.output:
@@ -173,17 +171,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_set_option(parser: argparse.ArgumentParser, when: str = "") -> None:
+    parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                        help=f"{when}override a config value (parsed as YAML), e.g. --set steps=100 "
+                             "--set data.root=/data/cub100")
+
+
 def add_train_eval_cli(sub: argparse._SubParsersAction) -> None:
     """`train` and `eval` (models/ exposes the functions; the options live here)."""
-    set_help = "override a config value (parsed as YAML), e.g. --set steps=100 --set data.root=/data/cub100"
     train = sub.add_parser("train", help="train an embedder from a YAML config (see configs/)",
                            description="Train an embedder from a YAML config.")
     train.add_argument("--config", required=True, help="YAML training config (see configs/)")
     train.add_argument("--out", help="output dir (default: runs/<config name>); resumes when it holds a resume state")
     train.add_argument("--device", default="auto")
     train.add_argument("--init-checkpoint", help="fine-tune this checkpoint instead of config.embedder")
-    train.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
-                       metavar="KEY=VALUE", help=set_help)
+    _add_set_option(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="Recall@K, MAP@R, R-precision of a preset or checkpoint on a dataset",
@@ -198,8 +200,7 @@ def add_train_eval_cli(sub: argparse._SubParsersAction) -> None:
                                            "--root/--classes")
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test",
                           help="with --config: which of its splits")
-    evaluate.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
-                          metavar="KEY=VALUE", help="with --config: " + set_help)
+    _add_set_option(evaluate, "with --config: ")
     evaluate.add_argument("--ks", type=int, nargs="+", help="the K of Recall@K (default: 1 2 4 8)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--batch-size", type=int, default=64)
