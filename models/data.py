@@ -47,7 +47,12 @@ class ItemsDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[index]
-        return self.transform(self.load_image(path)), label
+        try:
+            image = self.load_image(path)
+        except Exception as exc:
+            exc.add_note(f"while reading {path} (item {index})")  # the decoder's own message may not name the file
+            raise
+        return self.transform(image), label
 
     @property
     def labels(self) -> list[int]:

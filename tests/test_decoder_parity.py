@@ -88,8 +88,9 @@ def test_training_evaluation_and_queries_see_the_same_pixels(odd_files, tmp_path
 def test_the_loader_keeps_the_services_size_limits(odd_files, tmp_path: Path) -> None:
     settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'unused.db'}", max_image_pixels=1000)
     dataset = ItemsDataset(odd_files, create_embedder(CONFIG).preprocess, file_loader(settings))
-    with pytest.raises(ImageError, match="the limit is 1000 pixels"):
+    with pytest.raises(ImageError, match="the limit is 1000 pixels") as failure:
         dataset[0]
+    assert failure.value.__notes__ == [f"while reading {odd_files[0][0]} (item 0)"]
 
 
 def test_the_loader_survives_dataloader_worker_processes(odd_files, tmp_path: Path) -> None:
