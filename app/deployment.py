@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,7 +52,6 @@ class Deployment:
     device: torch.device
     store: Path
     index_version_id: int = 0
-    loaded_at: float = field(default_factory=time.time)
     # FAISS indexes are not safe for a search concurrent with add/remove; searches are short, so one lock.
     index_lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -80,8 +78,9 @@ class Deployment:
             return self.index.search(queries, k, allowed_ids=allowed_ids, exclude_ids=exclude_ids)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors; an image re-added after a delete comes back (VectorIndex.add_or_revive)."""
         with self.index_lock:
-            _add_vectors(self.index, ids, vectors)
+            self.index.add_or_revive(ids, vectors)
             metrics.INDEX_VECTORS.set(len(self.index))
 
     def remove(self, ids: np.ndarray) -> int:
@@ -93,22 +92,7 @@ class Deployment:
     def reconstruct(self, image_id: int) -> np.ndarray | None:
         """The stored vector of `image_id` when the index type can give it back (Flat, HNSW), else None."""
         with self.index_lock:
-            try:
-                return np.asarray(self.index.index.reconstruct(int(image_id)), dtype=np.float32)
-            except (RuntimeError, AttributeError):
-                return None
-
-
-def _add_vectors(index: VectorIndex, ids: np.ndarray, vectors: np.ndarray) -> None:
-    """Add vectors; on an HNSW index an id held as a tombstone (a re-added image) is revived instead."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if not index.supports_remove and len(index.tombstones):
-        revive = np.isin(ids, index.tombstones)
-        if revive.any():
-            index.tombstones = np.setdiff1d(index.tombstones, ids[revive])
-            ids, vectors = ids[~revive], vectors[~revive]
-    if len(ids):
-        index.add(ids, vectors)
+            return self.index.reconstruct(image_id)
 
 
 def write_api_embedding(store: Path, image_id: int, vector: np.ndarray) -> None:
