@@ -37,13 +37,17 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     from app.db import migrate
-    from app.indexing import build_index
+    from app.indexing import EmptySource, build_index
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.resolved_database_url)
-    report = build_index(settings, args.source, shard=args.shard, factory=args.factory,
-                         progress=not args.no_progress)
+    try:
+        report = build_index(settings, args.source, shard=args.shard, factory=args.factory,
+                             progress=not args.no_progress)
+    except (EmptySource, FileNotFoundError) as exc:
+        print(f"retrieval index build: {exc}", file=sys.stderr)
+        return 1
     if args.no_progress:  # with progress on, build_index has printed the summary under its bars
         print(report.summary())
     return 1 if report.added == 0 and report.failed and not report.total_indexed else 0
