@@ -146,6 +146,10 @@ def load_deployment(settings: Settings, index_row: IndexVersion, model_row: Mode
     device = resolve_device(settings.device)
     embedder = load_checkpoint(model_row.path, device=device)
     index = VectorIndex.load(index_row.path)
+    if index.ntotal == 0 and (index.dim != embedder.dim or not index.is_trained):
+        # An empty corpus is a normal state: serve an empty exact index of the model's dimension, which API adds
+        # fill (an index published empty by older builds has dimension 0, and an untrained IVF cannot take adds).
+        index = VectorIndex(embedder.dim, "Flat")
     if index.dim != embedder.dim:
         raise ValueError(
             f"index {index_row.name} has dimension {index.dim} but model {model_row.name} embeds to {embedder.dim}"

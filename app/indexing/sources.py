@@ -28,25 +28,28 @@ def iter_source(source: str | Path, shard: tuple[int, int] | None = None) -> Ite
             yield entry
 
 
+def _links_back(here: Path, name: str, root: Path) -> bool:
+    """True when sub-folder `name` of `here` is (a link to) `here` itself or a folder above it: a loop."""
+    real = os.path.realpath(here / name)
+    above = {os.path.realpath(p) for p in (here, *here.parents) if p.is_relative_to(root)}
+    return real in above or os.path.realpath(here).startswith(real + os.sep)
+
+
 def _iter_folder(root: Path) -> Iterator[SourceEntry]:
     """Every image file under `root`. Symlinked sub-folders are followed (photo libraries and dataset layouts
-    link class folders in); a folder reached twice (a link loop, or two links to one folder) is read once."""
+    link class folders in); a link back to a folder above it (a loop) is skipped."""
     if not root.is_dir():
         raise FileNotFoundError(f"source {root} is neither a folder nor a CSV manifest")
     root = root.resolve()
-    visited: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        stat = os.stat(dirpath)
-        if (stat.st_dev, stat.st_ino) in visited:
-            dirnames.clear()
-            continue
-        visited.add((stat.st_dev, stat.st_ino))
-        dirnames.sort()  # a stable order, so `--shard i/n` slices agree across machines
-        rel = Path(dirpath).relative_to(root)
+        here = Path(dirpath)
+        # Sorted: a stable order, so `--shard i/n` slices agree across machines.
+        dirnames[:] = sorted(name for name in dirnames if not _links_back(here, name, root))
+        rel = here.relative_to(root)
         label = None if rel == Path(".") else rel.as_posix()
         for name in sorted(filenames):
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
-                yield SourceEntry(Path(dirpath) / name, label, {})
+                yield SourceEntry(here / name, label, {})
 
 
 def _iter_csv(manifest: Path) -> Iterator[SourceEntry]:
