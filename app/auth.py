@@ -12,6 +12,7 @@ import hashlib
 import secrets
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from fastapi import Request, Security
@@ -105,8 +106,8 @@ async def scopes_for(request: Request, plain: str) -> frozenset[str] | None:
     return scopes
 
 
-def require(scope: str):  # noqa: ANN201 - a FastAPI dependency factory
-    """Dependency: the request must carry a key with `scope` (unless auth is off, or reads are open)."""
+def require(scope: str) -> Callable[..., Awaitable[None]]:
+    """A dependency: the request must carry a key with `scope` (unless auth is off, or reads are open)."""
 
     async def check(request: Request, api_key: str | None = Security(api_key_header)) -> None:
         settings = request.app.state.settings

@@ -217,7 +217,7 @@ async def check_for_new_version(app: FastAPI, settings: Settings) -> bool:
     try:
         new = await asyncio.to_thread(load_deployment, settings, index_row, model_row)
         await asyncio.to_thread(swap_in, app, settings, new)
-    except Exception as exc:  # noqa: BLE001 - the old pair keeps serving; the error is logged and in /readyz
+    except Exception as exc:  # the old pair keeps serving; the error is logged and in /readyz
         log.exception("loading index version %s failed; still serving %s", index_row.name,
                       getattr(current, "index_name", None))
         metrics.SWAPS.labels("failed").inc()
@@ -239,5 +239,5 @@ async def watch_active_version(app: FastAPI, settings: Settings) -> None:
             await check_for_new_version(app, settings)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - e.g. the database is briefly unreachable; try again next tick
+        except Exception:  # e.g. the database is briefly unreachable; try again next tick
             log.exception("checking for a new active version failed")

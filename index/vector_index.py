@@ -332,13 +332,6 @@ class VectorIndex:
             ids_out = np.pad(ids_out, ((0, 0), (0, pad)), constant_values=-1)
         return scores.astype(np.float32), ids_out
 
-    def tune(self, queries: np.ndarray, true_ids: np.ndarray, k: int = 10,
-             target: float = DEFAULT_RECALL_TARGET, query_ids: np.ndarray | None = None) -> dict[str, Any]:
-        """See index.builders.tune."""
-        from index.builders import tune
-
-        return tune(self, queries, true_ids, k, target, query_ids)
-
     # -- persistence ----------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -381,12 +374,3 @@ def exact_knn(queries: np.ndarray, database: np.ndarray, db_ids: np.ndarray, k: 
                                   metric=faiss.METRIC_INNER_PRODUCT)
     ids = np.where(positions >= 0, _as_ids(db_ids)[np.clip(positions, 0, None)], -1)
     return scores, ids
-
-
-def __getattr__(name: str) -> Any:
-    """The builders moved to index.builders; `from index.vector_index import build` keeps working."""
-    if name in {"build", "build_ivf_ondisk", "choose_factory", "merge_ivf_ondisk"}:
-        from index import builders
-
-        return getattr(builders, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

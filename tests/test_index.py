@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from index import versions
-from index.vector_index import VectorIndex, build, choose_factory, exact_knn, merge_ivf_ondisk
+from index.builders import build, choose_factory, merge_ivf_ondisk
+from index.vector_index import VectorIndex, exact_knn
 
 TYPES = ["Flat", "HNSW16", "IVF16,Flat", "OPQ8,IVF16,PQ8x4"]
 DIM = 32
