@@ -51,7 +51,6 @@ class Deployment:
     index: VectorIndex
     device: torch.device
     store: Path
-    index_version_id: int = 0
     # FAISS indexes are not safe for a search concurrent with add/remove; searches are short, so one lock.
     index_lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -155,8 +154,7 @@ def load_deployment(settings: Settings, index_row: IndexVersion, model_row: Mode
             f"index {index_row.name} has dimension {index.dim} but model {model_row.name} embeds to {embedder.dim}"
         )
     deployment = Deployment(model_name=model_row.name, index_name=index_row.name, embedder=embedder, index=index,
-                            device=device, store=settings.embeddings_dir(model_row.name),
-                            index_version_id=index_row.id)
+                            device=device, store=settings.embeddings_dir(model_row.name))
     reconcile(settings, deployment)
     return deployment
 

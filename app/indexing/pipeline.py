@@ -30,7 +30,7 @@ def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int
     Raises EmptySource, before anything is published, when the source lists no image file.
     """
     start = time.perf_counter()
-    report = BuildReport(shard=shard)
+    report = BuildReport()
     model = ensure_active_model(settings)
     slice_ids = register_source(settings, source, shard, report, progress)
     if report.seen == 0 and shard is None:

@@ -26,7 +26,6 @@ class BuildReport:
     images_per_second: float = 0.0
     index_version_name: str | None = None
     seconds: float = 0.0
-    shard: tuple[int, int] | None = None
     factory: str | None = None
     message: str = ""
 

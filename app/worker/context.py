@@ -41,7 +41,6 @@ class JobContext:
         self.lost = threading.Event()
         self.shutdown = shutdown
         self._lock = threading.Lock()
-        self._dirty = True
 
     # -- reporting -------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -57,13 +56,11 @@ class JobContext:
                 self.message = message
                 self.log(f"{fraction:6.1%} {message}")
             self.metrics.update(metrics)
-            self._dirty = True
 
     def flush(self) -> None:
         """Write progress to the row now (the heartbeat thread also does, every few seconds)."""
         with self._lock:
             progress, message, metrics = self.progress_value, self.message, dict(self.metrics)
-            self._dirty = False
         beat = jobs.heartbeat(self.settings.resolved_database_url, self.job_id, self.worker_id, progress, message,
                               metrics)
         if not beat.owned:
