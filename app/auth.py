@@ -12,6 +12,7 @@ import hashlib
 import secrets
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from fastapi import Request, Security
@@ -105,8 +106,8 @@ async def scopes_for(request: Request, plain: str) -> frozenset[str] | None:
     return scopes
 
 
-def require(scope: str):  # noqa: ANN201 - a FastAPI dependency factory
-    """Dependency: the request must carry a key with `scope` (unless auth is off, or reads are open)."""
+def require(scope: str) -> Callable[..., Awaitable[None]]:
+    """A dependency: the request must carry a key with `scope` (unless auth is off, or reads are open)."""
 
     async def check(request: Request, api_key: str | None = Security(api_key_header)) -> None:
         settings = request.app.state.settings
@@ -126,42 +127,3 @@ def require(scope: str):  # noqa: ANN201 - a FastAPI dependency factory
 
 require_read = require("read")
 require_write = require("write")
-
-
-# -- `retrieval keys` -------------------------------------------------------------------------------------
-
-def _cmd_keys(args) -> int:  # noqa: ANN001
-    from app.db import migrate
-    from app.settings import get_settings
-
-    settings = get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)  # the SQLite file lives there by default
-    url = settings.resolved_database_url
-    migrate.upgrade(url)
-    if args.keys_command == "create":
-        key_id, plain = create_api_key(url, args.name, args.scopes)
-        print(f"key {key_id} ({args.name}, scopes {args.scopes}); shown once, only its hash is stored:\n{plain}")
-        return 0
-    if args.keys_command == "revoke":
-        if not revoke_api_key(url, args.id):
-            print(f"no live key with id {args.id}")
-            return 1
-        print(f"key {args.id} revoked")
-        return 0
-    with session_scope(url) as session:
-        for row in session.scalars(select(ApiKey).order_by(ApiKey.id)):
-            state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
-            print(f"{row.id:>4}  {row.name:<24} {row.scopes:<12} {state}")
-    return 0
-
-
-def add_cli(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    keys = sub.add_parser("keys", help="API keys: create (shown once), list, revoke")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    create = keys_sub.add_parser("create", help="create a key and print it once")
-    create.add_argument("name", help="who or what uses the key")
-    create.add_argument("--scopes", default="read", help="comma-separated: read, write (default: read)")
-    keys_sub.add_parser("list", help="list keys (never the keys themselves)")
-    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
-    revoke.add_argument("id", type=int)
-    keys.set_defaults(func=_cmd_keys)

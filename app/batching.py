@@ -124,7 +124,7 @@ class MicroBatcher:
                 try:
                     pixels = torch.stack([q.pixels for q in group])
                     vectors = await loop.run_in_executor(self._executor, group[0].target.forward_batch, pixels)
-                except Exception as exc:  # noqa: BLE001 - fail these queries, keep the batcher alive
+                except Exception as exc:  # fail these queries, keep the batcher alive
                     log.exception("forward pass failed for a batch of %d", len(group))
                     for query in group:
                         if not query.future.done():

@@ -1,13 +1,17 @@
-"""`retrieval`: the one command-line entry point (db, index, serve, demo, train, eval, worker, jobs)."""
+"""`retrieval`: the one command-line entry point and its one parser (db, index, serve, demo, train, eval, worker,
+jobs, keys)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+from app.db.models import Job
+from app.jobs import JOB_KINDS
 from app.settings import get_settings
 
 
@@ -37,13 +41,17 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     from app.db import migrate
-    from app.indexing import build_index
+    from app.indexing import EmptySource, build_index
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.resolved_database_url)
-    report = build_index(settings, args.source, shard=args.shard, factory=args.factory,
-                         progress=not args.no_progress)
+    try:
+        report = build_index(settings, args.source, shard=args.shard, factory=args.factory,
+                             progress=not args.no_progress)
+    except (EmptySource, FileNotFoundError) as exc:
+        print(f"retrieval index build: {exc}", file=sys.stderr)
+        return 1
     if args.no_progress:  # with progress on, build_index has printed the summary under its bars
         print(report.summary())
     return 1 if report.added == 0 and report.failed and not report.total_indexed else 0
@@ -93,9 +101,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.resolved_database_url)
-    source = os.environ.get("RETRIEVAL_DEMO_SOURCE")
-    if source:
-        corpus = Path(source)
+    if settings.demo_source is not None:
+        corpus = settings.demo_source
     else:
         corpus, queries = export_fashion_mnist(settings.data_dir, per_class=args.per_class)
         print(f"demo corpus: {corpus}\nheld-out query images: {queries}")
@@ -113,6 +120,96 @@ def _override(text: str) -> tuple[str, object]:
         return parse_override(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _job_line(job: Job) -> str:
+    return (f"{job.id:>5} {job.kind:<13} {job.status:<9} {job.progress:6.1%} attempts {job.attempts}/"
+            f"{job.max_attempts} {job.message or ''}")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from app.worker import run_worker
+
+    logging.getLogger("retrieval").setLevel(logging.INFO)
+    run_worker(get_settings(), worker_id=args.id, once=args.once, max_jobs=args.max_jobs, handle_signals=True)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from app import jobs
+    from app.db.session import session_scope
+    from app.worker import wait_for
+
+    settings = get_settings()
+    url = settings.resolved_database_url
+    action = args.jobs_command or "list"
+    if action == "list":
+        with session_scope(url) as session:
+            for job in reversed(jobs.list_jobs(session, args.status, args.kind, args.limit)):
+                print(_job_line(job))
+        return 0
+    if action == "submit":
+        params = json.loads(args.params) if args.params else {}
+        params.update(args.overrides)  # --set KEY=VALUE pairs, parsed by _override like train's
+        with session_scope(url) as session:
+            job = jobs.enqueue(session, args.kind, params, args.max_attempts or settings.job_max_attempts)
+            job_id = job.id
+        print(f"job {job_id} queued")
+        if not args.follow:
+            return 0
+        args.id = job_id
+        action = "follow"
+    if action == "show":
+        with session_scope(url) as session:
+            job = jobs.get_job(session, args.id)
+            if job is None:
+                print(f"job {args.id} does not exist")
+                return 1
+            row = {c.name: getattr(job, c.name) for c in Job.__table__.columns}
+        print(json.dumps(row, indent=2, default=str))
+        return 0
+    if action == "logs":
+        print("\n".join(jobs.read_log(settings, args.id, args.tail)))
+        return 0
+    if action == "cancel":
+        with session_scope(url) as session:
+            job = jobs.request_cancel(session, args.id)
+            print(_job_line(job))
+        return 0
+    # follow: print each change until the job finishes; the exit status says how it ended.
+    job = wait_for(settings, args.id, timeout=args.timeout, on_change=lambda j: print(_job_line(j), flush=True))
+    if job.error:
+        print(job.error)
+    return 0 if job.status == "succeeded" else 1
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from app.auth import create_api_key, revoke_api_key
+    from app.db import migrate
+    from app.db.models import ApiKey
+    from app.db.session import session_scope
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # the SQLite file lives there by default
+    url = settings.resolved_database_url
+    migrate.upgrade(url)
+    if args.keys_command == "create":
+        key_id, plain = create_api_key(url, args.name, args.scopes)
+        print(f"key {key_id} ({args.name}, scopes {args.scopes}); shown once, only its hash is stored:\n{plain}")
+        return 0
+    if args.keys_command == "revoke":
+        if not revoke_api_key(url, args.id):
+            print(f"no live key with id {args.id}")
+            return 1
+        print(f"key {args.id} revoked")
+        return 0
+    with session_scope(url) as session:
+        for row in session.scalars(select(ApiKey).order_by(ApiKey.id)):
+            state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
+            print(f"{row.id:>4}  {row.name:<24} {row.scopes:<12} {state}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -171,10 +268,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_set_option(parser: argparse.ArgumentParser, when: str = "") -> None:
+def _add_set_option(parser: argparse.ArgumentParser, when: str = "",
+                    what: str = "override a config value") -> None:
     parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
-                        help=f"{when}override a config value (parsed as YAML), e.g. --set steps=100 "
-                             "--set data.root=/data/cub100")
+                        help=f"{when}{what} (parsed as YAML), e.g. --set steps=100 --set data.root=/data/cub100")
 
 
 def add_train_eval_cli(sub: argparse._SubParsersAction) -> None:
@@ -258,12 +355,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_eval_cli(sub)
 
-    from app.worker import add_cli as add_worker_cli
+    worker = sub.add_parser("worker", help="run queued jobs (train, rebuild_index, reembed) until stopped")
+    worker.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    worker.add_argument("--max-jobs", type=int, help="exit after this many jobs")
+    worker.add_argument("--id", help="worker id shown on its jobs (default host-pid-random)")
+    worker.set_defaults(func=cmd_worker)
 
-    add_worker_cli(sub)  # `worker` and `jobs`
-    from app.auth import add_cli as add_keys_cli
+    jobs_parser = sub.add_parser("jobs", help="list, submit, follow and cancel worker jobs")
+    jobs_parser.set_defaults(func=cmd_jobs, jobs_command=None, status=None, kind=None, limit=20)
+    jsub = jobs_parser.add_subparsers(dest="jobs_command")
+    listing = jsub.add_parser("list", help="recent jobs (default)")
+    listing.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    listing.add_argument("--kind", choices=list(JOB_KINDS))
+    listing.add_argument("--limit", type=int, default=20)
+    submit = jsub.add_parser("submit", help="queue a job")
+    submit.add_argument("kind", choices=list(JOB_KINDS))
+    _add_set_option(submit, what="a job param")
+    submit.add_argument("--params", help="job params as a JSON object")
+    submit.add_argument("--max-attempts", type=int)
+    submit.add_argument("--follow", action="store_true", help="then follow it until it finishes")
+    submit.add_argument("--timeout", type=float)
+    for name, text in (("show", "one job as JSON"), ("follow", "print progress until the job finishes"),
+                       ("logs", "the job's log"), ("cancel", "cancel a queued job or stop a running one")):
+        p = jsub.add_parser(name, help=text)
+        p.add_argument("id", type=int)
+        if name == "follow":
+            p.add_argument("--timeout", type=float)
+        if name == "logs":
+            p.add_argument("--tail", type=int, default=200)
 
-    add_keys_cli(sub)  # `keys`
+    keys = sub.add_parser("keys", help="API keys: create (shown once), list, revoke")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print it once")
+    create.add_argument("name", help="who or what uses the key")
+    create.add_argument("--scopes", default="read", help="comma-separated: read, write (default: read)")
+    keys_sub.add_parser("list", help="list keys (never the keys themselves)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("id", type=int)
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,8 +51,6 @@ class Deployment:
     index: VectorIndex
     device: torch.device
     store: Path
-    index_version_id: int = 0
-    loaded_at: float = field(default_factory=time.time)
     # FAISS indexes are not safe for a search concurrent with add/remove; searches are short, so one lock.
     index_lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -80,8 +77,9 @@ class Deployment:
             return self.index.search(queries, k, allowed_ids=allowed_ids, exclude_ids=exclude_ids)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors; an image re-added after a delete comes back (VectorIndex.add_or_revive)."""
         with self.index_lock:
-            _add_vectors(self.index, ids, vectors)
+            self.index.add_or_revive(ids, vectors)
             metrics.INDEX_VECTORS.set(len(self.index))
 
     def remove(self, ids: np.ndarray) -> int:
@@ -93,22 +91,7 @@ class Deployment:
     def reconstruct(self, image_id: int) -> np.ndarray | None:
         """The stored vector of `image_id` when the index type can give it back (Flat, HNSW), else None."""
         with self.index_lock:
-            try:
-                return np.asarray(self.index.index.reconstruct(int(image_id)), dtype=np.float32)
-            except (RuntimeError, AttributeError):
-                return None
-
-
-def _add_vectors(index: VectorIndex, ids: np.ndarray, vectors: np.ndarray) -> None:
-    """Add vectors; on an HNSW index an id held as a tombstone (a re-added image) is revived instead."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if not index.supports_remove and len(index.tombstones):
-        revive = np.isin(ids, index.tombstones)
-        if revive.any():
-            index.tombstones = np.setdiff1d(index.tombstones, ids[revive])
-            ids, vectors = ids[~revive], vectors[~revive]
-    if len(ids):
-        index.add(ids, vectors)
+            return self.index.reconstruct(image_id)
 
 
 def write_api_embedding(store: Path, image_id: int, vector: np.ndarray) -> None:
@@ -162,13 +145,16 @@ def load_deployment(settings: Settings, index_row: IndexVersion, model_row: Mode
     device = resolve_device(settings.device)
     embedder = load_checkpoint(model_row.path, device=device)
     index = VectorIndex.load(index_row.path)
+    if index.ntotal == 0 and (index.dim != embedder.dim or not index.is_trained):
+        # An empty corpus is a normal state: serve an empty exact index of the model's dimension, which API adds
+        # fill (an index published empty by older builds has dimension 0, and an untrained IVF cannot take adds).
+        index = VectorIndex(embedder.dim, "Flat")
     if index.dim != embedder.dim:
         raise ValueError(
             f"index {index_row.name} has dimension {index.dim} but model {model_row.name} embeds to {embedder.dim}"
         )
     deployment = Deployment(model_name=model_row.name, index_name=index_row.name, embedder=embedder, index=index,
-                            device=device, store=settings.embeddings_dir(model_row.name),
-                            index_version_id=index_row.id)
+                            device=device, store=settings.embeddings_dir(model_row.name))
     reconcile(settings, deployment)
     return deployment
 
@@ -229,7 +215,7 @@ async def check_for_new_version(app: FastAPI, settings: Settings) -> bool:
     try:
         new = await asyncio.to_thread(load_deployment, settings, index_row, model_row)
         await asyncio.to_thread(swap_in, app, settings, new)
-    except Exception as exc:  # noqa: BLE001 - the old pair keeps serving; the error is logged and in /readyz
+    except Exception as exc:  # the old pair keeps serving; the error is logged and in /readyz
         log.exception("loading index version %s failed; still serving %s", index_row.name,
                       getattr(current, "index_name", None))
         metrics.SWAPS.labels("failed").inc()
@@ -251,5 +237,5 @@ async def watch_active_version(app: FastAPI, settings: Settings) -> None:
             await check_for_new_version(app, settings)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - e.g. the database is briefly unreachable; try again next tick
+        except Exception:  # e.g. the database is briefly unreachable; try again next tick
             log.exception("checking for a new active version failed")

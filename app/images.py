@@ -74,7 +74,7 @@ def decode_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: in
     except UnidentifiedImageError:
         raise ImageError(415, "the file is not an image in a format this service reads (JPEG, PNG, GIF, "
                               "WebP, BMP, TIFF)") from None
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on hostile headers
+    except Exception as exc:  # Pillow raises many types on hostile headers
         raise ImageError(400, f"the image header could not be read: {exc}") from None
     width, height = image.size
     if width <= 0 or height <= 0:

@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.deployment = None
         try:
             app.state.deployment = await run_in_threadpool(load_active, settings)
-        except Exception as exc:  # noqa: BLE001 - serve /healthz and report in /readyz instead of dying
+        except Exception as exc:  # serve /healthz and report in /readyz instead of dying
             log.exception("could not load the active model and index")
             app.state.serving.load_error = f"loading the active version failed: {exc}"
         if app.state.deployment is not None:

@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.db.models import IndexVersion, ModelVersion
+from app.db.session import session_scope
 from app.settings import Settings
 
 
@@ -82,3 +83,11 @@ def promote(session: Session, index_version: IndexVersion) -> None:
     if model is not None and model.status != "active":
         model.status = "active"
         model.activated_at = now
+
+
+def ensure_active_model(settings: Settings) -> ModelVersion:
+    """`ensure_model_version` in its own transaction, detached: the model an index build or a job embeds with."""
+    with session_scope(settings.resolved_database_url) as session:
+        model = ensure_model_version(session, settings)
+        session.expunge(model)
+    return model

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
             "efficientnet_lite012_gem, all three trunks, ~3.9x slower)."
         ),
     )
+    demo_source: Path | None = Field(
+        None, description="Folder or CSV manifest `retrieval demo` indexes instead of exporting Fashion-MNIST."
+    )
     host: str = Field("127.0.0.1", description="Address `retrieval serve` binds to.")
     port: int = Field(8000, description="Port `retrieval serve` listens on.")
 
@@ -53,7 +56,7 @@ class Settings(BaseSettings):
     # Versions kept on disk after publishing a new one.
     keep_versions: int = Field(3, description="Index versions kept on disk after publishing a new one.")
 
-    # Index type and build tuning (app/indexing.py).
+    # Index type and build tuning (app/indexing/).
     index_memory_mb: int = Field(4096, description="Memory budget that picks the index type (Flat/HNSW/IVF/PQ).")
     index_recall_target: float = Field(0.95, description="recall@10 vs exact search that nprobe/efSearch are "
                                                          "tuned to at build time.")

@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from index.builders import tune  # noqa: E402
 from index.vector_index import VectorIndex, exact_knn  # noqa: E402
 
 
@@ -91,7 +92,7 @@ def bench_size(n: int, dim: int, types: list[str], train_size: int, gpu_torch: b
         with tempfile.TemporaryDirectory() as tmp:
             faiss.write_index(index.index, f"{tmp}/i")
             size = os.path.getsize(f"{tmp}/i")
-        index.tune(tune_q, tune_truth, 10, 0.95)
+        tune(index, tune_q, tune_truth, 10, 0.95)
         _, found = index.search(test_q, 10)
         knob = {k: index.params[k] for k in ("nprobe", "efSearch") if k in index.params}
         rows.append({"n": n, "type": factory, "build_s": build_s, "rss_mb": mem / 2**20, "file_mb": size / 2**20,

@@ -7,14 +7,15 @@ Pure FAISS + numpy. One class behind four index families, picked by a FAISS fact
 - IVF-Flat: "IVF1024,Flat"                (IndexIVFFlat, native 64-bit ids)
 - IVF-PQ:   "OPQ32,IVF4096,PQ32"          (IndexPreTransform(OPQ) over IndexIVFPQ, native ids)
 
-`choose_factory(n, dim, memory_budget_bytes)` picks one from the corpus size (autofaiss-style rules, written
-here because autofaiss pins numpy<2). Deletion is right for every type: Flat and IVF remove vectors for real;
-HNSW cannot, so removed ids become tombstones, persisted with the index and applied through an IDSelector at
+index/builders.py picks one from the corpus size (`choose_factory`, autofaiss-style rules, written here
+because autofaiss pins numpy<2), builds it (`build`, `build_ivf_ondisk`) and tunes it (`tune`).
+Deletion is right for every type: Flat and IVF remove vectors for real; HNSW cannot, so removed ids become
+tombstones, persisted with the index and applied through an IDSelector at
 search time; a rebuild compacts them away.
 
 Search-parameter knobs, stored in `params` (index.json) and applied on every search:
-- "nprobe"   (IVF types): inverted lists scanned per query; tuned at build time by `tune()`.
-- "efSearch" (HNSW): size of the dynamic candidate list; tuned at build time by `tune()`.
+- "nprobe"   (IVF types): inverted lists scanned per query; tuned at build time by `builders.tune`.
+- "efSearch" (HNSW): size of the dynamic candidate list; tuned at build time by `builders.tune`.
 - "recall_target", "recall_at_k", "tuned_k", "tuned_queries": what the tuning aimed for and reached,
   measured against exact search on a sample of the indexed vectors.
 Filtered searches (allowed_ids / exclude_ids) escalate nprobe / efSearch when too few results come back, so
@@ -24,7 +25,6 @@ they still return k results when k matching vectors exist.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -59,35 +59,6 @@ def gpu_available() -> bool:
     return bool(get_num_gpus and get_num_gpus() > 0)
 
 
-def _pow2(x: float) -> int:
-    return int(2 ** max(0, round(math.log2(max(1.0, x)))))
-
-
-def choose_factory(n: int, dim: int, memory_budget_bytes: int = 4 << 30) -> str:
-    """Pick an index type from corpus size, dimension and memory budget (autofaiss-style rules).
-
-    - up to 50k vectors: exact Flat (a brute-force scan is a few ms and recall is 1.0);
-    - up to 2M vectors, when float32 vectors plus the graph fit: HNSW32 (best recall/speed on CPU);
-    - otherwise IVF with ~4*sqrt(n) lists: IVF-Flat when the float32 vectors fit the budget, else OPQ + IVF-PQ
-      with as many PQ bytes per vector as the budget allows (m divides dim).
-    """
-    raw = n * dim * 4
-    if n <= 50_000 and raw <= memory_budget_bytes:
-        return "Flat"
-    hnsw_m = 32
-    if n <= 2_000_000 and raw + n * (hnsw_m * 2 * 4 + 16) <= memory_budget_bytes:
-        return f"HNSW{hnsw_m}"
-    nlist = min(65536, _pow2(4 * math.sqrt(n)))
-    # Keep >= 39 training points per list, FAISS's own lower bound for k-means.
-    nlist = max(16, min(nlist, _pow2(n / 39)))
-    if raw + n * 8 <= memory_budget_bytes:
-        return f"IVF{nlist},Flat"
-    per_vector = memory_budget_bytes / max(n, 1) - 8  # 8 bytes of id per vector
-    candidates = [m for m in (8, 12, 16, 24, 32, 48, 64, 96) if dim % m == 0 and m <= per_vector]
-    m = max(candidates) if candidates else next((m for m in (8, 4, 2, 1) if dim % m == 0), 1)
-    return f"OPQ{m},IVF{nlist},PQ{m}"
-
-
 def _cap_opq_training(index: faiss.Index) -> None:
     """OPQ's defaults (50 rounds on 65k points) take many minutes on CPU; 4 rounds on 16k keep most of the gain."""
     if isinstance(index, faiss.IndexPreTransform):
@@ -96,17 +67,6 @@ def _cap_opq_training(index: faiss.Index) -> None:
             if isinstance(transform, faiss.OPQMatrix):
                 transform.niter = 4
                 transform.max_train_points = 16384
-
-
-def _drop_self(ids: np.ndarray, query_ids: np.ndarray | None) -> np.ndarray:
-    """Remove each row's own query id (keeping order); rows lose at most one column."""
-    if query_ids is None:
-        return ids
-    out = np.full((len(ids), ids.shape[1] - 1), -1, dtype=np.int64)
-    for row, (found, own) in enumerate(zip(ids, _as_ids(query_ids), strict=True)):
-        kept = found[found != own][: out.shape[1]]
-        out[row, : len(kept)] = kept
-    return out
 
 
 def _faiss_search(index: faiss.Index, queries: np.ndarray, k: int, params: faiss.SearchParameters | None):
@@ -266,6 +226,29 @@ class VectorIndex:
         self.tombstones = np.union1d(self.tombstones, fresh)
         return len(fresh)
 
+    def add_or_revive(self, ids: np.ndarray | list[int], vectors: np.ndarray) -> None:
+        """`add` for images that may come back after a delete: on HNSW an id held as a tombstone is revived
+        (its stored vector is the one it had; ids are content-addressed, so the image is the same one)."""
+        ids, vectors = _as_ids(ids), _as_float32(vectors)
+        if not self.supports_remove and len(self.tombstones):
+            revive = np.isin(ids, self.tombstones)
+            if revive.any():
+                self.tombstones = np.setdiff1d(self.tombstones, ids[revive])
+                ids, vectors = ids[~revive], vectors[~revive]
+        if len(ids):
+            self.add(ids, vectors)
+
+    def reconstruct(self, image_id: int) -> np.ndarray | None:
+        """The stored vector of a live id when this index type keeps it (Flat, HNSW), else None (IVF-PQ codes,
+        IVF without a direct map, an id not held)."""
+        image_id = int(image_id)
+        if np.isin(image_id, self.tombstones):
+            return None
+        try:
+            return np.asarray(self.index.reconstruct(image_id), dtype=np.float32)
+        except (RuntimeError, AttributeError):
+            return None
+
     # -- search ---------------------------------------------------------------------------------------
     def _search_params(self, selector: faiss.IDSelector | None, scale: int = 1) -> faiss.SearchParameters:
         ivf, hnsw = self.ivf, self.hnsw
@@ -349,44 +332,6 @@ class VectorIndex:
             ids_out = np.pad(ids_out, ((0, 0), (0, pad)), constant_values=-1)
         return scores.astype(np.float32), ids_out
 
-    # -- tuning ---------------------------------------------------------------------------------------
-    def tune(self, queries: np.ndarray, true_ids: np.ndarray, k: int = 10,
-             target: float = DEFAULT_RECALL_TARGET, query_ids: np.ndarray | None = None) -> dict[str, Any]:
-        """Smallest nprobe / efSearch reaching `target` recall@k against `true_ids` (exact search); stored.
-
-        query_ids: when the queries are indexed vectors themselves, their own ids are dropped from both
-        result lists (leave-one-out), so the trivial self-match does not inflate the recall.
-        """
-        queries = _as_float32(queries)
-        truth = _drop_self(true_ids, query_ids)
-        k = min(k, truth.shape[1])
-        truth = truth[:, :k]
-
-        def recall() -> float:
-            _, found = self.search(queries, k + (query_ids is not None))
-            found = _drop_self(found, query_ids)[:, :k]
-            hits = sum(len(np.intersect1d(f[f >= 0], t[t >= 0])) for f, t in zip(found, truth, strict=True))
-            return hits / max(1, int((truth >= 0).sum()))
-
-        ivf, hnsw = self.ivf, self.hnsw
-        if ivf is not None:
-            knob, values = "nprobe", [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-                                      if v < ivf.nlist] + [ivf.nlist]
-        elif hnsw is not None:
-            knob, values = "efSearch", [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024]
-        else:
-            self.params.update(recall_at_k=1.0, tuned_k=k, recall_target=target)
-            return self.params
-        reached = 0.0
-        for value in values:
-            self.params[knob] = int(value)
-            reached = recall()
-            if reached >= target:
-                break
-        self.params.update(recall_at_k=round(reached, 4), tuned_k=k, recall_target=target,
-                           tuned_queries=len(queries))
-        return self.params
-
     # -- persistence ----------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -429,48 +374,3 @@ def exact_knn(queries: np.ndarray, database: np.ndarray, db_ids: np.ndarray, k: 
                                   metric=faiss.METRIC_INNER_PRODUCT)
     ids = np.where(positions >= 0, _as_ids(db_ids)[np.clip(positions, 0, None)], -1)
     return scores, ids
-
-
-def build(ids: np.ndarray, vectors: np.ndarray, factory: str | None = None,
-          memory_budget_bytes: int = 4 << 30, recall_target: float = DEFAULT_RECALL_TARGET,
-          train_size: int = 200_000, tune_queries: int = 500, seed: int = 0) -> VectorIndex:
-    """Build, train (on a sample), fill and tune an index from in-memory vectors."""
-    vectors, ids = _as_float32(vectors), _as_ids(ids)
-    n, dim = vectors.shape
-    factory = factory or choose_factory(n, dim, memory_budget_bytes)
-    index = VectorIndex(dim, factory)
-    rng = np.random.default_rng(seed)
-    if not index.is_trained and n:
-        sample = rng.choice(n, size=min(n, train_size), replace=False) if n > train_size else slice(None)
-        index.train(vectors[sample])
-    index.add(ids, vectors)
-    index.params["built_with"] = n
-    if n and index.kind != "flat":
-        pick = rng.choice(n, size=min(n, tune_queries), replace=False)
-        _, truth = exact_knn(vectors[pick], vectors, ids, 11)
-        index.tune(vectors[pick], truth, k=10, target=recall_target, query_ids=ids[pick])
-    return index
-
-
-def merge_ivf_ondisk(trained: VectorIndex, parts: list[VectorIndex], directory: str | Path) -> VectorIndex:
-    """Merge filled IVF indexes that share one trained quantizer into one index whose lists live on disk.
-
-    FAISS's on-disk merge (faiss.contrib.ondisk.merge_ondisk): each part is written to `directory`, read back
-    memory-mapped, and its inverted lists are merged into `merged.ivfdata` there; `VectorIndex.load` finds that
-    file next to index.faiss even after the directory is renamed (IO_FLAG_ONDISK_SAME_DIR).
-    """
-    from faiss.contrib.ondisk import merge_ondisk
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if trained.ivf is None:
-        raise TypeError("merge_ivf_ondisk needs IVF indexes")
-    part_files = []
-    for n, part in enumerate(parts):
-        part_files.append(str(directory / f"part-{n:05d}.faiss"))
-        faiss.write_index(part.index, part_files[-1])
-    merge_ondisk(trained.index, part_files, str(directory / "merged.ivfdata"))
-    for name in part_files:
-        Path(name).unlink()
-    trained._changed()
-    return trained

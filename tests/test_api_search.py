@@ -26,7 +26,7 @@ def served(database_url: str, image_folder: Path, tmp_path: Path):
     settings = make_settings(tmp_path / "data", database_url, max_upload_bytes=300_000)
     report = build_index(settings, image_folder, progress=False)
     assert report.added == 24
-    server = LiveServer(settings_env(settings) | {"RETRIEVAL_MAX_UPLOAD_BYTES": "300000"},
+    server = LiveServer(settings_env(settings) | {"RETRIEVAL_MAX_UPLOAD_BYTES": "300000", "RETRIEVAL_MAX_K": "20"},
                         tmp_path / "server.log").start()
     yield server
     server.stop()
@@ -68,7 +68,8 @@ def test_search_round_trip_and_bad_input(served: LiveServer) -> None:
         "truncated JPEG": (search(served, valid[: len(valid) // 2]), 400),
         "pixel bomb": (search(served, png_bytes(Image.new("1", (10_000, 5_000))), "bomb.png"), 413),
         "over the byte limit": (search(served, b"\xff\xd8" + b"\x00" * 1_000_000), 413),
-        "k too large": (search(served, valid, k=101), 422),
+        "k over RETRIEVAL_MAX_K": (search(served, valid, k=21), 422),
+        "similar, k over RETRIEVAL_MAX_K": (httpx.get(f"{base}/v1/images/{hit['id']}/similar?k=21"), 422),
         "k zero": (search(served, valid, k=0), 422),
         "no file": (httpx.post(f"{base}/v1/search", data={"k": "3"}), 422),
     }
@@ -76,6 +77,10 @@ def test_search_round_trip_and_bad_input(served: LiveServer) -> None:
         assert response.status_code == status, (case, response.status_code, response.text)
         body = response.json()
         assert body["error"] and body["message"], case
+
+    for response in (bad_cases["k over RETRIEVAL_MAX_K"][0], bad_cases["similar, k over RETRIEVAL_MAX_K"][0]):
+        assert "k" in response.json()["detail"][0]["loc"] and "20" in response.json()["message"]
+    assert len(search(served, valid, k=20).json()["results"]) == 20  # the limit itself is allowed
 
     # The server is still healthy and answering after all of that.
     assert search(served, valid, k=1).json()["results"][0]["label"] == "red"

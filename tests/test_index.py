@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from index import versions
-from index.vector_index import VectorIndex, build, choose_factory, exact_knn, merge_ivf_ondisk
+from index.builders import build, choose_factory, merge_ivf_ondisk
+from index.vector_index import VectorIndex, exact_knn
 
 TYPES = ["Flat", "HNSW16", "IVF16,Flat", "OPQ8,IVF16,PQ8x4"]
 DIM = 32
@@ -91,6 +92,22 @@ def test_hnsw_refuses_to_replace_and_others_upsert(data) -> None:
     assert len(flat) == 100
     _, found = flat.search(vectors[5:6], 2)
     assert set(found[0].tolist()) == {int(ids[0]), int(ids[5])}
+
+
+@pytest.mark.parametrize("factory", TYPES)
+def test_a_deleted_id_comes_back_and_stored_vectors_are_given_back(data, factory: str) -> None:
+    ids, vectors = data
+    index = built(factory, ids[:400], vectors[:400])
+    index.remove(ids[:1])
+    assert index.reconstruct(ids[0]) is None  # deleted: not given back
+    index.add_or_revive(ids[:1], vectors[:1])  # HNSW revives its tombstone, the others re-add
+    assert len(index) == 400
+    _, found = index.search(vectors[:1], 10)
+    assert ids[0] in found[0]  # PQ codes are lossy: among the nearest, not always first
+    again = index.reconstruct(ids[0])
+    if index.kind in ("flat", "hnsw"):
+        assert again is not None and np.allclose(again, vectors[0], atol=1e-6)
+    assert index.reconstruct(999_999) is None  # never held
 
 
 def test_tuning_reaches_the_recall_target_and_is_stored(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ def _database_ok(url: str) -> str:
         with get_engine(url).connect() as conn:
             conn.execute(text("SELECT 1"))
         return "ok"
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+    except Exception as exc:  # any failure means not ready
         return f"unreachable: {exc.__class__.__name__}"
 
 

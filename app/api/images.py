@@ -17,17 +17,18 @@ from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Respon
 from fastapi.responses import FileResponse
 from PIL import Image as PILImage
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app import metrics
-from app.api.deps import Filters, StageClock, embed_query, filters_dep, get_deployment
+from app.api.deps import SessionDep, filters_dep, get_batcher, get_deployment
 from app.auth import require_read, require_write
 from app.db.models import Image
-from app.db.session import session_scope
 from app.deployment import Deployment, ServingState, write_api_embedding
 from app.errors import ApiError
 from app.images import decode_image, read_image_file
 from app.schemas import ErrorBody, ImageOut, ImagePage, ImageUpdate
+from app.serving import Filters, StageClock, embed_query
 from app.settings import Settings
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
@@ -40,7 +41,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody} for code in (401, 403, 422, *codes)}
 
 
-def _live_row(session, image_id: int) -> Image:  # noqa: ANN001
+def _live_row(session: Session, image_id: int) -> Image:
     row = session.get(Image, image_id)
     if row is None or row.deleted_at is not None:
         raise ApiError(404, f"image {image_id} does not exist")
@@ -51,27 +52,25 @@ def _live_row(session, image_id: int) -> Image:  # noqa: ANN001
 
 @router.get("", response_model=ImagePage, responses=_errors(), dependencies=[Depends(require_read)])
 def list_images(
-    request: Request,
+    session: SessionDep,
     limit: int = Query(50, ge=1, le=500, description="Page size."),
     cursor: int | None = Query(None, ge=0, le=2**62, description="`next_cursor` of the previous page."),
     filters: Filters = Depends(filters_dep),
 ) -> ImagePage:
     """Live images in id order, with keyset paging (stable under concurrent inserts and deletes)."""
-    with session_scope(request.app.state.settings.resolved_database_url) as session:
-        total = session.scalar(filters.apply(select(func.count(Image.id))))
-        query = filters.apply(select(Image))
-        if cursor is not None:
-            query = query.where(Image.id > cursor)
-        rows = session.scalars(query.order_by(Image.id).limit(limit + 1)).all()
-        items = [ImageOut.model_validate(r) for r in rows[:limit]]
+    total = session.scalar(filters.apply(select(func.count(Image.id))))
+    query = filters.apply(select(Image))
+    if cursor is not None:
+        query = query.where(Image.id > cursor)
+    rows = session.scalars(query.order_by(Image.id).limit(limit + 1)).all()
+    items = [ImageOut.model_validate(r) for r in rows[:limit]]
     next_cursor = items[-1].id if len(rows) > limit else None
     return ImagePage(items=items, total=int(total or 0), next_cursor=next_cursor)
 
 
 @router.get("/{image_id}", response_model=ImageOut, responses=_errors(404), dependencies=[Depends(require_read)])
-def get_image(request: Request, image_id: int = IMAGE_ID) -> ImageOut:
-    with session_scope(request.app.state.settings.resolved_database_url) as session:
-        return ImageOut.model_validate(_live_row(session, image_id))
+def get_image(session: SessionDep, image_id: int = IMAGE_ID) -> ImageOut:
+    return ImageOut.model_validate(_live_row(session, image_id))
 
 
 def _thumbnail_path(settings: Settings, sha256: str, size: int) -> FsPath:
@@ -95,14 +94,14 @@ def _make_thumbnail(settings: Settings, uri: str, target: FsPath, size: int) -> 
 @router.get("/{image_id}/thumbnail", response_class=FileResponse, dependencies=[Depends(require_read)],
             responses={200: {"content": {"image/jpeg": {}}, "description": "A JPEG thumbnail."},
                        **_errors(404)})
-async def thumbnail(request: Request, image_id: int = IMAGE_ID) -> FileResponse:
+async def thumbnail(request: Request, session: SessionDep, image_id: int = IMAGE_ID) -> FileResponse:
     """A JPEG whose longest side is at most `thumbnail_size`; generated once, then served from disk."""
     settings: Settings = request.app.state.settings
 
     def row_info() -> tuple[str, str]:
-        with session_scope(settings.resolved_database_url) as session:
-            row = _live_row(session, image_id)
-            return row.sha256, row.uri
+        row = _live_row(session, image_id)
+        session.commit()  # hands the connection back while the thumbnail is made
+        return row.sha256, row.uri
 
     sha256, uri = await run_in_threadpool(row_info)
     size = settings.thumbnail_size
@@ -148,7 +147,7 @@ def _sniff_format(data: bytes) -> str | None:
     try:
         with PILImage.open(io.BytesIO(data)) as probe:
             return probe.format
-    except Exception:  # noqa: BLE001 - decode_image already accepted the bytes; the extension is cosmetic
+    except Exception:  # decode_image already accepted the bytes; the extension is cosmetic
         return None
 
 
@@ -166,8 +165,9 @@ def _parse_metadata(text: str | None) -> dict[str, Any]:
     return value
 
 
-def _commit_new_image(request: Request, started_on: Deployment, image: PILImage.Image, vector: np.ndarray,
-                      data: bytes, sha256: str, label: str | None, meta: dict[str, Any]) -> ImageOut:
+def _commit_new_image(request: Request, session: Session, started_on: Deployment, image: PILImage.Image,
+                      vector: np.ndarray, data: bytes, sha256: str, label: str | None,
+                      meta: dict[str, Any]) -> ImageOut:
     """Insert (or revive) the row, persist its embedding, add it to the live index: all before the 201.
 
     Runs under the write lock that a hot swap also takes, so the vector lands in whichever index serves next.
@@ -181,20 +181,20 @@ def _commit_new_image(request: Request, started_on: Deployment, image: PILImage.
         if deployment is not started_on:  # swapped while we embedded: embed with the new model instead
             vector = deployment.embed([image])[0]
         path = _store_bytes(settings, data, sha256, _sniff_format(data))
-        with session_scope(settings.resolved_database_url) as session:
-            row = session.scalar(select(Image).where(Image.sha256 == sha256))
-            if row is not None and row.deleted_at is None:
-                raise ApiError(409, f"this image is already stored as image {row.id}", code="duplicate",
-                               detail={"id": row.id})
-            if row is None:
-                row = Image(sha256=sha256, uri=str(path), width=image.width, height=image.height)
-                session.add(row)
-            row.label, row.meta, row.deleted_at, row.uri = label, meta, None, str(path)
-            session.flush()
-            # The embedding is on disk before the row commits: a crash in between leaves an orphan vector for
-            # an id SQL never saw, which reconcile ignores (it only re-adds live SQL ids).
-            write_api_embedding(deployment.store, row.id, vector)
-            out = ImageOut.model_validate(row)
+        row = session.scalar(select(Image).where(Image.sha256 == sha256))
+        if row is not None and row.deleted_at is None:
+            raise ApiError(409, f"this image is already stored as image {row.id}", code="duplicate",
+                           detail={"id": row.id})
+        if row is None:
+            row = Image(sha256=sha256, uri=str(path), width=image.width, height=image.height)
+            session.add(row)
+        row.label, row.meta, row.deleted_at, row.uri = label, meta, None, str(path)
+        session.flush()
+        # The embedding is on disk before the row commits: a crash in between leaves an orphan vector for
+        # an id SQL never saw, which reconcile ignores (it only re-adds live SQL ids).
+        write_api_embedding(deployment.store, row.id, vector)
+        out = ImageOut.model_validate(row)
+        session.commit()  # under the write lock: a hot swap's reconcile sees this row
         deployment.add(np.array([out.id], dtype=np.int64), vector[None, :])
     return out
 
@@ -204,6 +204,7 @@ def _commit_new_image(request: Request, started_on: Deployment, image: PILImage.
 async def add_image(
     request: Request,
     response: Response,
+    session: SessionDep,
     file: UploadFile = File(..., description="The image (JPEG, PNG, GIF, WebP, BMP, TIFF)."),
     label: str | None = Form(None, max_length=255, description="A class label, e.g. 'sneaker'."),
     metadata: str | None = Form(None, description='A JSON object, e.g. {"color": "red", "year": 2021}.'),
@@ -221,8 +222,9 @@ async def add_image(
     image = await run_in_threadpool(decode_image, data, settings.max_upload_bytes, settings.max_image_pixels)
     clock.record("decode", t)
     sha256 = hashlib.sha256(data).hexdigest()
-    vector = await embed_query(request, deployment, image, clock)
-    out = await run_in_threadpool(_commit_new_image, request, deployment, image, vector, data, sha256, label, meta)
+    vector = await embed_query(get_batcher(request), deployment, image, clock)
+    out = await run_in_threadpool(_commit_new_image, request, session, deployment, image, vector, data, sha256, label,
+                                  meta)
     metrics.IMAGES_WRITTEN.labels("added").inc()
     response.headers["Location"] = f"/v1/images/{out.id}"
     return out
@@ -230,36 +232,34 @@ async def add_image(
 
 @router.patch("/{image_id}", response_model=ImageOut, dependencies=[Depends(require_write)],
               responses=_errors(404))
-def update_image(request: Request, patch: ImageUpdate, image_id: int = IMAGE_ID) -> ImageOut:
+def update_image(session: SessionDep, patch: ImageUpdate, image_id: int = IMAGE_ID) -> ImageOut:
     """Update the label and/or metadata (a merge patch: a metadata key set to null is removed)."""
-    with session_scope(request.app.state.settings.resolved_database_url) as session:
-        row = _live_row(session, image_id)
-        if "label" in patch.model_fields_set:
-            row.label = patch.label
-        if patch.metadata is not None:
-            merged = dict(row.meta or {})
-            for key, value in patch.metadata.items():
-                if value is None:
-                    merged.pop(key, None)
-                else:
-                    merged[key] = value
-            row.meta = merged
-        session.flush()
-        out = ImageOut.model_validate(row)
+    row = _live_row(session, image_id)
+    if "label" in patch.model_fields_set:
+        row.label = patch.label
+    if patch.metadata is not None:
+        merged = dict(row.meta or {})
+        for key, value in patch.metadata.items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        row.meta = merged
+    session.flush()
+    out = ImageOut.model_validate(row)
+    session.commit()
     metrics.IMAGES_WRITTEN.labels("updated").inc()
     return out
 
 
 @router.delete("/{image_id}", status_code=204, response_class=Response, dependencies=[Depends(require_write)],
                responses=_errors(404))
-def delete_image(request: Request, image_id: int = IMAGE_ID) -> Response:
+def delete_image(request: Request, session: SessionDep, image_id: int = IMAGE_ID) -> Response:
     """Delete an image: it is gone from every result once this returns (soft delete in SQL + index removal)."""
-    settings: Settings = request.app.state.settings
     state: ServingState = request.app.state.serving
     with state.write_lock:
-        with session_scope(settings.resolved_database_url) as session:
-            row = _live_row(session, image_id)
-            row.deleted_at = datetime.now(UTC)
+        _live_row(session, image_id).deleted_at = datetime.now(UTC)
+        session.commit()  # under the write lock: a hot swap's reconcile sees the delete
         deployment: Deployment | None = request.app.state.deployment
         if deployment is not None:
             deployment.remove(np.array([image_id], dtype=np.int64))

@@ -12,8 +12,8 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import jobs
+from app.api.deps import SessionDep
 from app.auth import require_read, require_write
-from app.db.session import session_scope
 from app.errors import ApiError
 from app.schemas import ErrorBody
 
@@ -67,52 +67,49 @@ class JobLogs(BaseModel):
 NOT_FOUND = {404: {"model": ErrorBody}}
 
 
-def _url(request: Request) -> str:
-    return request.app.state.settings.resolved_database_url
-
-
 @router.post("", response_model=JobOut, status_code=201, responses={422: {"model": ErrorBody}},
              dependencies=[Depends(require_write)])
-def create_job(request: Request, body: JobCreate) -> JobOut:
+def create_job(request: Request, session: SessionDep, body: JobCreate) -> JobOut:
     settings = request.app.state.settings
-    with session_scope(_url(request)) as session:
-        try:
-            job = jobs.enqueue(session, body.kind, body.params, body.max_attempts or settings.job_max_attempts)
-        except jobs.JobError as exc:
-            raise ApiError(422, str(exc), code="invalid_request") from None
-        return JobOut.model_validate(job)
+    try:
+        job = jobs.enqueue(session, body.kind, body.params, body.max_attempts or settings.job_max_attempts)
+    except jobs.JobError as exc:
+        raise ApiError(422, str(exc), code="invalid_request") from None
+    out = JobOut.model_validate(job)
+    session.commit()  # queued before the 201: a worker may claim it at once
+    return out
 
 
 @router.get("", response_model=JobList, dependencies=[Depends(require_read)])
-def list_jobs(request: Request, status: str | None = None, kind: str | None = None,
+def list_jobs(session: SessionDep, status: str | None = None, kind: str | None = None,
               limit: int = Query(50, ge=1, le=500)) -> JobList:
-    with session_scope(_url(request)) as session:
-        return JobList(jobs=[JobOut.model_validate(j) for j in jobs.list_jobs(session, status, kind, limit)])
+    return JobList(jobs=[JobOut.model_validate(j) for j in jobs.list_jobs(session, status, kind, limit)])
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND, dependencies=[Depends(require_read)])
-def get_job(request: Request, job_id: int = JOB_ID) -> JobOut:
-    with session_scope(_url(request)) as session:
-        job = jobs.get_job(session, job_id)
-        if job is None:
-            raise ApiError(404, f"job {job_id} does not exist")
-        return JobOut.model_validate(job)
+def get_job(session: SessionDep, job_id: int = JOB_ID) -> JobOut:
+    job = jobs.get_job(session, job_id)
+    if job is None:
+        raise ApiError(404, f"job {job_id} does not exist")
+    return JobOut.model_validate(job)
 
 
 @router.get("/{job_id}/logs", response_model=JobLogs, responses=NOT_FOUND, dependencies=[Depends(require_read)])
-def get_job_logs(request: Request, job_id: int = JOB_ID, tail: int = Query(200, ge=1, le=10_000)) -> JobLogs:
-    get_job(request, job_id)
+def get_job_logs(request: Request, session: SessionDep, job_id: int = JOB_ID,
+                 tail: int = Query(200, ge=1, le=10_000)) -> JobLogs:
+    get_job(session, job_id)
     return JobLogs(id=job_id, lines=jobs.read_log(request.app.state.settings, job_id, tail))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses={**NOT_FOUND, 409: {"model": ErrorBody}},
              dependencies=[Depends(require_write)])
-def cancel_job(request: Request, job_id: int = JOB_ID) -> JobOut:
+def cancel_job(session: SessionDep, job_id: int = JOB_ID) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its worker's next heartbeat."""
-    with session_scope(_url(request)) as session:
-        job = jobs.get_job(session, job_id)
-        if job is None:
-            raise ApiError(404, f"job {job_id} does not exist")
-        if job.status in ("succeeded", "failed"):
-            raise ApiError(409, f"job {job_id} already {job.status}")
-        return JobOut.model_validate(jobs.request_cancel(session, job_id))
+    job = jobs.get_job(session, job_id)
+    if job is None:
+        raise ApiError(404, f"job {job_id} does not exist")
+    if job.status in ("succeeded", "failed"):
+        raise ApiError(409, f"job {job_id} already {job.status}")
+    cancelled = JobOut.model_validate(jobs.request_cancel(session, job_id))
+    session.commit()
+    return cancelled

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from sqlalchemy import select
 
+from app.api.deps import SessionDep
 from app.auth import require_read
 from app.db.models import IndexVersion, ModelVersion
-from app.db.session import session_scope
 from app.schemas import ErrorBody, IndexVersionList, IndexVersionOut, ModelVersionList, ModelVersionOut
 
 router = APIRouter(prefix="/v1", tags=["versions"], dependencies=[Depends(require_read)])
@@ -15,16 +15,14 @@ ERRORS = {code: {"model": ErrorBody} for code in (401, 403)}
 
 
 @router.get("/models", response_model=ModelVersionList, responses=ERRORS)
-def list_models(request: Request) -> ModelVersionList:
+def list_models(session: SessionDep) -> ModelVersionList:
     """Every model version, newest first, with its evaluation metrics and status (candidate/active/retired)."""
-    with session_scope(request.app.state.settings.resolved_database_url) as session:
-        rows = session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).all()
-        return ModelVersionList(items=[ModelVersionOut.model_validate(r) for r in rows])
+    rows = session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).all()
+    return ModelVersionList(items=[ModelVersionOut.model_validate(r) for r in rows])
 
 
 @router.get("/indexes", response_model=IndexVersionList, responses=ERRORS)
-def list_indexes(request: Request) -> IndexVersionList:
+def list_indexes(session: SessionDep) -> IndexVersionList:
     """Every index version, newest first, with its factory, size, search params and build metrics."""
-    with session_scope(request.app.state.settings.resolved_database_url) as session:
-        rows = session.scalars(select(IndexVersion).order_by(IndexVersion.id.desc())).all()
-        return IndexVersionList(items=[IndexVersionOut.model_validate(r) for r in rows])
+    rows = session.scalars(select(IndexVersion).order_by(IndexVersion.id.desc())).all()
+    return IndexVersionList(items=[IndexVersionOut.model_validate(r) for r in rows])

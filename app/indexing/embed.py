@@ -1,0 +1,159 @@
+"""Step 2, embed: every live image (or a given slice) with no stored embedding for a model is decoded by
+app.images in DataLoader workers and embedded in batches. Embeddings are appended to
+<data_dir>/embeddings/<model version>/ as float16 shards, flushed every few thousand images. A file that fails to
+decode is reported and its row soft-deleted with the reason in metadata["decode_error"]."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from app.db.models import Image, ModelVersion
+from app.db.queries import image_uris, live_image_ids
+from app.db.session import session_scope
+from app.images import ImageError, read_image_file
+from app.indexing.report import BuildReport
+from app.settings import Settings
+from index import versions
+
+if TYPE_CHECKING:  # torch loads lazily: the CLI's SQL-only commands start fast
+    from models.embedder import Embedder
+
+
+class _DecodeDataset:
+    """Map-style dataset over (id, uri) arrays; returns (id, preprocessed tensor or None, failure reason)."""
+
+    def __init__(self, ids: np.ndarray, uris: np.ndarray, transform: Any, max_bytes: int,
+                 max_pixels: int) -> None:
+        # numpy arrays, not Python lists: forked workers then share the pages instead of copying them.
+        self.ids, self.uris, self.transform = ids, uris, transform
+        self.max_bytes, self.max_pixels = max_bytes, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str, str]:
+        uri = self.uris[i].decode("utf-8")
+        try:
+            image = read_image_file(uri, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+            return int(self.ids[i]), self.transform(image), "", uri
+        except ImageError as exc:
+            return int(self.ids[i]), None, exc.message, uri
+        except OSError as exc:
+            return int(self.ids[i]), None, f"cannot read the file: {exc}", uri
+
+
+def _collate(items: list[tuple[int, Any, str, str]]) -> tuple[np.ndarray, Any, list[tuple[int, str, str]]]:
+    import torch
+
+    ok = [(i, t) for i, t, _, _ in items if t is not None]
+    failed = [(i, uri, reason) for i, t, reason, uri in items if t is None]
+    ids = np.asarray([i for i, _ in ok], dtype=np.int64)
+    batch = torch.stack([t for _, t in ok]) if ok else None
+    return ids, batch, failed
+
+
+def _uris(session: Session, ids: np.ndarray) -> np.ndarray:
+    # A bytes array, not a dict: DataLoader workers share it without copying Python objects.
+    found = image_uris(session, ids)
+    return np.array([found[int(i)].encode("utf-8") for i in ids], dtype=np.bytes_)
+
+
+def embed_missing(settings: Settings, model: ModelVersion, candidates: np.ndarray | None, report: BuildReport,
+                  progress: bool, stem_prefix: str = "run") -> None:
+    """Embed live images (all, or `candidates`) that have no stored embedding for `model`."""
+    from models.checkpoint import load_checkpoint
+    from models.embedder import resolve_device
+
+    store = settings.embeddings_dir(model.name)
+    with session_scope(settings.resolved_database_url) as session:
+        live = live_image_ids(session)
+    todo = live if candidates is None else np.intersect1d(candidates, live)
+    todo = np.setdiff1d(todo, versions.embedded_ids(store))
+    if len(todo) == 0:
+        return
+    embedder = load_checkpoint(model.path, resolve_device(settings.device))
+    embed_into_store(settings, embedder, store, todo, report, progress, stem_prefix, settings.num_workers)
+
+
+def embed_into_store(settings: Settings, embedder: Embedder, store: Path, ids: np.ndarray, report: BuildReport,
+                     progress: bool, stem_prefix: str, num_workers: int,
+                     on_stored: Callable[[np.ndarray, np.ndarray], None] | None = None) -> None:
+    """Embed images `ids` from their files into embedding shards under `store`, flushed every
+    `embed_flush_every` images (so a kill loses at most that much). A file that does not decode soft-deletes
+    its row with the reason (BuildReport.failed). `on_stored(ids, vectors)` sees each shard once it is on disk.
+    Used by index builds and by the service's catch-up at load."""
+    import torch
+    from tqdm import tqdm
+
+    from models.embedder import eval_transform
+
+    url = settings.resolved_database_url
+    with session_scope(url) as session:
+        uris = _uris(session, ids)
+    device = next(embedder.parameters()).device
+    dataset = _DecodeDataset(ids, uris, eval_transform(embedder.config), settings.max_upload_bytes,
+                             settings.max_image_pixels)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=num_workers,
+                                         collate_fn=_collate, pin_memory=device.type == "cuda")
+    buf_ids: list[np.ndarray] = []
+    buf_vecs: list[np.ndarray] = []
+    run_tag = f"{stem_prefix}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{os.getpid()}"
+    shard_no = 0
+
+    def flush() -> None:
+        nonlocal shard_no
+        if buf_ids:
+            shard_ids, shard_vecs = np.concatenate(buf_ids), np.concatenate(buf_vecs)
+            versions.write_embedding_shard(store, f"{run_tag}-{shard_no:05d}", shard_ids, shard_vecs)
+            if on_stored is not None:
+                on_stored(shard_ids, shard_vecs)
+            shard_no += 1
+            buf_ids.clear()
+            buf_vecs.clear()
+
+    start = time.perf_counter()
+    bar = tqdm(total=len(ids), desc="embed", unit="img", disable=not progress, dynamic_ncols=True)
+    pending_failures: list[tuple[int, str, str]] = []
+    for batch_ids, batch, failed in loader:
+        if batch is not None:
+            with torch.inference_mode():
+                vectors = embedder(batch.to(device, non_blocking=True)).float().cpu().numpy()
+            buf_ids.append(batch_ids)
+            buf_vecs.append(vectors)
+            report.embedded += len(batch_ids)
+        pending_failures.extend(failed)
+        bar.update(len(batch_ids) + len(failed))
+        if sum(len(b) for b in buf_ids) >= settings.embed_flush_every:
+            flush()
+            _mark_failed(url, pending_failures, report)
+    flush()
+    _mark_failed(url, pending_failures, report)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    report.images_per_second = report.embedded / elapsed if elapsed > 0 else 0.0
+    if progress:
+        print(f"embedded {report.embedded} images in {elapsed:.1f}s: {report.images_per_second:.1f} images/s")
+
+
+def _mark_failed(url: str, failures: list[tuple[int, str, str]], report: BuildReport) -> None:
+    """Soft-delete rows whose file does not decode, keeping the reason; they are reported on every run."""
+    if not failures:
+        return
+    now = datetime.now(UTC)
+    with session_scope(url) as session:
+        for image_id, uri, reason in failures:
+            image = session.get(Image, image_id)
+            if image is not None:
+                image.meta = {**(image.meta or {}), "decode_error": reason}
+                image.deleted_at = now
+            report.failed.append((uri, reason))
+    failures.clear()
+

@@ -1,0 +1,73 @@
+"""The index-building runs, each resumable after `kill -9` at any moment because each step derives its work
+from durable state: `build_index` (register -> embed -> publish), `merge_shards` and `rebuild_index`
+(embed what is missing -> publish)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from app.indexing.embed import embed_missing
+from app.indexing.publish import publish_index
+from app.indexing.register import register_source
+from app.indexing.report import BuildReport, EmptySource
+from app.indexing.sources import IMAGE_EXTENSIONS
+from app.registry import ensure_active_model
+from app.settings import Settings
+
+
+def _finish(report: BuildReport, start: float, progress: bool) -> BuildReport:
+    report.seconds = time.perf_counter() - start
+    if progress:
+        print(report.summary())
+    return report
+
+
+def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int] | None = None,
+                factory: str | None = None, progress: bool = True) -> BuildReport:
+    """Register `source`, embed what is missing, publish a new index version (not in shard mode).
+
+    Raises EmptySource, before anything is published, when the source lists no image file.
+    """
+    start = time.perf_counter()
+    report = BuildReport()
+    model = ensure_active_model(settings)
+    slice_ids = register_source(settings, source, shard, report, progress)
+    if report.seen == 0 and shard is None:
+        raise EmptySource(f"no image file under {source} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} "
+                          "in it and its sub-folders, symlinked ones included): nothing registered or published")
+    embed_missing(settings, model, slice_ids if shard else None, report, progress,
+                  stem_prefix=f"shard{shard[0]}of{shard[1]}" if shard else "run")
+    if shard is None:
+        publish_index(settings, model, report, factory=factory)
+    else:
+        report.message = (f"shard {shard[0]}/{shard[1]}: embeddings stored in {settings.embeddings_dir(model.name)}; "
+                          "run `retrieval index merge` once every shard is done")
+    return _finish(report, start, progress)
+
+
+def _republish(settings: Settings, *, factory: str | None, ondisk: bool, force: bool, progress: bool,
+               stem_prefix: str) -> BuildReport:
+    start = time.perf_counter()
+    report = BuildReport()
+    model = ensure_active_model(settings)
+    embed_missing(settings, model, None, report, progress, stem_prefix=stem_prefix)
+    publish_index(settings, model, report, factory=factory, force=force, ondisk=ondisk)
+    return _finish(report, start, progress)
+
+
+def merge_shards(settings: Settings, *, factory: str | None = None, ondisk: bool = False,
+                 progress: bool = True) -> BuildReport:
+    """After sharded runs: embed any live image still missing, then build and publish one index.
+
+    ondisk=True (IVF factories): one filled IVF per embedding shard, merged with FAISS's on-disk merge.
+    """
+    return _republish(settings, factory=factory, ondisk=ondisk, force=False, progress=progress,
+                      stem_prefix="merge")
+
+
+def rebuild_index(settings: Settings, *, factory: str | None = None, progress: bool = True) -> BuildReport:
+    """Re-type or compact the active index from stored embeddings (no image is decoded if none is missing).
+    With no index active and no image stored, this publishes an empty index: a corpus started through the API."""
+    return _republish(settings, factory=factory, ondisk=False, force=True, progress=progress,
+                      stem_prefix="rebuild")

@@ -1,0 +1,40 @@
+"""What an index-building run did: filled in by each step, printed by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class EmptySource(ValueError):
+    """The source holds no image file: nothing to register, and nothing is published."""
+
+
+@dataclass
+class BuildReport:
+    """What a run did. seen: image files the source listed; added: rows registered by this run (a file that
+    then fails to decode is counted here and in `failed`); skipped_existing: files whose bytes were already
+    registered; failed: (path, reason); embedded: images embedded by this run; total_indexed: vectors in the
+    active index afterwards; index_version_name: the version published, None when nothing changed or in shard
+    mode."""
+
+    seen: int = 0
+    added: int = 0
+    skipped_existing: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    embedded: int = 0
+    total_indexed: int = 0
+    images_per_second: float = 0.0
+    index_version_name: str | None = None
+    seconds: float = 0.0
+    factory: str | None = None
+    message: str = ""
+
+    def summary(self) -> str:
+        lines = [
+            f"added {self.added} new images, {self.skipped_existing} already registered, "
+            f"{len(self.failed)} failed, embedded {self.embedded} "
+            f"({self.images_per_second:.1f} images/s), {self.seconds:.1f}s",
+            self.message,
+        ]
+        lines += [f"  FAILED {path}: {reason}" for path, reason in self.failed]
+        return "\n".join(line for line in lines if line)

@@ -1,0 +1,169 @@
+"""The training job (kind 'train'):
+
+  1. the labelled live images of the store, classes split into train and validation deterministically (the split
+     is saved in the job's directory, so a re-run uses the same one even if images arrived meanwhile);
+  2. models.train.train() fine-tunes the active model (IRT recipe by default: contrastive + cross-batch memory +
+     KoLeo, lambda 0.7) in <data_dir>/jobs/<id>/train, resuming from its last checkpoint after a crash;
+  3. the candidate and the active model are evaluated on the same validation split (Recall@K, MAP@R);
+  4. the candidate is registered as a model version with its metrics (status 'candidate');
+  5. if it is better (Recall@1, then MAP@R) or `force_promote` is set: the whole corpus is re-embedded with it and
+     a new index version is built and promoted together with the model in one SQL transaction
+     (app.worker.index_jobs.publish_for_model). The service hot-swaps to the new pair.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from sqlalchemy import select
+
+from app.db.models import Image
+from app.db.session import session_scope
+from app.jobs import TRAIN_FIELDS
+from app.registry import ensure_active_model
+from app.settings import Settings
+from app.worker.context import JobContext, JobStopped, fixed
+from app.worker.index_jobs import active_index_name, model_row, publish_for_model
+
+SPLIT_FILE = "split.json"
+
+
+def labelled_items(settings: Settings) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label index) of every live labelled image, and the class names (label i = names[i], sorted)."""
+    with session_scope(settings.resolved_database_url) as session:
+        rows = session.execute(
+            select(Image.uri, Image.label).where(Image.deleted_at.is_(None), Image.label.is_not(None))
+            .order_by(Image.id)
+        ).all()
+    names = sorted({label for _, label in rows})
+    index = {name: i for i, name in enumerate(names)}
+    return [(uri.removeprefix("file://"), index[label]) for uri, label in rows], names
+
+
+def class_split(ctx: JobContext) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Train/validation items with disjoint classes; fixed at the job's first run (saved in its directory)."""
+
+    def compute() -> dict[str, Any]:
+        from models.data import split_items
+
+        items, names = labelled_items(ctx.settings)
+        if len(names) < 4:
+            raise ValueError(f"training needs labelled images of at least 4 classes in the store; found {len(names)}")
+        fraction = float(ctx.params.get("val_fraction", 0.25))
+        train_items, val_items = split_items(items, fraction, by="classes", seed=int(ctx.params.get("split_seed", 0)))
+        return {"classes": names, "train": train_items, "val": val_items}
+
+    saved = fixed(ctx, SPLIT_FILE, compute)
+    return [tuple(x) for x in saved["train"]], [tuple(x) for x in saved["val"]]
+
+
+def train_config(params: dict[str, Any]) -> Any:
+    """TrainConfig from job params: a YAML file (`config_path`), a dict (`config`), then the shortcut fields."""
+    from models.config import TrainConfig, load_config
+
+    if params.get("config_path"):
+        config = load_config(params["config_path"])
+    else:
+        config = TrainConfig.from_dict(dict(params.get("config") or {}))
+    for name in TRAIN_FIELDS:
+        if name in params:
+            setattr(config, name, params[name])
+    if "loss" in params:
+        config.loss = dict(params["loss"])
+    if "image_size" in params:  # applies when training from the config's embedder (init="config")
+        config.embedder = {**config.embedder, "image_size": int(params["image_size"]),
+                           "resize_size": int(params.get("resize_size", params["image_size"]))}
+    return config
+
+
+def _is_better(candidate: dict[str, float], baseline: dict[str, float]) -> bool:
+    """Recall@1 decides; MAP@R breaks a tie. Equal is not better: promoting costs a re-embed."""
+    def key(m: dict[str, float]) -> tuple[float, float]:
+        return round(m.get("recall@1", 0.0), 6), round(m.get("map@r", 0.0), 6)
+
+    return key(candidate) > key(baseline)
+
+
+def run_train(ctx: JobContext) -> dict[str, Any]:
+    from app.images import file_loader
+    from models.checkpoint import load_checkpoint, read_config
+    from models.evaluate import evaluate_items
+    from models.train import train
+
+    settings, params = ctx.settings, ctx.params
+    load_image = file_loader(settings)  # train and judge on the pixels the service decodes
+    config = train_config(params)
+    train_items, val_items = class_split(ctx)
+    ctx.progress(0.02, f"split: {len(train_items)} train / {len(val_items)} validation images "
+                       f"({len({y for _, y in train_items})} / {len({y for _, y in val_items})} classes)")
+    active = fixed(ctx, "baseline.json", lambda: {"name": (m := ensure_active_model(settings)).name, "path": m.path})
+    init = None if params.get("init") == "config" else active["path"]
+
+    def on_record(entry: dict[str, Any]) -> None:
+        fraction = 0.02 + 0.68 * min(1.0, entry.get("step", 0) / max(1, config.steps))
+        shown = {k: round(v, 4) for k, v in entry.items() if isinstance(v, float)}
+        ctx.progress(fraction, f"{entry.get('event')} step {entry.get('step')}/{config.steps} {shown}")
+
+    result = train(config, train_items, val_items, ctx.dir / "train", load_image, init_checkpoint=init,
+                   device=settings.device, progress=on_record, should_stop=ctx.should_stop)
+    if result.stopped:
+        raise JobStopped(ctx.stop_reason())
+    ctx.check()
+
+    ks = tuple(params.get("ks", (1, 2, 4, 8)))
+    ctx.progress(0.72, "evaluating the candidate and the active model on the validation split")
+    workers = min(config.num_workers, 2)
+    # Fixed at the first evaluation: a re-run after a crash compares against the same baseline, even if the
+    # candidate was already promoted by the run that crashed.
+    evaluation = fixed(ctx, "evaluation.json", lambda: {
+        "candidate": evaluate_items(load_checkpoint(result.best_checkpoint_dir), val_items, load_image, ks,
+                                    num_workers=workers),
+        "baseline": evaluate_items(load_checkpoint(active["path"]), val_items, load_image, ks, num_workers=workers),
+    })
+    candidate_metrics, active_metrics = evaluation["candidate"], evaluation["baseline"]
+    better = _is_better(candidate_metrics, active_metrics)
+    promote = better or bool(params.get("force_promote", False))
+    summary = {"candidate": candidate_metrics, "baseline": active_metrics, "baseline_model": active["name"],
+               "better": better, "train_steps": result.step, "promoted": False}
+    ctx.progress(0.78, f"candidate recall@1={candidate_metrics.get('recall@1', 0):.4f} "
+                       f"map@r={candidate_metrics.get('map@r', 0):.4f} vs active {active['name']} "
+                       f"recall@1={active_metrics.get('recall@1', 0):.4f} map@r={active_metrics.get('map@r', 0):.4f}",
+                 **summary)
+
+    # Register the candidate (idempotent: a re-run after a crash finds the row by its name).
+    name = str(params.get("name") or f"model-job{ctx.job_id}")
+    model = model_row(settings, name)
+    if model is None:
+        from app.registry import register_model
+
+        target = settings.models_dir / name
+        tmp = settings.models_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(result.best_checkpoint_dir, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)  # the files are in place before the row exists
+        config_used = read_config(target)
+        with session_scope(settings.resolved_database_url) as session:
+            model = register_model(session, target.resolve(), name,
+                                   config_used.backbone if config_used.arch == "timm" else config_used.arch,
+                                   config_used.dim, metrics={**candidate_metrics, "job_id": ctx.job_id,
+                                                             "baseline": active_metrics,
+                                                             "baseline_model": active["name"]})
+            session.expunge(model)
+    summary["model_version"] = model.name
+    ctx.progress(0.8, f"registered model version {model.name}", model_version=model.name)
+    if not promote:
+        ctx.progress(1.0, f"not promoted: candidate {model.name} is not better than {active['name']}", **summary)
+        return summary
+    if model.status == "active":  # promoted by an earlier run of this job that died before recording it
+        summary.update(promoted=True, index_version=active_index_name(settings))
+        ctx.progress(1.0, f"{model.name} is already active", **summary)
+        return summary
+    ctx.check()
+    why = "better" if better else "force_promote"
+    published = publish_for_model(ctx, model, 0.8, 0.99, factory=params.get("factory"))
+    summary.update(published, promoted=True)
+    ctx.progress(1.0, f"promoted {model.name} + {published['index_version']} ({why})", **summary)
+    return summary
