@@ -87,10 +87,13 @@ RUN groupadd --system --gid 10001 retrieval \
     && mkdir -p /data \
     && chown retrieval:retrieval /data
 COPY --from=builder /opt/venv /opt/venv
+# torch makes its compile cache dir ($TMPDIR/torchinductor_<user>) when it is imported: keep it in /data, so that
+# nothing outside /data is written (and a read-only root file system works).
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
+    TORCHINDUCTOR_CACHE_DIR=/data/.cache/torchinductor \
     RETRIEVAL_DATA_DIR=/data \
     RETRIEVAL_HOST=0.0.0.0 \
     RETRIEVAL_PORT=8000

@@ -49,6 +49,8 @@ BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 BASE_IMAGE = ("localhost/retrieval-test-base:bookworm-"
               + hashlib.sha256(" ".join(BASE_PACKAGES).encode()).hexdigest()[:8])
 IMAGE = "localhost/image-retrieval:cpu-test"
+# To re-run the container checks on an image already in WORK's storage, without building (and without removing it).
+PREBUILT = os.environ.get("RETRIEVAL_IMAGE_TEST_IMAGE")
 PER_CLASS = 5
 # Files the container runtime itself writes into the root file system when it starts a container (Docker does the
 # same); the app's processes never touch them.
@@ -159,14 +161,25 @@ def image_config(buildah: Buildah, image: str) -> dict:
     return json.loads(buildah("inspect", "--type", "image", image))["Docker"]["config"]
 
 
-def image_size_bytes(buildah: Buildah, image: str) -> int:
-    listed = json.loads(buildah("images", "--json", image))
-    return int(listed[0]["size"])
+def image_size(buildah: Buildah, image: str) -> str:
+    """The uncompressed size of all layers, as buildah (and `docker images`) reports it."""
+    return json.loads(buildah("images", "--json", image))[0]["size"]
+
+
+def remove_containers(buildah: Buildah, image: str) -> None:
+    for container in buildah("containers", "--quiet", "--filter", f"ancestor={image}").split():
+        buildah("rm", container)
 
 
 @pytest.fixture(scope="module")
-def image(buildah: Buildah, base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def image(buildah: Buildah, request: pytest.FixtureRequest,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The CPU image, built from the repository's Dockerfile; removed (with its containers) at the end."""
+    if PREBUILT:
+        yield PREBUILT
+        remove_containers(buildah, PREBUILT)
+        return
+    base_image = request.getfixturevalue("base_image")
     scratch = tmp_path_factory.mktemp("build")
     _, volumes = host_pip_settings(scratch)
     # VARIANT is passed although it is the default: buildah 1.28 resolves `FROM python-${VARIANT}` to the stage of
@@ -181,15 +194,25 @@ def image(buildah: Buildah, base_image: str, tmp_path_factory: pytest.TempPathFa
         output = buildah(*args, str(REPO), timeout=3600, log=log)
         seconds = time.monotonic() - started
         assert "default embedder dim" in output, "the offline smoke test of the builder stage ran"
-        size = image_size_bytes(buildah, IMAGE)
-        print(f"\nimage {IMAGE}: built in {seconds:.0f} s, {size / 1e9:.2f} GB", flush=True)
+        print(f"\nimage {IMAGE}: built in {seconds:.0f} s, {image_size(buildah, IMAGE)}", flush=True)
         yield IMAGE
     finally:
-        for container in buildah("containers", "--quiet", "--filter", f"ancestor={IMAGE}").split():
-            buildah("rm", container)
+        remove_containers(buildah, IMAGE)
         if buildah("images", "--quiet", "--filter", f"reference={IMAGE}").strip():
             buildah("rmi", "--force", IMAGE)
         buildah("rmi", "--prune")  # the builder stage's leftovers; the base image stays cached
+
+
+@pytest.fixture(scope="module")
+def container(buildah: Buildah, image: str) -> str:
+    """One working container for every role, as compose runs them all from this image (vfs copies the whole image
+    for each container: minutes for this one). /dev/shm as big as compose's `shm_size`, for DataLoader workers."""
+    container = buildah("from", "--pull=never", "--shm-size", "1g", image, timeout=900).strip()
+    # buildah 1.28's `run` mounts an anonymous volume for the image's VOLUME over a `--volume` given for the same
+    # path; dropping the declaration from this working container (not from the image) lets the bind mount through,
+    # as `docker run -v ...:/data` does.
+    buildah("config", "--volume", "/data-", container)
+    return container
 
 
 def corpus(root: Path) -> None:
@@ -200,17 +223,21 @@ def corpus(root: Path) -> None:
                                                                                      quality=92)
 
 
-def snapshot(rootfs: Path) -> dict[str, tuple[int, int, int, int]]:
-    """Every path of a container's root file system except /data, /proc, /sys, /dev, with what a write changes."""
-    seen: dict[str, tuple[int, int, int, int]] = {}
+def snapshot(rootfs: Path) -> dict[str, tuple[int, ...]]:
+    """Every path of a container's root file system except /data, /proc, /sys, /dev, with what a write changes
+    (a directory's own mtime is left out: an entry added or removed in it shows up as that entry)."""
+    seen: dict[str, tuple[int, ...]] = {}
     skip = {"data", "proc", "sys", "dev"}
     for directory, dirs, files in os.walk(rootfs):
         if Path(directory) == rootfs:
             dirs[:] = [d for d in dirs if d not in skip]
-        for name in dirs + files:
-            path = Path(directory, name)
-            st = path.lstat()
-            seen[str(path.relative_to(rootfs))] = (st.st_mtime_ns, st.st_size, st.st_mode, st.st_uid)
+        for name in dirs:
+            st = Path(directory, name).lstat()
+            seen[str(Path(directory, name).relative_to(rootfs))] = (st.st_mode, st.st_uid)
+        for name in files:
+            st = Path(directory, name).lstat()
+            seen[str(Path(directory, name).relative_to(rootfs))] = (st.st_mtime_ns, st.st_size, st.st_mode,
+                                                                    st.st_uid)
     return seen
 
 
@@ -236,27 +263,23 @@ def uids_of(pid: int) -> tuple[int, ...]:
     return tuple(int(u) for u in line.split()[1:])
 
 
-def test_image_config(buildah: Buildah, image: str) -> None:
+def test_image_config(buildah: Buildah, image: str, container: str) -> None:
     config = image_config(buildah, image)
     assert config["Entrypoint"] == ["retrieval"] and config["Cmd"] == ["serve"]
     user = config["User"]
     assert user.split(":")[0] not in ("", "0", "root"), f"the image runs as {user!r}"
     # The numeric user exists in the image, with /data as its home.
-    container = buildah("from", "--pull=never", image).strip()
-    try:
-        passwd = Path(buildah("mount", container).strip(), "etc/passwd").read_text()
-        entry = next(line.split(":") for line in passwd.splitlines() if line.split(":")[2] == user.split(":")[0])
-        assert entry[0] == "retrieval" and entry[5] == "/data"
-    finally:
-        buildah("rm", container)
+    passwd = Path(buildah("mount", container).strip(), "etc/passwd").read_text()
+    entry = next(line.split(":") for line in passwd.splitlines() if line.split(":")[2] == user.split(":")[0])
+    assert entry[0] == "retrieval" and entry[5] == "/data"
     assert config["Healthcheck"]["Test"][0] == "CMD", "the HEALTHCHECK survived the build (docker format)"
     assert "/data" in config["Volumes"] and config["WorkingDir"] == "/data"
     assert "HF_HUB_OFFLINE=1" in config["Env"] and "RETRIEVAL_DATA_DIR=/data" in config["Env"]
 
 
 @pytest.mark.slow
-def test_image_migrates_indexes_serves_and_answers_a_query(buildah: Buildah, image: str, postgres_server,
-                                                           tmp_path: Path) -> None:
+def test_image_migrates_indexes_serves_and_answers_a_query(buildah: Buildah, image: str, container: str,
+                                                           postgres_server, tmp_path: Path) -> None:
     config = image_config(buildah, image)
     user = config["User"]
     uid, gid = (int(x) for x in user.split(":"))
@@ -268,8 +291,6 @@ def test_image_migrates_indexes_serves_and_answers_a_query(buildah: Buildah, ima
     port = free_port()
     env = {"RETRIEVAL_DATABASE_URL": database_url, "RETRIEVAL_PORT": str(port)}
 
-    # The working container of every role (compose runs them all from this image, sharing the data volume).
-    container = buildah("from", "--pull=never", "--shm-size", "1g", image).strip()
     rootfs = Path(buildah("mount", container).strip())
     before = snapshot(rootfs)
 
