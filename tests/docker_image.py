@@ -106,6 +106,7 @@ def base_image(buildah: Buildah) -> str:
     """The local stand-in for python:3.11-slim-bookworm, made once per machine from Debian's packages."""
     if buildah("images", "--quiet", "--filter", f"reference={BASE_IMAGE}").strip():
         return BASE_IMAGE
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=WORK, prefix="rootfs-") as scratch:
         rootfs = Path(scratch) / "rootfs"
         made = subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
@@ -123,6 +124,7 @@ def base_image(buildah: Buildah) -> str:
             buildah("commit", "--format", "docker", container, BASE_IMAGE, timeout=600)
         finally:
             buildah("rm", container)
+    print(f"\nbase image {BASE_IMAGE}: made in {time.monotonic() - started:.0f} s", flush=True)
     return BASE_IMAGE
 
 
@@ -207,7 +209,9 @@ def image(buildah: Buildah, request: pytest.FixtureRequest,
 def container(buildah: Buildah, image: str) -> str:
     """One working container for every role, as compose runs them all from this image (vfs copies the whole image
     for each container: minutes for this one). /dev/shm as big as compose's `shm_size`, for DataLoader workers."""
+    started = time.monotonic()
     container = buildah("from", "--pull=never", "--shm-size", "1g", image, timeout=900).strip()
+    print(f"\nworking container: made in {time.monotonic() - started:.0f} s", flush=True)
     # buildah 1.28's `run` mounts an anonymous volume for the image's VOLUME over a `--volume` given for the same
     # path; dropping the declaration from this working container (not from the image) lets the bind mount through,
     # as `docker run -v ...:/data` does.
