@@ -200,6 +200,7 @@ def image(buildah: Buildah, request: pytest.FixtureRequest,
         yield IMAGE
     finally:
         remove_containers(buildah, IMAGE)
+        remove_containers(buildah, base_image)  # buildah bud leaves the working container of the empty base stage
         if buildah("images", "--quiet", "--filter", f"reference={IMAGE}").strip():
             buildah("rmi", "--force", IMAGE)
         buildah("rmi", "--prune")  # the builder stage's leftovers; the base image stays cached
