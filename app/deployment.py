@@ -31,12 +31,13 @@ from app.db.models import IndexVersion, ModelVersion
 from app.db.queries import live_image_ids
 from app.db.session import session_scope
 from app.indexing import BuildReport, embed_into_store
+from app.inference import load_runner
 from app.registry import active_index
 from app.settings import Settings
 from index import versions
 from index.vector_index import VectorIndex
-from models.checkpoint import load_checkpoint
-from models.embedder import Embedder, resolve_device
+from models.embedder import eval_transform
+from models.runtime import Runner
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +48,34 @@ API_SHARD_PREFIX = "api"
 class Deployment:
     model_name: str
     index_name: str
-    embedder: Embedder
+    runner: Runner  # the embedder on its inference runtime (app.inference.load_runner)
     index: VectorIndex
-    device: torch.device
     store: Path
     # FAISS indexes are not safe for a search concurrent with add/remove; searches are short, so one lock.
     index_lock: threading.RLock = field(default_factory=threading.RLock)
 
+    def __post_init__(self) -> None:
+        self._transform = eval_transform(self.runner.config)
+
     @property
     def dim(self) -> int:
-        return self.embedder.dim
+        return self.runner.dim
+
+    @property
+    def device(self) -> str:
+        return self.runner.info.device
+
+    @property
+    def decode_min_side(self) -> int:
+        """The shorter side the model's preprocessing needs: JPEGs may be decoded down to it (app.images)."""
+        return self.runner.config.resize_size
 
     def preprocess(self, image: PILImage.Image) -> torch.Tensor:
-        return self.embedder.preprocess(image)
+        return self._transform(image)
 
-    @torch.inference_mode()
     def forward_batch(self, pixels: torch.Tensor) -> np.ndarray:
         """One forward pass over a preprocessed batch [B, C, H, W] -> float32 [B, D] (called by the batcher)."""
-        out = self.embedder(pixels.to(self.device, non_blocking=True))
-        return out.float().cpu().numpy()
+        return self.runner.run(pixels)
 
     def embed(self, images: list[PILImage.Image]) -> np.ndarray:
         """Embed images directly, without the batcher (POST /v1/images, scripts)."""
@@ -134,7 +144,7 @@ def _embed_from_files(settings: Settings, deployment: Deployment, ids: np.ndarra
     same handling of files that no longer decode), adding each shard to the index once it is stored."""
     report = BuildReport()
     # No DataLoader workers: this runs inside the server process, where forking next to threads is unsafe.
-    embed_into_store(settings, deployment.embedder, deployment.store, ids, report, progress=False,
+    embed_into_store(settings, deployment.runner, deployment.store, ids, report, progress=False,
                      stem_prefix=f"{API_SHARD_PREFIX}-catchup", num_workers=0, on_stored=deployment.add)
     for uri, reason in report.failed:
         log.warning("image %s cannot be embedded at load and is marked deleted: %s", uri, reason)
@@ -142,19 +152,18 @@ def _embed_from_files(settings: Settings, deployment: Deployment, ids: np.ndarra
 
 
 def load_deployment(settings: Settings, index_row: IndexVersion, model_row: ModelVersion) -> Deployment:
-    device = resolve_device(settings.device)
-    embedder = load_checkpoint(model_row.path, device=device)
+    runner = load_runner(settings, model_row.path)
     index = VectorIndex.load(index_row.path)
-    if index.ntotal == 0 and (index.dim != embedder.dim or not index.is_trained):
+    if index.ntotal == 0 and (index.dim != runner.dim or not index.is_trained):
         # An empty corpus is a normal state: serve an empty exact index of the model's dimension, which API adds
         # fill (an index published empty by older builds has dimension 0, and an untrained IVF cannot take adds).
-        index = VectorIndex(embedder.dim, "Flat")
-    if index.dim != embedder.dim:
+        index = VectorIndex(runner.dim, "Flat")
+    if index.dim != runner.dim:
         raise ValueError(
-            f"index {index_row.name} has dimension {index.dim} but model {model_row.name} embeds to {embedder.dim}"
+            f"index {index_row.name} has dimension {index.dim} but model {model_row.name} embeds to {runner.dim}"
         )
-    deployment = Deployment(model_name=model_row.name, index_name=index_row.name, embedder=embedder, index=index,
-                            device=device, store=settings.embeddings_dir(model_row.name))
+    deployment = Deployment(model_name=model_row.name, index_name=index_row.name, runner=runner, index=index,
+                            store=settings.embeddings_dir(model_row.name))
     reconcile(settings, deployment)
     return deployment
 

@@ -27,6 +27,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Our own pixel limit is checked first; Pillow's stays as a second fence for formats that lie in headers.
 Image.MAX_IMAGE_PIXELS = None
 
+ORIENTATION_TAG = 0x0112
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -63,8 +64,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode untrusted bytes into an upright RGB image or raise ImageError (4xx)."""
+def decode_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 min_side: int | None = None) -> Image.Image:
+    """Decode untrusted bytes into an upright RGB image or raise ImageError (4xx).
+
+    `min_side`: the caller only needs the shorter side this long (an embedder's resize), so a JPEG may be decoded
+    at 1/2, 1/4 or 1/8 scale in the DCT (Pillow's draft mode) as long as both sides stay >= min_side: a
+    12-megapixel photo then costs a fraction of a full decode. Queries and index builds pass the same value.
+    The image's upright size before any such scaling is in `info["full_size"]`."""
     if not data:
         raise ImageError(400, "the upload is empty: expected image bytes")
     if len(data) > max_bytes:
@@ -86,12 +93,17 @@ def decode_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: in
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if min_side is not None and image.format == "JPEG":
+                image.draft(image.mode, (min_side, min_side))
             if getattr(image, "is_animated", False):
                 image.seek(0)  # animated GIF / WebP / APNG: the first frame
             image.load()
+            # Upright full size, whatever draft decoded: EXIF orientations 5-8 turn the picture by 90 degrees.
+            full_size = (height, width) if image.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8) else (width, height)
             image = ImageOps.exif_transpose(image) or image
             rgb = _to_rgb(image)
             rgb.load()
+            rgb.info["full_size"] = full_size
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -99,7 +111,8 @@ def decode_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: in
     return rgb
 
 
-def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    min_side: int | None = None) -> Image.Image:
     """Decode a file from disk with the same guards as an upload (the size is checked before reading)."""
     import os
 
@@ -107,7 +120,7 @@ def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: i
     if size > max_bytes:
         raise ImageError(413, f"{path} is {size} bytes; the limit is {max_bytes} bytes")
     with open(path, "rb") as handle:
-        return decode_image(handle.read(), max_bytes=max_bytes, max_pixels=max_pixels)
+        return decode_image(handle.read(), max_bytes=max_bytes, max_pixels=max_pixels, min_side=min_side)
 
 
 def file_loader(settings: Settings) -> Callable[[str], Image.Image]:

@@ -47,8 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.state.deployment is not None:
             d = app.state.deployment
             metrics.INDEX_VECTORS.set(len(d.index))
-            log.info("serving model %s with index %s (%d vectors) on %s", d.model_name, d.index_name,
-                     len(d.index), d.device)
+            log.info("serving model %s with index %s (%d vectors) on %s, runtime %s %s", d.model_name,
+                     d.index_name, len(d.index), d.device, d.runner.info.runtime, d.runner.info.precision)
         await app.state.batcher.start()
         watcher = asyncio.create_task(watch_active_version(app, settings), name="hot-swap")
         try:

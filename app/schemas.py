@@ -97,6 +97,9 @@ class ModelVersionOut(BaseModel):
     metrics: dict[str, Any]
     created_at: UtcDatetime
     activated_at: UtcDatetime | None
+    serving: dict[str, Any] | None = Field(
+        None, description="For the model this process serves: its inference runtime, precision, device and the "
+                          "parity check's worst cosine to torch fp32 (models/runtime.py); null for the others.")
 
 
 class IndexVersionOut(BaseModel):

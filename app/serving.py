@@ -1,8 +1,10 @@
-"""The query pipeline every search runs: embed the query image (through the micro-batcher), filter in SQL, search
-the index, join the hits with their rows. Routes (app/api/) parse the request and call these.
+"""The query pipeline every search runs: decode and preprocess the query image, embed it (through the
+micro-batcher), filter in SQL, search the index, join the hits with their rows. Routes (app/api/) parse the
+request and call these.
 
-SQL work takes the request's session (app.api.deps.get_session) and runs in the threadpool, one step at a
-time, so the event loop never waits on the database.
+Each CPU or SQL step runs in the threadpool, so the event loop never waits on it, in as few hops as the pipeline
+allows (decode + preprocess in one, filter + search + join in another): on a 2-core machine every hop is a
+thread switch that the forward pass pays for. SQL work takes the request's session (app.api.deps.get_session).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image as PILImage
 from sqlalchemy import String, cast, select
 from sqlalchemy.orm import Session
@@ -23,7 +26,9 @@ from app.batching import MicroBatcher
 from app.db.models import Image
 from app.deployment import Deployment
 from app.errors import ApiError
+from app.images import decode_image, read_image_file
 from app.schemas import SearchHit, Timings
+from app.settings import Settings
 
 META_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
@@ -102,28 +107,45 @@ def hits_for(session: Session, scores: np.ndarray, ids: np.ndarray) -> list[Sear
     ]
 
 
-async def embed_query(batcher: MicroBatcher, deployment: Deployment, image: PILImage.Image,
-                      clock: StageClock) -> np.ndarray:
+def decode_query(deployment: Deployment, data: bytes, settings: Settings,
+                 clock: StageClock) -> tuple[PILImage.Image, torch.Tensor]:
+    """Decode an uploaded query (JPEGs only as large as the model needs) and preprocess it, in one threadpool
+    hop: (the upright RGB image, the model's input tensor)."""
     t = time.perf_counter()
-    pixels = await run_in_threadpool(deployment.preprocess, image)
-    t = clock.record("preprocess", t)
+    image = decode_image(data, settings.max_upload_bytes, settings.max_image_pixels,
+                         min_side=deployment.decode_min_side)
+    t = clock.record("decode", t)
+    pixels = deployment.preprocess(image)
+    clock.record("preprocess", t)
+    return image, pixels
+
+
+def read_stored_query(deployment: Deployment, uri: str, settings: Settings, clock: StageClock) -> torch.Tensor:
+    """A stored image's file as the model's input tensor (for index types that cannot give its vector back)."""
+    t = time.perf_counter()
+    image = read_image_file(uri, settings.max_upload_bytes, settings.max_image_pixels,
+                            min_side=deployment.decode_min_side)
+    t = clock.record("decode", t)
+    pixels = deployment.preprocess(image)
+    clock.record("preprocess", t)
+    return pixels
+
+
+async def embed_pixels(batcher: MicroBatcher, deployment: Deployment, pixels: torch.Tensor,
+                       clock: StageClock) -> np.ndarray:
+    """One query's vector, through the micro-batcher."""
+    t = time.perf_counter()
     vector = await batcher.embed(deployment, pixels)
     clock.ms["forward"] = (time.perf_counter() - t) * 1000  # queue wait + forward; the batcher observes each
     return vector
 
 
-async def search_and_join(session: Session, deployment: Deployment, vector: np.ndarray, k: int,
-                          filters: Filters, min_score: float | None, clock: StageClock,
-                          exclude: list[int] | None = None) -> list[SearchHit]:
-    """Top-k live images for `vector`: filtered in SQL first (an IDSelector in FAISS), joined with SQL after.
-
-    Rows deleted by another process between index and SQL are dropped and the search repeats without them,
-    so k results come back whenever k live matches exist.
-    """
+def _search_and_join(session: Session, deployment: Deployment, vector: np.ndarray, k: int, filters: Filters,
+                     min_score: float | None, clock: StageClock, exclude: list[int] | None) -> list[SearchHit]:
     allowed = None
     if filters.active:
         t = time.perf_counter()
-        allowed = await run_in_threadpool(allowed_ids, session, filters)
+        allowed = allowed_ids(session, filters)
         clock.record("metadata", t)
         if len(allowed) == 0:
             return []
@@ -133,9 +155,9 @@ async def search_and_join(session: Session, deployment: Deployment, vector: np.n
     for _ in range(3):
         t = time.perf_counter()
         exclude_ids = np.asarray(excluded, dtype=np.int64) if excluded else None
-        scores, ids = await run_in_threadpool(deployment.search, queries, k, allowed, exclude_ids)
+        scores, ids = deployment.search(queries, k, allowed, exclude_ids)
         t = clock.record("search", t)
-        hits = await run_in_threadpool(hits_for, session, scores[0], ids[0])
+        hits = hits_for(session, scores[0], ids[0])
         clock.record("metadata", t)
         found = [int(i) for i in ids[0] if i >= 0]
         dropped = set(found) - {h.id for h in hits}
@@ -147,9 +169,14 @@ async def search_and_join(session: Session, deployment: Deployment, vector: np.n
     return hits[:k]
 
 
-async def search_by_image(session: Session, batcher: MicroBatcher, deployment: Deployment,
-                          image: PILImage.Image, k: int, filters: Filters, min_score: float | None,
-                          clock: StageClock) -> list[SearchHit]:
-    """Embed `image` and return its top-k live neighbours (the whole pipeline of POST /v1/search)."""
-    vector = await embed_query(batcher, deployment, image, clock)
-    return await search_and_join(session, deployment, vector, k, filters, min_score, clock)
+async def search_and_join(session: Session, deployment: Deployment, vector: np.ndarray, k: int,
+                          filters: Filters, min_score: float | None, clock: StageClock,
+                          exclude: list[int] | None = None) -> list[SearchHit]:
+    """Top-k live images for `vector`: filtered in SQL first (an IDSelector in FAISS), joined with SQL after,
+    all in one threadpool hop.
+
+    Rows deleted by another process between index and SQL are dropped and the search repeats without them,
+    so k results come back whenever k live matches exist.
+    """
+    return await run_in_threadpool(_search_and_join, session, deployment, vector, k, filters, min_score, clock,
+                                   exclude)

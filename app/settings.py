@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,18 @@ class Settings(BaseSettings):
             "efficientnet_lite012_gem, all three trunks, ~3.9x slower)."
         ),
     )
+    runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto",
+        description=(
+            "Inference runtime: 'auto' is OpenVINO on CPU (then ONNX Runtime, then torch) and torch with autocast "
+            "on CUDA; a runtime that is missing or fails its parity check falls back to torch."
+        ),
+    )
+    inference_precision: Literal["auto", "fp32"] = Field(
+        "auto", description="'auto': the runtime's fastest precision that passes the parity check (bf16 where the "
+                            "CPU or GPU has it); 'fp32' forces fp32."
+    )
+    inference_threads: int = Field(0, description="Threads the inference runtime may use (0: all cores).")
     demo_source: Path | None = Field(
         None, description="Folder or CSV manifest `retrieval demo` indexes instead of exporting Fashion-MNIST."
     )

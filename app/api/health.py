@@ -42,7 +42,8 @@ async def readyz(request: Request) -> JSONResponse:
         detail["index"] = serving.load_error or "no active index; run `retrieval index build SOURCE`"
     else:
         detail.update(model_version=deployment.model_name, index_version=deployment.index_name,
-                      vectors=len(deployment.index), device=str(deployment.device))
+                      vectors=len(deployment.index), device=deployment.device,
+                      runtime=deployment.runner.info.runtime, precision=deployment.runner.info.precision)
     detail["queue_depth"] = state.batcher.depth
     if serving.last_swap is not None:
         detail["last_swap"] = serving.last_swap

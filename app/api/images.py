@@ -7,7 +7,6 @@ import io
 import json
 import os
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path as FsPath
 from typing import Any
@@ -26,9 +25,9 @@ from app.auth import require_read, require_write
 from app.db.models import Image
 from app.deployment import Deployment, ServingState, write_api_embedding
 from app.errors import ApiError
-from app.images import decode_image, read_image_file
+from app.images import read_image_file
 from app.schemas import ErrorBody, ImageOut, ImagePage, ImageUpdate
-from app.serving import Filters, StageClock, embed_query
+from app.serving import Filters, StageClock, decode_query, embed_pixels
 from app.settings import Settings
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
@@ -78,7 +77,7 @@ def _thumbnail_path(settings: Settings, sha256: str, size: int) -> FsPath:
 
 
 def _make_thumbnail(settings: Settings, uri: str, target: FsPath, size: int) -> None:
-    image = read_image_file(uri, settings.max_upload_bytes, settings.max_image_pixels)
+    image = read_image_file(uri, settings.max_upload_bytes, settings.max_image_pixels, min_side=size)
     image.thumbnail((size, size), PILImage.Resampling.LANCZOS)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".thumb.", dir=target.parent)
@@ -179,14 +178,15 @@ def _commit_new_image(request: Request, session: Session, started_on: Deployment
         if deployment is None:
             raise ApiError(503, "no index is active yet", code="not_ready", headers={"Retry-After": "30"})
         if deployment is not started_on:  # swapped while we embedded: embed with the new model instead
-            vector = deployment.embed([image])[0]
+            vector = deployment.forward_batch(deployment.preprocess(image)[None])[0]
         path = _store_bytes(settings, data, sha256, _sniff_format(data))
         row = session.scalar(select(Image).where(Image.sha256 == sha256))
         if row is not None and row.deleted_at is None:
             raise ApiError(409, f"this image is already stored as image {row.id}", code="duplicate",
                            detail={"id": row.id})
         if row is None:
-            row = Image(sha256=sha256, uri=str(path), width=image.width, height=image.height)
+            width, height = image.info.get("full_size", image.size)  # the photo's size, not the decoded draft's
+            row = Image(sha256=sha256, uri=str(path), width=width, height=height)
             session.add(row)
         row.label, row.meta, row.deleted_at, row.uri = label, meta, None, str(path)
         session.flush()
@@ -218,11 +218,9 @@ async def add_image(
     meta = _parse_metadata(metadata)
     data = await file.read()
     clock = StageClock()
-    t = time.perf_counter()
-    image = await run_in_threadpool(decode_image, data, settings.max_upload_bytes, settings.max_image_pixels)
-    clock.record("decode", t)
+    image, pixels = await run_in_threadpool(decode_query, deployment, data, settings, clock)
     sha256 = hashlib.sha256(data).hexdigest()
-    vector = await embed_query(get_batcher(request), deployment, image, clock)
+    vector = await embed_pixels(get_batcher(request), deployment, pixels, clock)
     out = await run_in_threadpool(_commit_new_image, request, session, deployment, image, vector, data, sha256, label,
                                   meta)
     metrics.IMAGES_WRITTEN.labels("added").inc()

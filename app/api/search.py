@@ -22,9 +22,16 @@ from app.api.deps import (
 from app.auth import require_read
 from app.db.models import Image
 from app.errors import ApiError
-from app.images import decode_image, read_image_file
 from app.schemas import ErrorBody, SearchResponse
-from app.serving import Filters, StageClock, embed_query, parse_meta_filters, search_and_join, search_by_image
+from app.serving import (
+    Filters,
+    StageClock,
+    decode_query,
+    embed_pixels,
+    parse_meta_filters,
+    read_stored_query,
+    search_and_join,
+)
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_read)])
 
@@ -48,10 +55,9 @@ async def search(
     filters = Filters(label=label, meta=parse_meta_filters(meta))
     clock = StageClock()
     data = await file.read()
-    t = time.perf_counter()
-    image = await run_in_threadpool(decode_image, data, settings.max_upload_bytes, settings.max_image_pixels)
-    clock.record("decode", t)
-    results = await search_by_image(session, get_batcher(request), deployment, image, k, filters, min_score, clock)
+    _, pixels = await run_in_threadpool(decode_query, deployment, data, settings, clock)
+    vector = await embed_pixels(get_batcher(request), deployment, pixels, clock)
+    results = await search_and_join(session, deployment, vector, k, filters, min_score, clock)
     return SearchResponse(results=results, model_version=deployment.model_name,
                           index_version=deployment.index_name, timings=clock.timings())
 
@@ -85,12 +91,10 @@ async def similar(
     vector = await run_in_threadpool(deployment.reconstruct, image_id)
     if vector is None:  # not in this index type's storage (IVF-PQ) or not indexed: embed its file
         try:
-            image = await run_in_threadpool(read_image_file, uri, settings.max_upload_bytes,
-                                            settings.max_image_pixels)
+            pixels = await run_in_threadpool(read_stored_query, deployment, uri, settings, clock)
         except OSError:
             raise ApiError(404, f"the file of image {image_id} is gone") from None
-        clock.record("decode", t)
-        vector = await embed_query(get_batcher(request), deployment, image, clock)
+        vector = await embed_pixels(get_batcher(request), deployment, pixels, clock)
     results = await search_and_join(session, deployment, vector, k, filters, min_score, clock, exclude=[image_id])
     return SearchResponse(results=results, model_version=deployment.model_name,
                           index_version=deployment.index_name, timings=clock.timings())

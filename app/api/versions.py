@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 
 from app.api.deps import SessionDep
@@ -15,10 +15,16 @@ ERRORS = {code: {"model": ErrorBody} for code in (401, 403)}
 
 
 @router.get("/models", response_model=ModelVersionList, responses=ERRORS)
-def list_models(session: SessionDep) -> ModelVersionList:
-    """Every model version, newest first, with its evaluation metrics and status (candidate/active/retired)."""
+def list_models(request: Request, session: SessionDep) -> ModelVersionList:
+    """Every model version, newest first, with its evaluation metrics and status (candidate/active/retired); the
+    one this process serves also says how (`serving`: runtime, precision, device, parity)."""
     rows = session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).all()
-    return ModelVersionList(items=[ModelVersionOut.model_validate(r) for r in rows])
+    deployment = request.app.state.deployment
+    items = [ModelVersionOut.model_validate(r) for r in rows]
+    for item in items:
+        if deployment is not None and item.name == deployment.model_name:
+            item.serving = deployment.runner.info.as_dict()
+    return ModelVersionList(items=items)
 
 
 @router.get("/indexes", response_model=IndexVersionList, responses=ERRORS)

@@ -24,17 +24,17 @@ from app.settings import Settings
 from index import versions
 
 if TYPE_CHECKING:  # torch loads lazily: the CLI's SQL-only commands start fast
-    from models.embedder import Embedder
+    from models.runtime import Runner
 
 
 class _DecodeDataset:
     """Map-style dataset over (id, uri) arrays; returns (id, preprocessed tensor or None, failure reason)."""
 
     def __init__(self, ids: np.ndarray, uris: np.ndarray, transform: Any, max_bytes: int,
-                 max_pixels: int) -> None:
+                 max_pixels: int, min_side: int) -> None:
         # numpy arrays, not Python lists: forked workers then share the pages instead of copying them.
         self.ids, self.uris, self.transform = ids, uris, transform
-        self.max_bytes, self.max_pixels = max_bytes, max_pixels
+        self.max_bytes, self.max_pixels, self.min_side = max_bytes, max_pixels, min_side
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -42,7 +42,8 @@ class _DecodeDataset:
     def __getitem__(self, i: int) -> tuple[int, Any, str, str]:
         uri = self.uris[i].decode("utf-8")
         try:
-            image = read_image_file(uri, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+            image = read_image_file(uri, max_bytes=self.max_bytes, max_pixels=self.max_pixels,
+                                    min_side=self.min_side)
             return int(self.ids[i]), self.transform(image), "", uri
         except ImageError as exc:
             return int(self.ids[i]), None, exc.message, uri
@@ -69,8 +70,7 @@ def _uris(session: Session, ids: np.ndarray) -> np.ndarray:
 def embed_missing(settings: Settings, model: ModelVersion, candidates: np.ndarray | None, report: BuildReport,
                   progress: bool, stem_prefix: str = "run") -> None:
     """Embed live images (all, or `candidates`) that have no stored embedding for `model`."""
-    from models.checkpoint import load_checkpoint
-    from models.embedder import resolve_device
+    from app.inference import load_runner
 
     store = settings.embeddings_dir(model.name)
     with session_scope(settings.resolved_database_url) as session:
@@ -79,11 +79,12 @@ def embed_missing(settings: Settings, model: ModelVersion, candidates: np.ndarra
     todo = np.setdiff1d(todo, versions.embedded_ids(store))
     if len(todo) == 0:
         return
-    embedder = load_checkpoint(model.path, resolve_device(settings.device))
-    embed_into_store(settings, embedder, store, todo, report, progress, stem_prefix, settings.num_workers)
+    # The service's own runtime and precision: stored vectors and query vectors come from the same arithmetic.
+    runner = load_runner(settings, model.path)
+    embed_into_store(settings, runner, store, todo, report, progress, stem_prefix, settings.num_workers)
 
 
-def embed_into_store(settings: Settings, embedder: Embedder, store: Path, ids: np.ndarray, report: BuildReport,
+def embed_into_store(settings: Settings, runner: Runner, store: Path, ids: np.ndarray, report: BuildReport,
                      progress: bool, stem_prefix: str, num_workers: int,
                      on_stored: Callable[[np.ndarray, np.ndarray], None] | None = None) -> None:
     """Embed images `ids` from their files into embedding shards under `store`, flushed every
@@ -98,11 +99,11 @@ def embed_into_store(settings: Settings, embedder: Embedder, store: Path, ids: n
     url = settings.resolved_database_url
     with session_scope(url) as session:
         uris = _uris(session, ids)
-    device = next(embedder.parameters()).device
-    dataset = _DecodeDataset(ids, uris, eval_transform(embedder.config), settings.max_upload_bytes,
-                             settings.max_image_pixels)
+    config = runner.config
+    dataset = _DecodeDataset(ids, uris, eval_transform(config), settings.max_upload_bytes,
+                             settings.max_image_pixels, min_side=config.resize_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=num_workers,
-                                         collate_fn=_collate, pin_memory=device.type == "cuda")
+                                         collate_fn=_collate, pin_memory=runner.info.device.startswith("cuda"))
     buf_ids: list[np.ndarray] = []
     buf_vecs: list[np.ndarray] = []
     run_tag = f"{stem_prefix}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{os.getpid()}"
@@ -124,8 +125,7 @@ def embed_into_store(settings: Settings, embedder: Embedder, store: Path, ids: n
     pending_failures: list[tuple[int, str, str]] = []
     for batch_ids, batch, failed in loader:
         if batch is not None:
-            with torch.inference_mode():
-                vectors = embedder(batch.to(device, non_blocking=True)).float().cpu().numpy()
+            vectors = runner.run(batch)
             buf_ids.append(batch_ids)
             buf_vecs.append(vectors)
             report.embedded += len(batch_ids)
