@@ -55,7 +55,10 @@ class Settings(BaseSettings):
 
     # Micro-batching of concurrent queries onto the device.
     max_batch_size: int = Field(16, description="Most concurrent queries coalesced into one forward pass.")
-    max_batch_wait_ms: float = Field(5.0, description="How long a query waits for others to join its batch.")
+    max_batch_wait_ms: float = Field(
+        0.0, description="How long a query waits for others to join its batch (0: none; queries that arrive while a "
+                         "forward pass runs still share the next one)."
+    )
     max_queue: int = Field(256, description="Queued queries beyond which the service answers 503.")
     retry_after_s: int = Field(1, description="Retry-After seconds sent with a 503 when the queue is full.")
 

@@ -1,22 +1,32 @@
-"""Service benchmark: a real uvicorn server on loopback, N concurrent clients posting real JPEGs to /v1/search.
+"""Service benchmark: the service, a naive baseline server and each runtime's model-only throughput, in one run.
 
-For each concurrency level (default 1, 8, 32, 64) it reports queries/s and p50 / p99 latency, with dynamic
-micro-batching on and then off (max_batch_size=1), in the same run, on the same corpus and model. The mean
-batch size comes from the server's own /metrics.
+1. Model-only img/s of every available runtime at batch 1 / 8 / 32 (same weights, same preprocessed inputs):
+   the ceiling each runtime sets, measured in this run so ratios hold on a noisy shared machine.
+2. The batch build of the corpus (`retrieval index build`'s own code), images/s, beside the model-only figure
+   of the runtime it used.
+3. `retrieval serve` with its defaults and the naive server (bench/naive_server.py: FastAPI + timm, one eager
+   torch forward per request, faiss Flat; same weights, index and rows), under 1 / 8 / 32 concurrent clients
+   posting real JPEGs to /v1/search: queries/s, p50, p99, errors, for two query sets: small JPEGs (cub100 crops,
+   227 px) and 12-megapixel photos (cub100 crops enlarged to 4000x3000 with film grain, JPEG q 90).
 
-    .venv/bin/python bench/service_bench.py                       # efficientnet_lite0 on CPU
-    .venv/bin/python bench/service_bench.py --device cuda --requests 400
+The load comes from wrk (Debian package `wrk`; C, one thread, closed loop: each connection sends its next query
+when the last is answered), so the client costs the 2-core machine little. The corpus is cub100 from ../shared
+(synthetic images when it is absent, said in the output).
 
-Not a test: it prints a Markdown table (and --json writes the rows).
+    .venv/bin/python bench/service_bench.py                           # Lite0 on CPU, ~12 min
+    .venv/bin/python bench/service_bench.py --embedder efficientnet_lite012_gem --seconds 10
+
+Not a test: it prints Markdown tables (and --json writes every row).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,10 +40,49 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.live_server import LiveServer  # noqa: E402 - after the repo is on sys.path
+from tests.postgres import free_port  # noqa: E402
+
+CUB = REPO.parent / "shared" / "data" / "cub100" / "images"
+
+WRK_SCRIPT = r"""
+local bodies = {}
+local boundary = "----service-bench-boundary"
+init = function(args)
+  for _, path in ipairs(args) do
+    local f = assert(io.open(path, "rb"))
+    local data = f:read("*all")
+    f:close()
+    bodies[#bodies + 1] = "--" .. boundary .. "\r\nContent-Disposition: form-data; name=\"k\"\r\n\r\n10\r\n"
+      .. "--" .. boundary .. "\r\nContent-Disposition: form-data; name=\"file\"; filename=\"q.jpg\"\r\n"
+      .. "Content-Type: image/jpeg\r\n\r\n" .. data .. "\r\n--" .. boundary .. "--\r\n"
+  end
+end
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("POST", "/v1/search",
+    {["Content-Type"] = "multipart/form-data; boundary=" .. boundary}, bodies[(n % #bodies) + 1])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"requests": %d, "duration_us": %d, "errors": %d, "p50_us": %d, "p99_us": %d}\n',
+    summary.requests, summary.duration, e.status + e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
 
 
-def synthetic_jpeg(rng: np.random.Generator, size: int = 256) -> bytes:
-    """A photo-sized JPEG with structure (colour blocks, stripes, noise), so decode and resize do real work."""
+def photo_jpeg(source: Path, size: tuple[int, int], seed: int) -> bytes:
+    """A 12-megapixel 'phone photo': a real image enlarged, with sensor-like grain so it compresses like one."""
+    rng = np.random.default_rng(seed)
+    image = Image.open(source).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 6, (size[1], size[0], 3)).astype(np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def synthetic_jpeg(rng: np.random.Generator, size: int = 227) -> bytes:
     base = rng.integers(0, 255, size=3).astype(np.float32)
     img = np.tile(base, (size, size, 1))
     period = int(rng.integers(6, 40))
@@ -44,122 +93,241 @@ def synthetic_jpeg(rng: np.random.Generator, size: int = 256) -> bytes:
     return buf.getvalue()
 
 
-def make_corpus(root: Path, n: int, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        label = f"class{i % 10}"
-        (root / label).mkdir(parents=True, exist_ok=True)
-        (root / label / f"{i}.jpg").write_bytes(synthetic_jpeg(rng))
-    return root
+def prepare_images(root: Path, corpus_size: int, small: int, photos: int) -> tuple[Path, list[Path], list[Path], str]:
+    """(corpus folder, small query files, 12-MP query files, where the images came from)."""
+    corpus, small_dir, photo_dir = root / "corpus", root / "queries-small", root / "queries-12mp"
+    for d in (corpus, small_dir, photo_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    if CUB.is_dir():
+        files = sorted(CUB.rglob("*.jpg"))
+        rng = np.random.default_rng(0)
+        order = rng.permutation(len(files))
+        chosen = [files[i] for i in order[: corpus_size + small]]
+        for path in chosen[:corpus_size]:
+            (corpus / path.parent.name).mkdir(exist_ok=True)
+            shutil.copy(path, corpus / path.parent.name / path.name)
+        queries = chosen[corpus_size:]
+        origin = f"cub100 ({CUB})"
+    else:
+        rng = np.random.default_rng(0)
+        for i in range(corpus_size):
+            (corpus / f"class{i % 10}").mkdir(exist_ok=True)
+            (corpus / f"class{i % 10}" / f"{i}.jpg").write_bytes(synthetic_jpeg(rng))
+        queries = []
+        for i in range(small):
+            path = small_dir / f"synthetic-{i}.jpg"
+            path.write_bytes(synthetic_jpeg(rng))
+            queries.append(path)
+        origin = "synthetic images (../shared/data/cub100 is absent)"
+    small_files = []
+    for i, path in enumerate(queries[:small]):
+        target = small_dir / f"{i:03d}.jpg"
+        shutil.copy(path, target)
+        small_files.append(target)
+    photo_files = []
+    for i, path in enumerate(queries[:photos]):
+        target = photo_dir / f"{i:03d}.jpg"
+        target.write_bytes(photo_jpeg(path, (4000, 3000), seed=i))
+        photo_files.append(target)
+    return corpus, small_files, photo_files, origin
 
 
-def batch_stats(url: str) -> tuple[float, float]:
-    total = count = 0.0
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("retrieval_batch_size_sum"):
-            total = float(line.split()[-1])
-        elif line.startswith("retrieval_batch_size_count"):
-            count = float(line.split()[-1])
-    return total, count
+RUNTIME_LABELS = ["torch fp32 NCHW", "torch fp32 channels_last", "onnxruntime fp32", "openvino fp32",
+                  "openvino default precision"]
 
 
-async def load(url: str, queries: list[bytes], clients: int, requests: int) -> dict[str, float]:
-    latencies: list[float] = []
-    failures = 0
-    next_request = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+def model_only(checkpoint: Path, label: str, batch_sizes: list[int], seconds: float, threads: int) -> dict:
+    """img/s of one runtime (`label`) on the checkpoint's weights, at each batch size; run in a child process."""
+    import torch
 
-        async def worker() -> None:
-            nonlocal next_request, failures
-            while next_request < requests:
-                i = next_request
-                next_request += 1
-                start = time.perf_counter()
-                response = await client.post("/v1/search", files={"file": ("q.jpg", queries[i % len(queries)],
-                                                                           "image/jpeg")}, data={"k": "10"})
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - start)
-                else:
-                    failures += 1
+    from models.checkpoint import load_checkpoint
+    from models.export import ensure_onnx, export_dir
+    from models.runtime import OnnxRuntimeRunner, OpenVinoRunner, TorchRunner, synthetic_probe
 
-        # Warm-up: one request per client, not measured.
-        await asyncio.gather(*(client.post("/v1/search", files={"file": ("q.jpg", queries[0], "image/jpeg")})
-                               for _ in range(min(clients, 8))))
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - start
-    ms = np.array(latencies) * 1000
-    return {"qps": len(latencies) / wall, "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
-            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else float("nan"), "errors": failures,
-            "requests": len(latencies)}
+    embedder = load_checkpoint(checkpoint).eval()
+    config = embedder.config
+
+    class EagerNCHW:  # what the naive server (and this service before the runtime layer) runs
+        info = type("Info", (), {"precision": "fp32"})()
+
+        def run(self, pixels: torch.Tensor) -> np.ndarray:
+            with torch.inference_mode():
+                return embedder(pixels).numpy()
+
+    makers = {"torch fp32 NCHW": EagerNCHW,
+              "torch fp32 channels_last": lambda: TorchRunner(embedder, torch.device("cpu")),
+              "onnxruntime fp32": lambda: OnnxRuntimeRunner(ensure_onnx(embedder, export_dir(checkpoint)), config,
+                                                            torch.device("cpu"), threads),
+              "openvino fp32": lambda: OpenVinoRunner(ensure_onnx(embedder, export_dir(checkpoint)), config, "fp32",
+                                                      threads),
+              "openvino default precision": lambda: OpenVinoRunner(ensure_onnx(embedder, export_dir(checkpoint)),
+                                                                   config, "auto", threads)}
+    try:
+        runner = makers[label]()
+    except ImportError as exc:
+        return {"runtime": label, "missing": str(exc)}
+    row: dict = {"runtime": label, "precision": runner.info.precision}
+    for b in batch_sizes:
+        pixels = synthetic_probe(config, b, seed=b)
+        runner.run(pixels)  # warm-up
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            runner.run(pixels)
+            done += b
+        row[f"b{b}"] = done / (time.perf_counter() - start)
+    return row
+
+
+def run_wrk(url: str, files: list[Path], clients: int, seconds: float, script: Path) -> dict:
+    command = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:.0f}s", "--timeout", "60s", "-s", str(script), url, "--",
+               *map(str, files)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    ok = result["requests"] - result["errors"]
+    return {"qps": ok / (result["duration_us"] / 1e6), "p50_ms": result["p50_us"] / 1000,
+            "p99_ms": result["p99_us"] / 1000, "errors": result["errors"], "requests": result["requests"]}
+
+
+def start_naive(data_dir: Path, checkpoint: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ) | {"RETRIEVAL_DATA_DIR": str(data_dir), "NAIVE_MODEL_DIR": str(checkpoint)}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--port", str(port),
+                             "--log-level", "warning"], cwd=REPO, env=env, stdout=log.open("ab"),
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"naive server exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("naive server not ready in 180 s")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", default="1,8,32,64", help="comma-separated concurrency levels")
-    parser.add_argument("--requests", type=int, default=0,
-                        help="requests per level (default: max(40, 4 x clients))")
-    parser.add_argument("--corpus", type=int, default=500, help="images in the index")
+    parser.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
+    parser.add_argument("--seconds", type=float, default=20, help="seconds of load per level")
+    parser.add_argument("--corpus", type=int, default=1000, help="images in the index")
     parser.add_argument("--embedder", default="efficientnet_lite0", help="preset name or checkpoint dir")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-batch-wait-ms", type=float, default=5.0)
-    parser.add_argument("--data-dir", help="reuse a data dir (default: a temporary one)")
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--model-seconds", type=float, default=3, help="seconds per model-only measurement")
+    parser.add_argument("--sets", default="small,12mp", help="query sets to run")
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for retrieval serve")
+    parser.add_argument("--json", help="also write every row here")
+    parser.add_argument("--model-only", help=argparse.SUPPRESS)  # child process: measure one runtime
+    parser.add_argument("--runtime-label", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.model_only:
+        row = model_only(Path(args.model_only), args.runtime_label, [1, 8, 32], args.model_seconds,
+                         len(os.sched_getaffinity(0)))
+        print("MODEL " + json.dumps(row), flush=True)
+        return 0
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (apt-get install wrk): it generates the load", file=sys.stderr)
+        return 2
 
     from app.db.migrate import upgrade
-    from app.indexing import build_index
+    from app.db.models import ModelVersion
+    from app.db.session import session_scope
+    from app.registry import active_index
     from app.settings import Settings
 
-    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="service-bench-"))
-    settings = Settings(data_dir=data_dir, embedder=args.embedder, device=args.device, num_workers=0)
+    root = Path(tempfile.mkdtemp(prefix="service-bench-"))
+    corpus, small, photos, origin = prepare_images(root, args.corpus, small=64, photos=16)
+    print(f"corpus: {args.corpus} images from {origin}; queries: {len(small)} small JPEGs, {len(photos)} "
+          f"12-MP photos (mean {np.mean([p.stat().st_size for p in photos]) / 1e6:.1f} MB)", flush=True)
+    data_dir = root / "data"
+    settings = Settings(data_dir=data_dir, embedder=args.embedder, device="cpu")
     data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
-    corpus = data_dir / "corpus"
-    if not corpus.exists():
-        make_corpus(corpus, args.corpus)
-    build_index(settings, corpus, progress=False)
-    rng = np.random.default_rng(123)
-    queries = [synthetic_jpeg(rng) for _ in range(64)]
+    env = dict(os.environ) | {"RETRIEVAL_DATA_DIR": str(data_dir), "RETRIEVAL_EMBEDDER": args.embedder,
+                              "RETRIEVAL_DEVICE": "cpu"}
+    env |= dict(item.split("=", 1) for item in args.server_env)
+    # Runtimes run in child processes only (the build, the model-only runs, the servers): this one just measures.
+    build = subprocess.run([sys.executable, "-m", "app.cli", "index", "build", str(corpus)], cwd=REPO, env=env,
+                           capture_output=True, text=True, check=True)
+    build_line = next(line for line in build.stdout.splitlines() if line.startswith("embedded "))
+    build_img_s = float(build_line.split(": ")[-1].split()[0])
+    with session_scope(settings.resolved_database_url) as session:
+        checkpoint = Path(session.get(ModelVersion, active_index(session).model_version_id).path)
+    threads = len(os.sched_getaffinity(0))
+    print(f"build: {build_line}", flush=True)
+
+    print("model-only img/s:", flush=True)
+    model_rows = []
+    for label in RUNTIME_LABELS:
+        child = subprocess.run([sys.executable, __file__, "--model-only", str(checkpoint), "--runtime-label", label,
+                                "--model-seconds", str(args.model_seconds)], cwd=REPO, capture_output=True,
+                               text=True)
+        line = next((x for x in child.stdout.splitlines() if x.startswith("MODEL ")), None)
+        if line is None:
+            print(f"  {label}: failed\n{child.stderr[-2000:]}", flush=True)
+            continue
+        row = json.loads(line[6:])
+        if row.get("missing"):
+            print(f"  {label}: not installed ({row['missing']})", flush=True)
+            continue
+        model_rows.append(row)
+        print(f"  {label:<30} " + "  ".join(f"b={b}: {row[f'b{b}']:6.1f}" for b in (1, 8, 32)), flush=True)
+    best = max((max(r["b1"], r["b8"], r["b32"]), r["runtime"]) for r in model_rows)
+
+    script = root / "search.lua"
+    script.write_text(WRK_SCRIPT)
     levels = [int(c) for c in args.clients.split(",")]
-    base_env = dict(os.environ) | {"RETRIEVAL_DATA_DIR": str(data_dir), "RETRIEVAL_EMBEDDER": args.embedder,
-                                   "RETRIEVAL_DEVICE": args.device, "RETRIEVAL_MAX_QUEUE": "1024"}
-    modes = {
-        "batching on": {"RETRIEVAL_MAX_BATCH_SIZE": str(args.max_batch_size),
-                        "RETRIEVAL_MAX_BATCH_WAIT_MS": str(args.max_batch_wait_ms)},
-        "batching off": {"RETRIEVAL_MAX_BATCH_SIZE": "1", "RETRIEVAL_MAX_BATCH_WAIT_MS": "0"},
-    }
-    rows = []
-    for mode, env in modes.items():
-        log = data_dir / f"server-{mode.replace(' ', '-')}.log"
-        with LiveServer(base_env | env, log, ["--log-level", "warning"]).start(timeout=180) as server:
-            for clients in levels:
-                requests = args.requests or max(40, 4 * clients)
-                before = batch_stats(server.base_url)
-                result = asyncio.run(load(server.base_url, queries, clients, requests))
-                after = batch_stats(server.base_url)
-                passes = after[1] - before[1]
-                result.update(mode=mode, clients=clients,
-                              mean_batch=(after[0] - before[0]) / passes if passes else float("nan"))
-                rows.append(result)
-                print(f"{mode:>12} {clients:>3} clients: {result['qps']:7.1f} q/s  p50 {result['p50_ms']:7.1f} ms  "
-                      f"p99 {result['p99_ms']:7.1f} ms  mean batch {result['mean_batch']:.1f}", flush=True)
+    sets = {"small": small, "12mp": photos}
+    chosen_sets = [s for s in args.sets.split(",") if s]
+    rows: list[dict] = []
+    servers = [("retrieval serve", None)] + ([] if args.skip_naive else [("naive", None)])
+    for server_name, _ in servers:
+        log = root / f"{server_name.replace(' ', '-')}.log"
+        if server_name == "naive":
+            proc, url = start_naive(data_dir, checkpoint, log)
+            stop = proc.terminate
+            served = "torch fp32 NCHW"
+        else:
+            live = LiveServer(env, log, ["--log-level", "warning"]).start(timeout=300)
+            url, stop = live.base_url, live.stop
+            ready = httpx.get(f"{url}/readyz").json()["detail"]
+            served = f"{ready['runtime']} {ready['precision']}"
+        try:
+            for set_name in chosen_sets:
+                run_wrk(url, sets[set_name], 4, 3, script)  # warm-up, not measured
+                for clients in levels:
+                    result = run_wrk(url, sets[set_name], clients, args.seconds, script)
+                    result.update(server=server_name, served=served, set=set_name, clients=clients)
+                    rows.append(result)
+                    print(f"  {server_name:<16} {set_name:<5} {clients:>3} clients: {result['qps']:7.1f} q/s  "
+                          f"p50 {result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms  "
+                          f"errors {result['errors']}", flush=True)
+        finally:
+            stop()
 
-    import torch
-
-    device = args.device if args.device == "cpu" else torch.cuda.get_device_name(0)
-    print(f"\nmodel {args.embedder}, {args.corpus} images, device {device}, {os.cpu_count()} CPU cores, "
-          f"batching on = max_batch_size {args.max_batch_size}, max_batch_wait_ms {args.max_batch_wait_ms}\n")
-    print("| clients | batching | queries/s | p50 ms | p99 ms | mean batch | errors |")
-    print("|--:|---|--:|--:|--:|--:|--:|")
-    for clients in levels:
-        for row in (r for r in rows if r["clients"] == clients):
-            print(f"| {clients} | {row['mode'].split()[1]} | {row['qps']:.1f} | {row['p50_ms']:.1f} | "
-                  f"{row['p99_ms']:.1f} | {row['mean_batch']:.1f} | {row['errors']} |")
+    print(f"\nmodel {args.embedder}, {args.corpus}-image corpus, CPU ({threads} cores), wrk closed loop, "
+          f"{args.seconds:.0f} s per level\n")
+    print("| runtime | precision | b=1 | b=8 | b=32 |")
+    print("|---|---|--:|--:|--:|")
+    for r in model_rows:
+        print(f"| {r['runtime']} | {r['precision']} | {r['b1']:.0f} | {r['b8']:.0f} | {r['b32']:.0f} |")
+    print(f"\nbuild: {build_line}\n")
+    print("| query set | clients | server | runtime | queries/s | p50 ms | p99 ms | errors | x naive | "
+          "x best model-only |")
+    print("|---|--:|---|---|--:|--:|--:|--:|--:|--:|")
+    for row in rows:
+        naive = next((r for r in rows if r["server"] == "naive" and r["set"] == row["set"]
+                      and r["clients"] == row["clients"]), None)
+        ratio = f"{row['qps'] / naive['qps']:.2f}" if naive and naive["qps"] else "-"
+        print(f"| {row['set']} | {row['clients']} | {row['server']} | {row['served']} | {row['qps']:.1f} | "
+              f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['errors']} | {ratio} | {row['qps'] / best[0]:.2f} |")
+    print(f"\nbest model-only: {best[0]:.0f} img/s ({best[1]})")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"model_only": model_rows, "service": rows,
+                                               "build_img_s": build_img_s}, indent=2))
     return 0
 
 
