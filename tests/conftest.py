@@ -1,5 +1,11 @@
 """Shared fixtures: a migrated database on SQLite and on a real PostgreSQL server, settings on a temp data dir,
-small generated images. The real uvicorn server for the API tests is tests/live_server.py."""
+small generated images, the CLI run in-process.
+
+Where a test runs: routes and error bodies through the app in-process (tests/test_api_helpers.py: app_client);
+a real uvicorn server (tests/live_server.py) only where the server process is the point (kill -9, concurrency
+and overload under real HTTP, the page in Chromium, the compose topology). Tests whose outcome depends on SQL
+(queries, filters, migrations, the job queue, durability) take `database_url` and run on both databases; the
+others run once, on SQLite (migrated_url("sqlite", ...))."""
 
 from __future__ import annotations
 
