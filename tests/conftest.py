@@ -1,11 +1,18 @@
 """Shared fixtures: a migrated database on SQLite and on a real PostgreSQL server, settings on a temp data dir,
-small generated images. The real uvicorn server for the API tests is tests/live_server.py."""
+small generated images, the CLI run in-process.
+
+Where a test runs: routes and error bodies through the app in-process (tests/test_api_helpers.py: app_client);
+a real uvicorn server (tests/live_server.py) only where the server process is the point (kill -9, concurrency
+and overload under real HTTP, the page in Chromium, the compose topology). Tests whose outcome depends on SQL
+(queries, filters, migrations, the job queue, durability) take `database_url` and run on both databases; the
+others run once, on SQLite (migrated_url("sqlite", ...))."""
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +67,53 @@ def make_settings(data_dir: Path, database_url: str, **overrides):
     return Settings(**values)
 
 
+SETTINGS_ENV_FIELDS = ("data_dir", "database_url", "embedder", "num_workers", "batch_size", "device")
+
+
 def settings_env(settings) -> dict[str, str]:
     """The same settings as RETRIEVAL_* environment variables, for subprocesses."""
     env = dict(os.environ)
-    for name in ("data_dir", "database_url", "embedder", "num_workers", "batch_size", "device"):
+    for name in SETTINGS_ENV_FIELDS:
         env[f"RETRIEVAL_{name.upper()}"] = str(getattr(settings, name))
     return env
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., CliResult]]:
+    """`retrieval ARGS` run in this process: the console script's own main(), configured only through RETRIEVAL_*
+    variables (`settings`' as settings_env() gives them to a subprocess, plus `env`), its exit status, stdout and
+    stderr captured. A subprocess would spend seconds importing torch for each call; use one where the process
+    itself is the point (a signal, a kill, a second process)."""
+    from app import cli
+    from app.settings import get_settings
+
+    def run(settings, *args: str, **env: object) -> CliResult:
+        for key in [k for k in os.environ if k.startswith("RETRIEVAL_")]:
+            monkeypatch.delenv(key)
+        for name in SETTINGS_ENV_FIELDS:
+            monkeypatch.setenv(f"RETRIEVAL_{name.upper()}", str(getattr(settings, name)))
+        for name, value in env.items():
+            monkeypatch.setenv(f"RETRIEVAL_{name.upper()}", str(value))
+        get_settings.cache_clear()  # read the variables above, as a new process would
+        capsys.readouterr()
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:  # argparse errors exit(2)
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            get_settings.cache_clear()
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    yield run
+    get_settings.cache_clear()
 
 
 CLASS_COLOURS = {

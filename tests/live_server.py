@@ -1,5 +1,5 @@
-"""`retrieval serve` in a real uvicorn subprocess on loopback; shared by the API tests and bench/service_bench.py
-(no pytest here, so a benchmark can import it)."""
+"""`retrieval serve` in a real uvicorn subprocess on loopback, for the tests where the server process is the
+point, and for bench/service_bench.py (no pytest here, so a benchmark can import it)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Every endpoint through one real uvicorn server (SQLite, tiny embedder): add/get/list/update/delete, search by
-upload and by stored image with filters and a score threshold, thumbnails, versions, health, metrics, errors."""
+"""Every endpoint through the app in-process (tiny embedder): add/get/list/update/delete, search by upload and by
+stored image with filters and a score threshold, thumbnails, versions, health, metrics, errors. The routes do not
+depend on the server process, so no uvicorn here; the add/search/filter/list/delete round trip, the SQL-heavy
+one, runs on SQLite and on PostgreSQL, the rest on SQLite."""
 
 from __future__ import annotations
 
@@ -10,28 +12,41 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.conftest import CLASS_COLOURS, DATABASES, class_image, jpeg_bytes, migrated_url
-from tests.live_server import LiveServer
-from tests.test_api_helpers import build_served_corpus, start_server, upload
+from tests.test_api_helpers import app_client, build_served_corpus, upload
+
+
+def served(kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           ) -> Iterator[TestClient]:
+    tmp = tmp_path_factory.mktemp(f"api-{kind}")
+    settings = build_served_corpus(tmp, migrated_url(kind, request, tmp), max_upload_bytes=200_000)
+    with app_client(settings) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """One app over 20 images on SQLite, shared by the module: each test leaves the corpus as it found it."""
+    yield from served("sqlite", request, tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=DATABASES)
-def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    tmp = tmp_path_factory.mktemp("api")
-    url = migrated_url(request.param, request, tmp)
-    settings = build_served_corpus(tmp, url)
-    server = start_server(settings, tmp / "server.log", max_upload_bytes=200_000)
-    yield server
-    server.stop()
+def api_on_each_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                   api: TestClient) -> Iterator[TestClient]:
+    if request.param == "sqlite":
+        yield api
+    else:
+        yield from served(request.param, request, tmp_path_factory)
 
 
-def add(base: str, image: Image.Image, label: str | None = None, **meta: object) -> httpx.Response:
+def add(client: TestClient, image: Image.Image, label: str | None = None, **meta: object) -> httpx.Response:
     form: dict[str, object] = {"metadata": json.dumps(meta)}
     if label is not None:
         form["label"] = label
-    return upload(base, jpeg_bytes(image), path="/v1/images", **form)
+    return upload(client, jpeg_bytes(image), path="/v1/images", **form)
 
 
 def result_ids(response: httpx.Response) -> list[int]:
@@ -39,22 +54,21 @@ def result_ids(response: httpx.Response) -> list[int]:
     return [hit["id"] for hit in response.json()["results"]]
 
 
-def test_health_ready_versions(live: LiveServer) -> None:
-    base = live.base_url
-    assert httpx.get(f"{base}/healthz").json() == {"status": "ok", "detail": {}}
-    ready = httpx.get(f"{base}/readyz").json()
+def test_health_ready_versions(api: TestClient) -> None:
+    assert api.get("/healthz").json() == {"status": "ok", "detail": {}}
+    ready = api.get("/readyz").json()
     assert ready["status"] == "ready" and ready["detail"]["vectors"] == 20 and ready["detail"]["database"] == "ok"
-    models = httpx.get(f"{base}/v1/models").json()["items"]
-    indexes = httpx.get(f"{base}/v1/indexes").json()["items"]
+    models = api.get("/v1/models").json()["items"]
+    indexes = api.get("/v1/indexes").json()["items"]
     assert [m["status"] for m in models] == ["active"] and models[0]["dim"] == 64
     assert indexes[0]["status"] == "active" and indexes[0]["name"] == ready["detail"]["index_version"]
     assert indexes[0]["ntotal"] == 20 and "build_seconds" in indexes[0]["metrics"]
 
 
-def test_add_is_searchable_at_once_then_update_list_delete(live: LiveServer) -> None:
-    base = live.base_url
+def test_add_is_searchable_at_once_then_update_list_delete(api_on_each_db: TestClient) -> None:
+    api = api_on_each_db
     image = class_image("blue", seed=4242)
-    created = add(base, image, label="blue", color="navy", year=2021)
+    created = add(api, image, label="blue", color="navy", year=2021)
     assert created.status_code == 201, created.text
     body = created.json()
     image_id = body["id"]
@@ -64,83 +78,82 @@ def test_add_is_searchable_at_once_then_update_list_delete(live: LiveServer) -> 
     assert Path(body["uri"]).name == f"{body['sha256']}.jpg" and "query" not in body["uri"]
 
     # Searchable as soon as the 201 is back: the same bytes come back first, with a score of ~1.
-    hits = upload(base, jpeg_bytes(image), k=3).json()["results"]
+    hits = upload(api, jpeg_bytes(image), k=3).json()["results"]
     assert hits[0]["id"] == image_id and hits[0]["score"] > 0.99
     assert hits[0]["thumbnail_url"] == f"/v1/images/{image_id}/thumbnail"
 
-    duplicate = add(base, image, label="blue")
+    duplicate = add(api, image, label="blue")
     assert duplicate.status_code == 409 and duplicate.json()["detail"] == {"id": image_id}
 
     # Metadata filters (string and number), label filter, and the score threshold.
-    assert result_ids(upload(base, jpeg_bytes(image), k=5, meta=["color=navy"])) == [image_id]
-    assert result_ids(upload(base, jpeg_bytes(image), k=5, meta=["color=navy", "year=2021"])) == [image_id]
-    assert result_ids(upload(base, jpeg_bytes(image), k=5, meta=["color=red"])) == []
-    red = result_ids(upload(base, jpeg_bytes(image), k=50, label="red"))
+    assert result_ids(upload(api, jpeg_bytes(image), k=5, meta=["color=navy"])) == [image_id]
+    assert result_ids(upload(api, jpeg_bytes(image), k=5, meta=["color=navy", "year=2021"])) == [image_id]
+    assert result_ids(upload(api, jpeg_bytes(image), k=5, meta=["color=red"])) == []
+    red = result_ids(upload(api, jpeg_bytes(image), k=50, label="red"))
     assert len(red) == 5  # all 5 red images, even though they are not the nearest ones
-    strict = upload(base, jpeg_bytes(image), k=50, min_score=0.999).json()["results"]
+    strict = upload(api, jpeg_bytes(image), k=50, min_score=0.999).json()["results"]
     assert [h["id"] for h in strict] == [image_id]
 
     # Search by stored image: itself excluded, filters apply.
-    similar = httpx.get(f"{base}/v1/images/{image_id}/similar", params={"k": 4}).json()["results"]
+    similar = api.get(f"/v1/images/{image_id}/similar", params={"k": 4}).json()["results"]
     assert len(similar) == 4 and image_id not in [h["id"] for h in similar]
-    assert all(h["label"] == "green" for h in httpx.get(
-        f"{base}/v1/images/{image_id}/similar", params={"k": 3, "label": "green"}).json()["results"])
+    assert all(h["label"] == "green" for h in api.get(
+        f"/v1/images/{image_id}/similar", params={"k": 3, "label": "green"}).json()["results"])
 
     # Update: a merge patch on metadata, a new label.
-    patched = httpx.patch(f"{base}/v1/images/{image_id}", json={"label": "navy", "metadata": {"year": None,
+    patched = api.patch(f"/v1/images/{image_id}", json={"label": "navy", "metadata": {"year": None,
                                                                                              "shade": "dark"}})
     assert patched.status_code == 200, patched.text
     assert patched.json()["label"] == "navy" and patched.json()["metadata"] == {"color": "navy", "shade": "dark"}
-    assert httpx.get(f"{base}/v1/images/{image_id}").json()["metadata"]["shade"] == "dark"
+    assert api.get(f"/v1/images/{image_id}").json()["metadata"]["shade"] == "dark"
 
     # List with keyset paging and filters.
-    page1 = httpx.get(f"{base}/v1/images", params={"limit": 15}).json()
+    page1 = api.get("/v1/images", params={"limit": 15}).json()
     assert page1["total"] == 21 and len(page1["items"]) == 15 and page1["next_cursor"] is not None
-    page2 = httpx.get(f"{base}/v1/images", params={"limit": 15, "cursor": page1["next_cursor"]}).json()
+    page2 = api.get("/v1/images", params={"limit": 15, "cursor": page1["next_cursor"]}).json()
     assert len(page2["items"]) == 6 and page2["next_cursor"] is None
     ids = [i["id"] for i in page1["items"] + page2["items"]]
     assert ids == sorted(ids) and len(set(ids)) == 21
-    assert [i["id"] for i in httpx.get(f"{base}/v1/images", params={"meta": "shade=dark"}).json()["items"]] == [
+    assert [i["id"] for i in api.get("/v1/images", params={"meta": "shade=dark"}).json()["items"]] == [
         image_id]
-    assert httpx.get(f"{base}/v1/images", params={"label": "yellow"}).json()["total"] == 5
+    assert api.get("/v1/images", params={"label": "yellow"}).json()["total"] == 5
 
     # Thumbnail: a JPEG no larger than the configured size.
-    thumb = httpx.get(f"{base}/v1/images/{image_id}/thumbnail")
+    thumb = api.get(f"/v1/images/{image_id}/thumbnail")
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(thumb.content)).size) <= 256
 
     # Delete: gone from results, from similar, from get and list, at once.
-    assert httpx.delete(f"{base}/v1/images/{image_id}").status_code == 204
-    assert image_id not in result_ids(upload(base, jpeg_bytes(image), k=30))
-    assert result_ids(upload(base, jpeg_bytes(image), k=5, meta=["color=navy"])) == []
-    assert httpx.get(f"{base}/v1/images/{image_id}").status_code == 404
-    assert httpx.get(f"{base}/v1/images/{image_id}/similar").status_code == 404
-    assert httpx.delete(f"{base}/v1/images/{image_id}").status_code == 404
-    assert httpx.get(f"{base}/v1/images").json()["total"] == 20
+    assert api.delete(f"/v1/images/{image_id}").status_code == 204
+    assert image_id not in result_ids(upload(api, jpeg_bytes(image), k=30))
+    assert result_ids(upload(api, jpeg_bytes(image), k=5, meta=["color=navy"])) == []
+    assert api.get(f"/v1/images/{image_id}").status_code == 404
+    assert api.get(f"/v1/images/{image_id}/similar").status_code == 404
+    assert api.delete(f"/v1/images/{image_id}").status_code == 404
+    assert api.get("/v1/images").json()["total"] == 20
     # k live results come back whenever k live images exist.
-    assert len(result_ids(upload(base, jpeg_bytes(image), k=20))) == 20
+    assert len(result_ids(upload(api, jpeg_bytes(image), k=20))) == 20
 
     # Re-adding deleted bytes brings the image back under its old id.
-    again = add(base, image, label="blue")
+    again = add(api, image, label="blue")
     assert again.status_code == 201 and again.json()["id"] == image_id
-    assert result_ids(upload(base, jpeg_bytes(image), k=1)) == [image_id]
-    assert httpx.delete(f"{base}/v1/images/{image_id}").status_code == 204
+    assert result_ids(upload(api, jpeg_bytes(image), k=1)) == [image_id]
+    assert api.delete(f"/v1/images/{image_id}").status_code == 204
 
 
-def test_errors_are_json(live: LiveServer) -> None:
-    base = live.base_url
+def test_errors_are_json(api: TestClient) -> None:
     cases = [
-        (httpx.get(f"{base}/v1/nothing-here"), 404),
-        (httpx.get(f"{base}/v1/images/999999"), 404),
-        (httpx.get(f"{base}/v1/images/0"), 422),
-        (httpx.get(f"{base}/v1/images", params={"meta": "no-equals-sign"}), 422),
-        (httpx.patch(f"{base}/v1/images/1", json={"unknown": 1}), 422),
-        (upload(base, b"not an image at all"), 415),
-        (upload(base, b""), 400),
-        (upload(base, jpeg_bytes(class_image("red", 1)), k=0), 422),
-        (upload(base, jpeg_bytes(class_image("red", 1)), path="/v1/images", metadata="[1, 2]"), 422),
-        (upload(base, b"\xff" * 400_000), 413),  # over the streaming body limit
-        (httpx.delete(f"{base}/v1/images"), 405),
+        (api.get("/v1/nothing-here"), 404),
+        (api.get("/v1/images/999999"), 404),
+        (api.get("/v1/images/0"), 422),
+        (api.get("/v1/images", params={"meta": "no-equals-sign"}), 422),
+        (api.patch("/v1/images/1", json={"unknown": 1}), 422),
+        (upload(api, b"not an image at all"), 415),
+        (upload(api, b""), 400),
+        (upload(api, jpeg_bytes(class_image("red", 1)), k=0), 422),
+        (upload(api, jpeg_bytes(class_image("red", 1)), path="/v1/images", metadata="[1, 2]"), 422),
+        (upload(api, b"\xff" * 400_000), 413),  # over the streaming body limit
+        (api.delete("/v1/images"), 405),
     ]
     for response, status in cases:
         assert response.status_code == status, (response.request.url, response.text)
@@ -148,11 +161,10 @@ def test_errors_are_json(live: LiveServer) -> None:
         assert set(body) <= {"error", "message", "detail"} and body["error"] and body["message"]
 
 
-def test_metrics_have_stage_histograms_and_counters(live: LiveServer) -> None:
-    base = live.base_url
+def test_metrics_have_stage_histograms_and_counters(api: TestClient) -> None:
     for label in CLASS_COLOURS:
-        upload(base, jpeg_bytes(class_image(label, seed=77)), k=3).raise_for_status()
-    text = httpx.get(f"{base}/metrics").text
+        upload(api, jpeg_bytes(class_image(label, seed=77)), k=3).raise_for_status()
+    text = api.get("/metrics").text
     for stage in ("decode", "preprocess", "forward", "search", "metadata"):
         count = next(line for line in text.splitlines()
                      if line.startswith(f'retrieval_stage_seconds_count{{stage="{stage}"}}'))
@@ -162,12 +174,11 @@ def test_metrics_have_stage_histograms_and_counters(live: LiveServer) -> None:
     assert "retrieval_index_vectors" in text
 
 
-def test_page_and_openapi_are_served(live: LiveServer) -> None:
-    base = live.base_url
-    page = httpx.get(f"{base}/")
+def test_page_and_openapi_are_served(api: TestClient) -> None:
+    page = api.get("/")
     assert page.status_code == 200 and "<script src=\"/static/app.js\">" in page.text
-    assert httpx.get(f"{base}/static/app.js").status_code == 200
-    spec = httpx.get(f"{base}/openapi.json").json()
+    assert api.get("/static/app.js").status_code == 200
+    spec = api.get("/openapi.json").json()
     assert {"/v1/search", "/v1/images", "/v1/images/{image_id}", "/v1/images/{image_id}/similar",
             "/v1/images/{image_id}/thumbnail", "/v1/models", "/v1/indexes", "/healthz", "/readyz",
             "/metrics"} <= set(spec["paths"])

@@ -1,11 +1,13 @@
 """Micro-batching, overload and auth: concurrent queries share forward passes; a full queue answers 503 with
-Retry-After (and the server keeps serving); API keys are stored hashed and their scopes are enforced."""
+Retry-After (and the server keeps serving: a real uvicorn server, where the queue fills under real HTTP); API keys
+are stored hashed and their scopes are enforced (in-process: auth is the app's, not the server's). Batching under
+many real clients is in tests/test_api_lifecycle.py, on the live server there."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,8 +17,9 @@ import pytest
 import torch
 
 from app.batching import MicroBatcher, QueueFull
-from tests.conftest import DATABASES, class_image, jpeg_bytes, migrated_url
-from tests.test_api_helpers import build_served_corpus, save_tiny_embedder, start_server, upload
+from tests.conftest import class_image, jpeg_bytes, migrated_url
+from tests.live_server import LiveServer
+from tests.test_api_helpers import app_client, build_served_corpus, save_tiny_embedder, start_server, upload
 
 
 class SlowForward:
@@ -68,12 +71,12 @@ def test_full_queue_refuses_instead_of_growing() -> None:
     assert refused == 7 and answered == 3
 
 
-@pytest.fixture(scope="module", params=DATABASES)
-def slow_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    """A server whose forward pass is slow (a 448-px model on CPU) with a tiny queue and no batching,
-    auth on with reads open."""
+@pytest.fixture(scope="module")
+def slow_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A real server whose forward pass is slow (a 448-px model on CPU) with a tiny queue and no batching. The
+    queue is the batcher's, not SQL's: SQLite only."""
     tmp = tmp_path_factory.mktemp("overload")
-    url = migrated_url(request.param, request, tmp)
+    url = migrated_url("sqlite", request, tmp)
     settings = build_served_corpus(tmp, url, per_class=2)
     # Swap in a slow checkpoint under the same model directory name: same dim, so the index still fits.
     import shutil
@@ -91,13 +94,13 @@ def slow_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     config = EmbedderConfig(arch="timm", backbone="resnet10t", dim=64, image_size=448, resize_size=448)
     save_checkpoint(TimmEmbedder(config), path)
     server = start_server(settings, tmp / "server.log", max_batch_size=1, max_batch_wait_ms=0, max_queue=2,
-                          retry_after_s=3, auth_enabled="true", open_reads="true")
-    yield server, url
+                          retry_after_s=3)
+    yield server
     server.stop()
 
 
-def test_overload_answers_503_with_retry_after_not_a_crash(slow_server) -> None:  # noqa: ANN001
-    server, _ = slow_server
+def test_overload_answers_503_with_retry_after_not_a_crash(slow_server: LiveServer) -> None:
+    server = slow_server
     query = jpeg_bytes(class_image("red", seed=3))
     with ThreadPoolExecutor(max_workers=24) as pool:
         responses = list(pool.map(lambda _: upload(server.base_url, query, k=3), range(24)))
@@ -114,20 +117,23 @@ def test_overload_answers_503_with_retry_after_not_a_crash(slow_server) -> None:
     assert float(rejected.split()[-1]) == statuses.count(503)
 
 
-def test_open_reads_with_auth_on(slow_server) -> None:  # noqa: ANN001
-    server, url = slow_server
+def test_open_reads_with_auth_on(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     from app.auth import create_api_key
 
-    assert httpx.get(f"{server.base_url}/v1/images").status_code == 200  # reads are open
-    image = jpeg_bytes(class_image("green", seed=12))
-    denied = upload(server.base_url, image, path="/v1/images")
-    assert denied.status_code == 401 and denied.headers["www-authenticate"] == "ApiKey"
-    _, writer = create_api_key(url, "ci", "write")
-    created = upload(server.base_url, image, path="/v1/images", headers={"X-API-Key": writer})
-    assert created.status_code == 201, created.text
+    url = migrated_url("sqlite", request, tmp_path)
+    settings = build_served_corpus(tmp_path, url, per_class=2)
+    with app_client(settings, auth_enabled=True, open_reads=True) as client:
+        assert client.get("/v1/images").status_code == 200  # reads are open
+        image = jpeg_bytes(class_image("green", seed=12))
+        denied = upload(client, image, path="/v1/images")
+        assert denied.status_code == 401 and denied.headers["www-authenticate"] == "ApiKey"
+        _, writer = create_api_key(url, "ci", "write")
+        created = upload(client, image, path="/v1/images", headers={"X-API-Key": writer})
+        assert created.status_code == 201, created.text
 
 
 def test_api_key_scopes_with_closed_reads(database_url: str, tmp_path: Path) -> None:
+    """Keys are rows looked up by hash and revoked in SQL: on both databases."""
     from sqlalchemy import select
 
     from app.auth import create_api_key, hash_key, revoke_api_key
@@ -143,12 +149,11 @@ def test_api_key_scopes_with_closed_reads(database_url: str, tmp_path: Path) -> 
         stored = {row.name: row for row in session.scalars(select(ApiKey))}
         assert stored["reader"].key_hash == hash_key(reader) and reader not in stored["reader"].key_hash
         assert stored["admin"].scopes == "read,write"
-    server = start_server(settings, tmp_path / "server.log", auth_enabled="true", open_reads="false")
-    base = server.base_url
-    try:
-        def status(method: str, path: str, key: str | None = None, **kwargs) -> int:  # noqa: ANN003
+    with app_client(settings, auth_enabled=True, open_reads=False) as client:
+
+        def status(method: str, path: str, key: str | None = None, **kwargs: object) -> int:
             headers = {"X-API-Key": key} if key else {}
-            return httpx.request(method, f"{base}{path}", headers=headers, timeout=30, **kwargs).status_code
+            return client.request(method, path, headers=headers, **kwargs).status_code
 
         query = jpeg_bytes(class_image("blue", seed=9))
         # Health, readiness and metrics stay open for probes and Prometheus.
@@ -157,10 +162,10 @@ def test_api_key_scopes_with_closed_reads(database_url: str, tmp_path: Path) -> 
         assert status("GET", "/v1/images", "rk_not-a-key") == 401
         assert status("GET", "/v1/images", reader) == 200
         assert status("GET", "/v1/images", writer) == 403
-        assert upload(base, query, headers={"X-API-Key": reader}).status_code == 200
-        assert upload(base, query).status_code == 401
-        assert upload(base, query, path="/v1/images", headers={"X-API-Key": reader}).status_code == 403
-        created = upload(base, query, path="/v1/images", headers={"X-API-Key": both})
+        assert upload(client, query, headers={"X-API-Key": reader}).status_code == 200
+        assert upload(client, query).status_code == 401
+        assert upload(client, query, path="/v1/images", headers={"X-API-Key": reader}).status_code == 403
+        created = upload(client, query, path="/v1/images", headers={"X-API-Key": both})
         assert created.status_code == 201
         image_id = created.json()["id"]
         assert status("PATCH", f"/v1/images/{image_id}", reader, json={"label": "x"}) == 403
@@ -171,36 +176,6 @@ def test_api_key_scopes_with_closed_reads(database_url: str, tmp_path: Path) -> 
         assert revoke_api_key(url, both_id)
         assert status("GET", "/v1/images", both) == 401
         assert status("DELETE", f"/v1/images/{image_id}", writer) == 204
-    finally:
-        server.stop()
-
-
-def test_many_concurrent_clients_all_answered(database_url: str, tmp_path: Path) -> None:
-    """Batching on: 32 concurrent clients, every request answered 200 with its own correct result."""
-    url = database_url
-    settings = build_served_corpus(tmp_path, url, per_class=3)
-    server = start_server(settings, tmp_path / "server.log", max_batch_size=16, max_batch_wait_ms=10)
-    labels = ["red", "green", "blue", "yellow"]
-    errors: list[str] = []
-    lock = threading.Lock()
-
-    def one(i: int) -> None:
-        label = labels[i % 4]
-        response = upload(server.base_url, jpeg_bytes(class_image(label, seed=50_000 + i)), k=1)
-        with lock:
-            if response.status_code != 200:
-                errors.append(response.text)
-
-    try:
-        with ThreadPoolExecutor(max_workers=32) as pool:
-            list(pool.map(one, range(96)))
-        metrics = httpx.get(f"{server.base_url}/metrics").text
-    finally:
-        server.stop()
-    assert errors == []
-    line = next(line for line in metrics.splitlines() if line.startswith("retrieval_batch_size_count"))
-    count = float(line.split()[-1])
-    assert count < 96  # at least some forward passes served more than one query
 
 
 def test_tiny_embedder_helper_is_deterministic(tmp_path: Path) -> None:

@@ -1,16 +1,20 @@
-"""Query-by-image through a real uvicorn server on loopback, with the real default embedder, on both databases."""
+"""Query-by-image through the app in-process, with the real default embedder, and every kind of bad input. What
+comes back does not depend on the database or the server process: SQLite, no uvicorn (tests/test_api.py runs the
+routes on PostgreSQL too)."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.conftest import CLASS_COLOURS, class_image, jpeg_bytes, make_settings, settings_env
-from tests.live_server import LiveServer
+from tests.conftest import CLASS_COLOURS, class_image, jpeg_bytes, make_settings, migrated_url
+from tests.test_api_helpers import app_client
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -20,27 +24,25 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 @pytest.fixture
-def served(database_url: str, image_folder: Path, tmp_path: Path):
+def served(request: pytest.FixtureRequest, image_folder: Path, tmp_path: Path) -> Iterator[TestClient]:
     from app.indexing import build_index
 
-    settings = make_settings(tmp_path / "data", database_url, max_upload_bytes=300_000)
+    url = migrated_url("sqlite", request, tmp_path)
+    settings = make_settings(tmp_path / "data", url, max_upload_bytes=300_000, max_k=20)
     report = build_index(settings, image_folder, progress=False)
     assert report.added == 24
-    server = LiveServer(settings_env(settings) | {"RETRIEVAL_MAX_UPLOAD_BYTES": "300000", "RETRIEVAL_MAX_K": "20"},
-                        tmp_path / "server.log").start()
-    yield server
-    server.stop()
+    with app_client(settings) as client:
+        yield client
 
 
-def search(server: LiveServer, data: bytes, filename: str = "q.jpg", **form) -> httpx.Response:
-    return httpx.post(f"{server.base_url}/v1/search", files={"file": (filename, data, "image/jpeg")},
-                      data={k: str(v) for k, v in form.items()}, timeout=60)
+def search(client: TestClient, data: bytes, filename: str = "q.jpg", **form: object) -> httpx.Response:
+    return client.post("/v1/search", files={"file": (filename, data, "image/jpeg")},
+                       data={k: str(v) for k, v in form.items()})
 
 
-def test_search_round_trip_and_bad_input(served: LiveServer) -> None:
-    base = served.base_url
-    assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
-    ready = httpx.get(f"{base}/readyz").json()
+def test_search_round_trip_and_bad_input(served: TestClient) -> None:
+    assert served.get("/healthz").json()["status"] == "ok"
+    ready = served.get("/readyz").json()
     assert ready["status"] == "ready" and ready["detail"]["vectors"] == 24
 
     # Held-out images (seeds not in the corpus) of every class find their own class at rank 1.
@@ -56,9 +58,9 @@ def test_search_round_trip_and_bad_input(served: LiveServer) -> None:
         assert body["timings"]["total_ms"] > 0
 
     hit = body["results"][0]
-    image = httpx.get(f"{base}/v1/images/{hit['id']}").json()
+    image = served.get(f"/v1/images/{hit['id']}").json()
     assert image["label"] == hit["label"] and image["uri"].endswith(".jpg") and len(image["sha256"]) == 64
-    missing = httpx.get(f"{base}/v1/images/999999")
+    missing = served.get("/v1/images/999999")
     assert missing.status_code == 404 and "999999" in missing.json()["message"]
 
     valid = jpeg_bytes(class_image("red", 5))
@@ -69,9 +71,9 @@ def test_search_round_trip_and_bad_input(served: LiveServer) -> None:
         "pixel bomb": (search(served, png_bytes(Image.new("1", (10_000, 5_000))), "bomb.png"), 413),
         "over the byte limit": (search(served, b"\xff\xd8" + b"\x00" * 1_000_000), 413),
         "k over RETRIEVAL_MAX_K": (search(served, valid, k=21), 422),
-        "similar, k over RETRIEVAL_MAX_K": (httpx.get(f"{base}/v1/images/{hit['id']}/similar?k=21"), 422),
+        "similar, k over RETRIEVAL_MAX_K": (served.get(f"/v1/images/{hit['id']}/similar?k=21"), 422),
         "k zero": (search(served, valid, k=0), 422),
-        "no file": (httpx.post(f"{base}/v1/search", data={"k": "3"}), 422),
+        "no file": (served.post("/v1/search", data={"k": "3"}), 422),
     }
     for case, (response, status) in bad_cases.items():
         assert response.status_code == status, (case, response.status_code, response.text)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from tests.conftest import CLASS_COLOURS, class_image, make_settings
+from tests.conftest import CLASS_COLOURS, class_image, make_settings, migrated_url
 
 
 def make_corpus(root: Path, per_class: int = 6, size: int = 64) -> Path:
@@ -102,8 +102,9 @@ def test_incremental_build_reuses_stored_embeddings(database_url: str, tmp_path:
     assert report.index_version_name is not None
 
 
-def test_default_embedder_build(database_url: str, tmp_path: Path) -> None:
-    """The real default embedder (EfficientNet-Lite0 with shipped weights): same-class images are neighbours."""
+def test_default_embedder_build(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The real default embedder (EfficientNet-Lite0 with shipped weights): same-class images are neighbours.
+    What the model embeds does not depend on the database: SQLite (the other builds here run on both)."""
     from app.db.models import Image
     from app.db.session import session_scope
     from app.indexing import build_index
@@ -111,6 +112,7 @@ def test_default_embedder_build(database_url: str, tmp_path: Path) -> None:
     from index import versions
     from index.vector_index import VectorIndex
 
+    database_url = migrated_url("sqlite", request, tmp_path)
     corpus = make_corpus(tmp_path / "corpus", per_class=3, size=96)
     settings = make_settings(tmp_path / "data", database_url)  # embedder = "efficientnet_lite0"
     report = build_index(settings, corpus, progress=False)

@@ -1,4 +1,7 @@
-"""The hardened batch job: kill -9 and resume, shard + merge == one build, verify, compaction on rebuild."""
+"""The hardened batch job: kill -9 and resume, shard + merge == one build, verify, compaction on rebuild.
+
+The builds that get killed are real `retrieval index build` processes; the ones that recover, and `retrieval index
+verify`, run in this process (run_cli): what they find on disk and in SQL is the point, not the process."""
 
 from __future__ import annotations
 
@@ -8,12 +11,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import func, select
 
-from tests.conftest import REPO, make_settings, settings_env
+from tests.conftest import REPO, CliResult, make_settings, settings_env
 from tests.test_indexing import make_corpus
 
 PROGRESS = re.compile(r"embed:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
@@ -35,7 +39,8 @@ def run_build_until(env: dict[str, str], source: Path, stage: str, log: Path, mi
     return proc.wait(timeout=60)
 
 
-def test_kill_9_mid_build_then_rerun_is_consistent(database_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
+def test_kill_9_mid_build_then_rerun_is_consistent(database_url: str, tmp_path: Path, tiny_embedder: Path,
+                                                    run_cli: Callable[..., CliResult]) -> None:
     from app.db.models import Image, IndexVersion
     from app.db.session import session_scope
     from app.indexing import verify_index
@@ -51,8 +56,7 @@ def test_kill_9_mid_build_then_rerun_is_consistent(database_url: str, tmp_path: 
              run_build_until(env, corpus, "embed", tmp_path / "kill2.log", min_done=40),
              run_build_until(env, corpus, "embed", tmp_path / "kill3.log", min_done=24)]
     assert -signal.SIGKILL in codes, [p.read_text()[-2000:] for p in tmp_path.glob("kill*.log")]
-    final = subprocess.run([sys.executable, "-m", "app.cli", "index", "build", str(corpus), "--no-progress"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    final = run_cli(settings, "index", "build", str(corpus), "--no-progress", embed_flush_every=16, num_workers=1)
     assert final.returncode == 0, final.stdout + final.stderr
 
     with session_scope(database_url) as session:
@@ -67,9 +71,8 @@ def test_kill_9_mid_build_then_rerun_is_consistent(database_url: str, tmp_path: 
     assert not list(settings.indexes_dir.glob(".tmp-*"))  # no half-written version left visible
     assert verify_index(settings).ok
 
-    again = subprocess.run([sys.executable, "-m", "app.cli", "index", "build", str(corpus)],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert "nothing to publish" in again.stdout
+    again = run_cli(settings, "index", "build", str(corpus), embed_flush_every=16, num_workers=1)
+    assert again.returncode == 0 and "nothing to publish" in again.stdout
 
 
 def test_shards_then_merge_equal_one_build(database_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
@@ -124,7 +127,8 @@ def test_shards_then_merge_equal_one_build(database_url: str, tmp_path: Path, ti
     assert len(VectorIndex.load(version)) == 40 and verify_index(sharded).ok
 
 
-def test_verify_catches_planted_inconsistencies(database_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
+def test_verify_catches_planted_inconsistencies(database_url: str, tmp_path: Path, tiny_embedder: Path,
+                                                 run_cli: Callable[..., CliResult]) -> None:
     from datetime import UTC, datetime
 
     from app.db.models import Image
@@ -136,9 +140,7 @@ def test_verify_catches_planted_inconsistencies(database_url: str, tmp_path: Pat
     corpus = make_corpus(tmp_path / "corpus", per_class=3, size=48)
     settings = make_settings(tmp_path / "data", database_url, embedder=str(tiny_embedder))
     build_index(settings, corpus, progress=False)
-    env = settings_env(settings)
-    ok = subprocess.run([sys.executable, "-m", "app.cli", "index", "verify"], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=120)
+    ok = run_cli(settings, "index", "verify")
     assert ok.returncode == 0, ok.stderr
 
     with session_scope(database_url) as session:
@@ -156,8 +158,7 @@ def test_verify_catches_planted_inconsistencies(database_url: str, tmp_path: Pat
     assert not report.ok
     assert f"deleted images still in the index: [{deleted_id}]" in text
     assert "live images missing from the index" in text and "[987654]" in text
-    bad = subprocess.run([sys.executable, "-m", "app.cli", "index", "verify"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+    bad = run_cli(settings, "index", "verify")
     assert bad.returncode == 1 and "987654" in bad.stderr and str(deleted_id) in bad.stderr
 
 

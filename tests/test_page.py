@@ -1,5 +1,6 @@
 """The query page in real headless Chromium (Debian's package, driven by Playwright): a real upload through the
-file input, the result grid with scores, labels and thumbnails, and a screenshot saved for a person to look at."""
+file input, the result grid with scores, labels and thumbnails, and a screenshot saved for a person to look at.
+The page is the browser's and the server's: once, on SQLite (tests/test_api.py runs the routes on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATABASES, REPO, class_image, migrated_url
+from tests.conftest import REPO, class_image, migrated_url
 from tests.live_server import LiveServer
 from tests.test_api_helpers import build_served_corpus, start_server
 
@@ -28,10 +29,10 @@ def chromium_binary() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module", params=DATABASES)
+@pytest.fixture(scope="module")
 def page_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     tmp = tmp_path_factory.mktemp("page")
-    url = migrated_url(request.param, request, tmp)
+    url = migrated_url("sqlite", request, tmp)
     settings = build_served_corpus(tmp, url, per_class=3)
     server = start_server(settings, tmp / "server.log")
     yield server

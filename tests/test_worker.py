@@ -1,4 +1,8 @@
-"""The training worker end to end, with real worker subprocesses, a real uvicorn server and real SIGKILL.
+"""The training worker end to end, with real SQL and real training.
+
+Where the worker process is the point it is a real subprocess: SIGKILL mid-job (then another worker resumes it),
+two workers competing for jobs, SIGTERM handing a job back. Elsewhere the worker loop runs in this process
+(run_worker, what `retrieval worker` calls), and so does the app serving queries while a job promotes a model.
 
 A tiny random-init resnet10t (64 px, 64-d) is the active model; a corpus of 4 generated classes is indexed with it.
 Jobs train a few steps on CPU.
@@ -13,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -20,44 +25,66 @@ import pytest
 import torch
 
 from app import jobs
+from app.db.models import Job
 from app.db.session import session_scope
 from app.registry import active_index, active_model
-from tests.conftest import REPO, class_image, jpeg_bytes
-from tests.test_api_helpers import build_served_corpus, server_env, start_server, upload
+from app.settings import Settings
+from app.worker import run_worker
+from tests.conftest import REPO, CliResult, class_image, jpeg_bytes, migrated_url
+from tests.test_api_helpers import app_client, build_served_corpus, server_env, upload
 
 # Fast heartbeats and a short stale window, so a killed worker is noticed in seconds.
-WORKER_ENV = {"RETRIEVAL_WORKER_HEARTBEAT_S": "0.5", "RETRIEVAL_WORKER_STALE_AFTER_S": "4",
-              "RETRIEVAL_WORKER_POLL_S": "0.3", "OMP_NUM_THREADS": "1"}
+WORKER_SETTINGS = {"worker_heartbeat_s": 0.5, "worker_stale_after_s": 4, "worker_poll_s": 0.3}
+WORKER_ENV = {f"RETRIEVAL_{k.upper()}": str(v) for k, v in WORKER_SETTINGS.items()} | {"OMP_NUM_THREADS": "1"}
 # A few CPU steps: 2 train classes x 4 images per batch; warm-up off so the steps actually move the weights.
 TRAIN = {"steps": 4, "batch_size": 8, "m_per_class": 4, "num_workers": 0, "val_fraction": 0.5, "warmup_steps": 0,
          "log_every": 1, "checkpoint_every": 1, "eval_every": 2, "lr": 1e-4, "torch_threads": 1}
 
 
 @pytest.fixture
-def world(database_url: str, tmp_path: Path):  # noqa: ANN201
+def world(database_url: str, tmp_path: Path) -> Settings:
     """Settings (SQLite, PostgreSQL) whose active model + index are the tiny embedder over 4 classes x 8 images."""
-    return build_served_corpus(tmp_path, database_url, per_class=8)
+    return build_served_corpus(tmp_path, database_url, per_class=8, **WORKER_SETTINGS)
 
 
-def start_worker(settings, log: Path, *args: str) -> subprocess.Popen:  # noqa: ANN001
+@pytest.fixture
+def sqlite_world(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """The same world on SQLite only, for what the worker process does whatever the database."""
+    return build_served_corpus(tmp_path, migrated_url("sqlite", request, tmp_path), per_class=8, **WORKER_SETTINGS)
+
+
+def worker_in_process(settings: Settings, worker_id: str, timeout: float, **kwargs: object) -> int:
+    """run_worker() here, as `retrieval worker` runs it; told to shut down after `timeout` (the job it is on is
+    then handed back, which fails the test's checks instead of hanging it)."""
+    shutdown = threading.Event()
+    timer = threading.Timer(timeout, shutdown.set)
+    timer.start()
+    try:
+        return run_worker(settings, worker_id=worker_id, shutdown=shutdown, **kwargs)
+    finally:
+        timer.cancel()
+
+
+def start_worker(settings: Settings, log: Path, *args: str) -> subprocess.Popen:
     env = server_env(settings) | WORKER_ENV
     return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", *args], cwd=REPO, env=env,
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
 
 
-def enqueue(settings, kind: str, params: dict, max_attempts: int = 3) -> int:  # noqa: ANN001
+def enqueue(settings: Settings, kind: str, params: dict, max_attempts: int = 3) -> int:
     with session_scope(settings.resolved_database_url) as session:
         return jobs.enqueue(session, kind, params, max_attempts).id
 
 
-def job_row(settings, job_id: int):  # noqa: ANN001, ANN201
+def job_row(settings: Settings, job_id: int) -> Job:
     with session_scope(settings.resolved_database_url) as session:
         job = jobs.get_job(session, job_id)
         session.expunge(job)
         return job
 
 
-def wait_job(settings, job_id: int, until, timeout: float, procs=(), log: Path | None = None):  # noqa: ANN001, ANN201
+def wait_job(settings: Settings, job_id: int, until: Callable[[Job], bool], timeout: float,
+             log: Path | None = None) -> Job:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = job_row(settings, job_id)
@@ -78,87 +105,89 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def test_job_via_api_promotes_and_serving_never_fails(world, tmp_path: Path) -> None:
+def test_job_via_api_promotes_and_serving_never_fails(world: Settings, capsys: pytest.CaptureFixture[str],
+                                                       run_cli: Callable[..., CliResult]) -> None:
     settings = world
     with session_scope(settings.resolved_database_url) as session:
         old_model, old_index = active_model(session).name, active_index(session).name
-    server = start_server(settings, tmp_path / "server.log")
-    worker = None
     failures: list[str] = []
     answered: list[str] = []
     stop_queries = threading.Event()
     query = jpeg_bytes(class_image("red", seed=4242, size=64))
 
-    def fire() -> None:  # queries all through the job: every one must succeed
-        while not stop_queries.is_set():
-            try:
-                r = upload(server.base_url, query, k=3)
-                if r.status_code != 200:
-                    failures.append(f"{r.status_code} {r.text[:200]}")
-                else:
-                    answered.append(r.json()["model_version"])
-            except httpx.HTTPError as exc:
-                failures.append(repr(exc))
-            time.sleep(0.05)
+    with app_client(settings) as client:
 
-    shooter = threading.Thread(target=fire, daemon=True)
-    shooter.start()
-    try:
-        r = httpx.post(f"{server.base_url}/v1/jobs", json={"kind": "train", "params": {"step": 3}})
-        assert r.status_code == 422 and "unknown train params" in r.json()["message"]
-        r = httpx.post(f"{server.base_url}/v1/jobs", json={"kind": "train",
-                                                           "params": {**TRAIN, "force_promote": True}})
-        assert r.status_code == 201, r.text
-        job_id = r.json()["id"]
-        assert r.json()["status"] == "queued"
-        worker = start_worker(settings, tmp_path / "worker.log")
-        seen_running = False
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            body = httpx.get(f"{server.base_url}/v1/jobs/{job_id}", timeout=10).json()
-            seen_running |= body["status"] == "running" and body["progress"] > 0
-            if body["status"] in jobs.FINISHED:
-                break
-            time.sleep(0.3)
-        assert body["status"] == "succeeded", (body, (tmp_path / "worker.log").read_text()[-3000:])
-        assert seen_running and body["progress"] == 1.0 and body["attempts"] == 1
-        metrics = body["metrics"]
-        assert metrics["promoted"] and metrics["model_version"] == f"model-job{job_id}"
-        assert {"recall@1", "map@r"} <= set(metrics["candidate"]) and {"recall@1", "map@r"} <= set(metrics["baseline"])
-        new_model = metrics["model_version"]
-        with session_scope(settings.resolved_database_url) as session:
-            model, index = active_model(session), active_index(session)
-            assert (model.name, index.name) == (new_model, metrics["index_version"]) != (old_model, old_index)
-            assert index.model_version_id == model.id and "recall@1" in model.metrics
-        # The service hot-swaps: search answers with the new model.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (not answered or answered[-1] != new_model):
-            time.sleep(0.2)
-        assert answered and answered[-1] == new_model
-        logs = httpx.get(f"{server.base_url}/v1/jobs/{job_id}/logs").json()["lines"]
-        assert any("promoted" in line for line in logs) and any("train step" in line for line in logs)
-        listed = httpx.get(f"{server.base_url}/v1/jobs", params={"status": "succeeded"}).json()["jobs"]
-        assert [j["id"] for j in listed] == [job_id]
-        assert "promoted" in (tmp_path / "worker.log").read_text()  # progress on the worker's stdout
-    finally:
-        stop_queries.set()
-        shooter.join(30)
-        if worker is not None:
-            stop(worker)
-        server.stop()
+        def fire() -> None:  # queries all through the job: every one must succeed
+            while not stop_queries.is_set():
+                try:
+                    r = upload(client, query, k=3)
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text[:200]}")
+                    else:
+                        answered.append(r.json()["model_version"])
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                time.sleep(0.05)
+
+        shooter = threading.Thread(target=fire, daemon=True)
+        shooter.start()
+        worker = None
+        try:
+            r = client.post("/v1/jobs", json={"kind": "train", "params": {"step": 3}})
+            assert r.status_code == 422 and "unknown train params" in r.json()["message"]
+            r = client.post("/v1/jobs", json={"kind": "train", "params": {**TRAIN, "force_promote": True}})
+            assert r.status_code == 201, r.text
+            job_id = r.json()["id"]
+            assert r.json()["status"] == "queued"
+            # The worker loop beside the app, as a separate `retrieval worker` would run it: one job, then stop.
+            worker = threading.Thread(target=worker_in_process, args=(settings, "api-test", 240),
+                                      kwargs={"max_jobs": 1}, daemon=True)
+            worker.start()
+            seen_running = False
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                body = client.get(f"/v1/jobs/{job_id}").json()
+                seen_running |= body["status"] == "running" and body["progress"] > 0
+                if body["status"] in jobs.FINISHED:
+                    break
+                time.sleep(0.3)
+            assert body["status"] == "succeeded", (body, capsys.readouterr().out[-3000:])
+            assert seen_running and body["progress"] == 1.0 and body["attempts"] == 1
+            metrics = body["metrics"]
+            assert metrics["promoted"] and metrics["model_version"] == f"model-job{job_id}"
+            assert {"recall@1", "map@r"} <= set(metrics["candidate"])
+            assert {"recall@1", "map@r"} <= set(metrics["baseline"])
+            new_model = metrics["model_version"]
+            with session_scope(settings.resolved_database_url) as session:
+                model, index = active_model(session), active_index(session)
+                assert (model.name, index.name) == (new_model, metrics["index_version"]) != (old_model, old_index)
+                assert index.model_version_id == model.id and "recall@1" in model.metrics
+            # The service hot-swaps: search answers with the new model.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and (not answered or answered[-1] != new_model):
+                time.sleep(0.2)
+            assert answered and answered[-1] == new_model
+            logs = client.get(f"/v1/jobs/{job_id}/logs").json()["lines"]
+            assert any("promoted" in line for line in logs) and any("train step" in line for line in logs)
+            listed = client.get("/v1/jobs", params={"status": "succeeded"}).json()["jobs"]
+            assert [j["id"] for j in listed] == [job_id]
+        finally:
+            stop_queries.set()
+            shooter.join(30)
+            if worker is not None:
+                worker.join(60)
+    assert "promoted" in capsys.readouterr().out  # progress on the worker's stdout
     assert not failures, failures[:5]
     assert old_model in answered and new_model in answered  # queries were answered before and after the swap
     # The CLI lists and follows jobs.
-    env = server_env(settings)
-    out = subprocess.run([sys.executable, "-m", "app.cli", "jobs", "list"], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=60)
+    out = run_cli(settings, "jobs", "list")
     assert out.returncode == 0 and f"{job_id} train" in " ".join(out.stdout.split()), out.stderr
-    out = subprocess.run([sys.executable, "-m", "app.cli", "jobs", "follow", str(job_id)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = run_cli(settings, "jobs", "follow", str(job_id))
     assert out.returncode == 0 and "succeeded" in out.stdout
 
 
-def test_sigkilled_worker_job_is_requeued_and_resumes_from_checkpoint(world, tmp_path: Path) -> None:
+def test_sigkilled_worker_job_is_requeued_and_resumes_from_checkpoint(world: Settings, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     settings = world
     job_id = enqueue(settings, "train", {**TRAIN, "steps": 10, "eval_every": 5, "force_promote": True})
     log = tmp_path / "worker1.log"
@@ -173,15 +202,14 @@ def test_sigkilled_worker_job_is_requeued_and_resumes_from_checkpoint(world, tmp
     # The kill can land between a step's progress record and its resume state, so read what was saved.
     checkpointed = torch.load(resume, map_location="cpu", weights_only=False)["step"]
     assert 2 <= checkpointed < 10
-    log2 = tmp_path / "worker2.log"
-    second = start_worker(settings, log2, "--id", "rescuer")
-    try:
-        job = wait_job(settings, job_id, lambda j: j.status in jobs.FINISHED, 240, log=log2)
-    finally:
-        stop(second)
-    assert job.status == "succeeded", (job.error, log2.read_text()[-3000:])
+    # The rescuer need not be a process of its own: it only has to find the stale row and take the job over.
+    capsys.readouterr()
+    assert worker_in_process(settings, "rescuer", 240, max_jobs=1) == 1
+    rescuer_out = capsys.readouterr().out
+    job = job_row(settings, job_id)
+    assert job.status == "succeeded", (job.error, rescuer_out[-3000:])
     assert job.attempts == 2 and job.worker_id == "rescuer" and job.metrics["promoted"]
-    assert "re-queued" in log2.read_text()
+    assert "re-queued" in rescuer_out
     # The second run resumed: its first training step is the one after the first run's last resume state.
     lines = jobs.read_log(settings, job_id, 1000)
     second_run = lines[max(i for i, line in enumerate(lines) if "claimed by rescuer" in line):]
@@ -191,7 +219,7 @@ def test_sigkilled_worker_job_is_requeued_and_resumes_from_checkpoint(world, tmp
     assert max(r["step"] for r in records) == 10
 
 
-def test_two_workers_never_run_the_same_job(world, tmp_path: Path) -> None:
+def test_two_workers_never_run_the_same_job(world: Settings, tmp_path: Path) -> None:
     settings = world
     ids = [enqueue(settings, "rebuild_index", {"factory": "Flat"}) for _ in range(6)]
     workers = [start_worker(settings, tmp_path / f"w{i}.log", "--once", "--id", f"w{i}") for i in range(2)]
@@ -207,15 +235,13 @@ def test_two_workers_never_run_the_same_job(world, tmp_path: Path) -> None:
     assert set(owners.values()) <= {"w0", "w1"}
 
 
-def test_worse_candidate_is_not_promoted(world, tmp_path: Path) -> None:
+def test_worse_candidate_is_not_promoted(world: Settings) -> None:
     settings = world
     with session_scope(settings.resolved_database_url) as session:
         before = (active_model(session).name, active_index(session).name)
     # A learning rate far too high wrecks the tiny model within a few steps.
     job_id = enqueue(settings, "train", {**TRAIN, "lr": 5.0, "head_lr": 5.0, "grad_clip": 1000.0, "eval_every": 100})
-    log = tmp_path / "worker.log"
-    worker = start_worker(settings, log, "--once")
-    assert worker.wait(240) == 0, log.read_text()[-3000:]
+    assert worker_in_process(settings, "judge", 240, once=True) == 1
     job = job_row(settings, job_id)
     assert job.status == "succeeded", job.error
     metrics = job.metrics
@@ -229,39 +255,41 @@ def test_worse_candidate_is_not_promoted(world, tmp_path: Path) -> None:
         assert candidate.status == "candidate" and candidate.metrics["baseline_model"] == before[0]
 
 
-def test_cancel_a_running_job(world, tmp_path: Path) -> None:
+def test_cancel_a_running_job(world: Settings) -> None:
     settings = world
     job_id = enqueue(settings, "train", {**TRAIN, "steps": 200})
-    log = tmp_path / "worker.log"
-    worker = start_worker(settings, log, "--once")
-    try:
-        wait_job(settings, job_id, lambda j: j.progress > 0.02, 180, log=log)
-        with session_scope(settings.resolved_database_url) as session:
-            jobs.request_cancel(session, job_id)
-        job = wait_job(settings, job_id, lambda j: j.status in jobs.FINISHED, 60, log=log)
-        assert worker.wait(60) == 0
-    finally:
-        stop(worker)
+    problems: list[BaseException] = []
+
+    def cancel_once_running() -> None:  # what POST /v1/jobs/{id}/cancel does, from another connection
+        try:
+            wait_job(settings, job_id, lambda j: j.progress > 0.02, 180)
+            with session_scope(settings.resolved_database_url) as session:
+                jobs.request_cancel(session, job_id)
+        except BaseException as exc:  # reported below; the job then runs to its end and the checks fail
+            problems.append(exc)
+
+    canceller = threading.Thread(target=cancel_once_running, daemon=True)
+    canceller.start()
+    assert worker_in_process(settings, "w", 240, once=True) == 1
+    canceller.join(30)
+    assert not problems, problems
+    job = job_row(settings, job_id)
     assert job.status == "cancelled" and job.progress < 0.5
     assert os.path.exists(jobs.job_dir(settings, job_id) / "train" / "resume.pt")
 
 
-def test_failed_job_records_the_reason(world) -> None:
-    from app.worker import run_worker
-
+def test_failed_job_records_the_reason(world: Settings) -> None:
     job_id = enqueue(world, "reembed", {"model_version": "no-such-model"})
     assert run_worker(world, worker_id="inproc", once=True) == 1
     job = job_row(world, job_id)
     assert job.status == "failed" and "no-such-model" in job.message and "ValueError" in job.error
 
 
-def test_rerun_after_a_crash_past_promotion_does_not_redo_it(world) -> None:
+def test_rerun_after_a_crash_past_promotion_does_not_redo_it(world: Settings) -> None:
     """A run that promoted and then died: the re-run finds the candidate active and records success."""
     from sqlalchemy import update
 
-    from app.db.models import Job
     from app.db.session import get_engine
-    from app.worker import run_worker
 
     job_id = enqueue(world, "train", {**TRAIN, "steps": 2, "force_promote": True})
     assert run_worker(world, worker_id="first", once=True) == 1
@@ -278,8 +306,9 @@ def test_rerun_after_a_crash_past_promotion_does_not_redo_it(world) -> None:
         assert active_model(session).name == done.metrics["model_version"]
 
 
-def test_sigterm_hands_the_running_job_back(world, tmp_path: Path) -> None:
-    settings = world
+def test_sigterm_hands_the_running_job_back(sqlite_world: Settings, tmp_path: Path) -> None:
+    """The worker process's signal handling; handing back is SQL that tests/test_jobs.py runs on both databases."""
+    settings = sqlite_world
     job_id = enqueue(settings, "train", {**TRAIN, "steps": 200})
     log = tmp_path / "worker.log"
     worker = start_worker(settings, log)
