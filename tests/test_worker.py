@@ -30,6 +30,7 @@ from app.db.session import session_scope
 from app.registry import active_index, active_model
 from app.settings import Settings
 from app.worker import run_worker
+from models.export import ONNX_FILE, export_dir
 from tests.conftest import REPO, CliResult, class_image, jpeg_bytes, migrated_url
 from tests.test_api_helpers import app_client, build_served_corpus, server_env, upload
 
@@ -167,6 +168,12 @@ def test_job_via_api_promotes_and_serving_never_fails(world: Settings, capsys: p
             while time.monotonic() < deadline and (not answered or answered[-1] != new_model):
                 time.sleep(0.2)
             assert answered and answered[-1] == new_model
+            # The promoted model was exported when the job built its index and is served by the fast runtime.
+            ready = client.get("/readyz").json()["detail"]
+            assert ready["model_version"] == new_model and ready["runtime"] == "openvino", ready
+            with session_scope(settings.resolved_database_url) as session:
+                promoted_path = active_model(session).path
+            assert (export_dir(promoted_path) / ONNX_FILE).is_file()
             logs = client.get(f"/v1/jobs/{job_id}/logs").json()["lines"]
             assert any("promoted" in line for line in logs) and any("train step" in line for line in logs)
             listed = client.get("/v1/jobs", params={"status": "succeeded"}).json()["jobs"]
