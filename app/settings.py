@@ -29,8 +29,9 @@ class Settings(BaseSettings):
     runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto",
         description=(
-            "Inference runtime: 'auto' is OpenVINO on CPU (then ONNX Runtime, then torch) and torch with autocast "
-            "on CUDA; a runtime that is missing or fails its parity check falls back to torch."
+            "Inference runtime: 'auto' is ONNX Runtime on CPU (then OpenVINO, then torch) and torch with autocast "
+            "on CUDA; 'openvino' is fastest on CPU; a runtime that is missing or fails its parity check falls back "
+            "to torch."
         ),
     )
     inference_precision: Literal["auto", "fp32"] = Field(
