@@ -26,7 +26,7 @@ from app.batching import MicroBatcher
 from app.db.models import Image
 from app.deployment import Deployment
 from app.errors import ApiError
-from app.images import decode_image, read_image_file
+from app.images import decode_image
 from app.schemas import SearchHit, Timings
 from app.settings import Settings
 
@@ -121,14 +121,11 @@ def decode_query(deployment: Deployment, data: bytes, settings: Settings,
 
 
 def read_stored_query(deployment: Deployment, uri: str, settings: Settings, clock: StageClock) -> torch.Tensor:
-    """A stored image's file as the model's input tensor (for index types that cannot give its vector back)."""
-    t = time.perf_counter()
-    image = read_image_file(uri, settings.max_upload_bytes, settings.max_image_pixels,
-                            min_side=deployment.decode_min_side)
-    t = clock.record("decode", t)
-    pixels = deployment.preprocess(image)
-    clock.record("preprocess", t)
-    return pixels
+    """A stored image's file as the model's input tensor (for index types that cannot give its vector back):
+    decoded and preprocessed exactly as an upload of the same bytes."""
+    with open(uri, "rb") as handle:
+        data = handle.read()
+    return decode_query(deployment, data, settings, clock)[1]
 
 
 async def embed_pixels(batcher: MicroBatcher, deployment: Deployment, pixels: torch.Tensor,

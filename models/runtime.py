@@ -213,7 +213,7 @@ def select_runner(embedder: Embedder, device: torch.device, probe: torch.Tensor,
     `export_dir` is where this checkpoint's exports live (models.export.export_dir); None allows torch only.
     `threads` caps the runtime's own thread pool (0: the runtime's default, all cores)."""
     embedder = embedder.to(device).eval()
-    reference = reference_embeddings(embedder, probe)
+    reference: np.ndarray | None = None  # computed once, and only if a runtime needs checking
     refused: list[str] = []
     missing: set[str] = set()
     for name, want in candidates(requested, device, precision):
@@ -235,6 +235,8 @@ def select_runner(embedder: Embedder, device: torch.device, probe: torch.Tensor,
             continue
         runner.info.probe_images = len(probe)
         if (name, runner.info.precision) != ("torch", "fp32"):
+            if reference is None:
+                reference = reference_embeddings(embedder, probe)
             worst = float(cosine_per_image(runner.run(probe.cpu()), reference).min())
             runner.info.parity_min_cosine = round(worst, 6)
             if not worst >= PARITY_MIN:  # also refuses NaN
