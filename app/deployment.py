@@ -197,15 +197,19 @@ class ServingState:
 
 
 def swap_in(app: FastAPI, settings: Settings, new: Deployment) -> None:
-    """Install `new` atomically: catch up on writes made while it loaded, then one reference assignment."""
+    """Install `new` atomically: catch up on writes made while it loaded, then one reference assignment.
+
+    The error fields are cleared and last_swap written before the assignment, so /readyz never shows the new
+    version next to the previous failure."""
     state: ServingState = app.state.serving
     with state.write_lock:
         reconcile(settings, new)
         old = app.state.deployment
+        state.failed_version, state.swap_error, state.load_error = None, None, None
+        state.last_swap = {"from": getattr(old, "index_name", None), "to": new.index_name,
+                           "model": new.model_name, "at": datetime.now(UTC).isoformat()}
         app.state.deployment = new
     metrics.INDEX_VECTORS.set(len(new.index))
-    state.last_swap = {"from": getattr(old, "index_name", None), "to": new.index_name, "model": new.model_name,
-                       "at": datetime.now(UTC).isoformat()}
 
 
 async def check_for_new_version(app: FastAPI, settings: Settings) -> bool:
@@ -233,7 +237,6 @@ async def check_for_new_version(app: FastAPI, settings: Settings) -> bool:
                             "error": f"{exc.__class__.__name__}: {exc}", "at": datetime.now(UTC).isoformat()}
         return False
     metrics.SWAPS.labels("ok").inc()
-    state.failed_version, state.swap_error, state.load_error = None, None, None
     log.info("now serving index %s with model %s (%d vectors)", new.index_name, new.model_name, len(new.index))
     return True
 
