@@ -84,16 +84,18 @@ LABEL org.opencontainers.image.title="image-retrieval" \
 RUN groupadd --system --gid 10001 retrieval \
     && useradd --system --uid 10001 --gid retrieval --home-dir /data --no-create-home --shell /usr/sbin/nologin \
         retrieval \
-    && mkdir -p /data \
-    && chown retrieval:retrieval /data
+    && mkdir -p /data/tmp \
+    && chown -R retrieval:retrieval /data
 COPY --from=builder /opt/venv /opt/venv
-# torch makes its compile cache dir ($TMPDIR/torchinductor_<user>) when it is imported: keep it in /data, so that
-# nothing outside /data is written (and a read-only root file system works).
+# torch makes its compile cache dir ($TMPDIR/torchinductor_<user>) when it is imported, and ONNX Runtime's telemetry
+# library writes a session file (.ses) to $TMPDIR when it is imported: keep both in /data, so that nothing outside
+# /data is written (and a read-only root file system works). A /data without tmp/ (a bind mount) gets no .ses.
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     TORCHINDUCTOR_CACHE_DIR=/data/.cache/torchinductor \
+    TMPDIR=/data/tmp \
     RETRIEVAL_DATA_DIR=/data \
     RETRIEVAL_HOST=0.0.0.0 \
     RETRIEVAL_PORT=8000

@@ -101,9 +101,15 @@ class OnnxRuntimeRunner:
     def __init__(self, onnx_path: Path, config: EmbedderConfig, device: torch.device, threads: int) -> None:
         import onnxruntime as ort
 
+        ort.disable_telemetry_events()  # a service should not phone home (ONNX Runtime's Linux wheels do by default)
         options = ort.SessionOptions()
         if threads > 0:
             options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1  # one graph, run sequentially: parallelism is within each operator
+        # Idle intra-op threads otherwise spin-wait for the next operator, burning the cores the HTTP server,
+        # the decoders and the next batch's preprocessing need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
