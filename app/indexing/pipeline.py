@@ -24,9 +24,11 @@ def _finish(report: BuildReport, start: float, progress: bool) -> BuildReport:
 
 
 def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int] | None = None,
-                factory: str | None = None, progress: bool = True) -> BuildReport:
+                factory: str | None = None, progress: bool = True, ray_address: str | None = None) -> BuildReport:
     """Register `source`, embed what is missing, publish a new index version (not in shard mode).
 
+    ray_address: embed on a Ray cluster instead of this process ('' starts a local one, 'auto' joins a running
+    one, or host:port); IVF types are then filled per embedding shard and merged with FAISS's on-disk merge.
     Raises EmptySource, before anything is published, when the source lists no image file.
     """
     start = time.perf_counter()
@@ -36,10 +38,15 @@ def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int
     if report.seen == 0 and shard is None:
         raise EmptySource(f"no image file under {source} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} "
                           "in it and its sub-folders, symlinked ones included): nothing registered or published")
-    embed_missing(settings, model, slice_ids if shard else None, report, progress,
-                  stem_prefix=f"shard{shard[0]}of{shard[1]}" if shard else "run")
+    if ray_address is not None:
+        from app.indexing.ray_build import ray_embed_missing
+
+        ray_embed_missing(settings, model, report, progress, ray_address)
+    else:
+        embed_missing(settings, model, slice_ids if shard else None, report, progress,
+                      stem_prefix=f"shard{shard[0]}of{shard[1]}" if shard else "run")
     if shard is None:
-        publish_index(settings, model, report, factory=factory)
+        publish_index(settings, model, report, factory=factory, ondisk=ray_address is not None)
     else:
         report.message = (f"shard {shard[0]}/{shard[1]}: embeddings stored in {settings.embeddings_dir(model.name)}; "
                           "run `retrieval index merge` once every shard is done")
