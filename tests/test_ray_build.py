@@ -4,6 +4,7 @@ SIGKILL of its driver, and runs across a two-node cluster started with `ray star
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.conftest import REPO, make_settings, migrated_url, settings_env
+from tests.postgres import free_port
 from tests.test_indexing import make_corpus, plant_bad_files
 
 ray = pytest.importorskip("ray")
@@ -181,22 +183,20 @@ def test_two_node_cluster_on_loopback(tmp_path: Path, tiny_embedder: Path, ray_t
     url = f"sqlite:///{tmp_path / 'ray.db'}"
     upgrade(url)
     settings = make_settings(tmp_path / "ray", url, embedder=str(tiny_embedder), embed_flush_every=8)
-    env = dict(os.environ, RAY_TMPDIR=str(ray_temp))
-    port = 6390 + os.getpid() % 500
+    # Ray's token auth, with a token of this test's own (not ~/.ray/auth_token) given to every process.
+    env = dict(os.environ, RAY_TMPDIR=str(ray_temp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    port = free_port()
     head = f"127.0.0.1:{port}"
     common = ("--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats")
     with ray_node("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={ray_temp / 'cluster'}",
                   *common, env=env, log=tmp_path / "head.log"), \
             ray_node(f"--address={head}", *common, env=env, log=tmp_path / "node2.log"):
         build = subprocess.run([sys.executable, "-m", "app.cli", "index", "build", str(corpus), "--ray", head,
-                                "--factory", "Flat", "--no-progress"], cwd=REPO,
-                               env=settings_env(settings) | {"RETRIEVAL_RAY_EMBED_ACTORS": "2"},
+                                "--factory", "Flat"], cwd=REPO,
+                               env=settings_env(settings) | {"RETRIEVAL_RAY_EMBED_ACTORS": "2"} | {
+                                   k: env[k] for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")},
                                capture_output=True, text=True, timeout=300)
         assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-3000:]
-    state = _state(settings, url)
-    _assert_same_build(single, state)
-    from index import versions
-
-    stems = versions.shard_stems(Path(state[4]) / versions.EMBEDDINGS_DIR)
-    assert len({stem.split("-")[2] for stem in stems}) == 2  # shards written by two embed actors (two pids)
+        assert "on Ray (2 nodes, 2 embed actors)" in build.stdout, build.stdout[-2000:]
+    _assert_same_build(single, _state(settings, url))
     assert verify_index(settings).ok

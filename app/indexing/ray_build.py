@@ -137,7 +137,8 @@ def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildRepo
         elapsed = time.perf_counter() - start
         report.images_per_second = report.embedded / elapsed if elapsed > 0 else 0.0
         if progress:
-            print(f"embedded {report.embedded} images on Ray ({actors} embed actors"
+            nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+            print(f"embedded {report.embedded} images on Ray ({nodes} nodes, {actors} embed actors"
                   f"{', 1 GPU each' if gpus else ''}) in {elapsed:.1f}s: {report.images_per_second:.1f} images/s")
     finally:
         if started:
