@@ -83,13 +83,13 @@ def _connect(address: str | None) -> bool:
 
 def embed_actor_count(settings: Settings, resources: dict[str, float]) -> tuple[int, float]:
     """(actors, GPUs per actor): one per GPU on a GPU cluster, else RETRIEVAL_RAY_EMBED_ACTORS or half the CPUs
-    (the other half decodes)."""
+    (the other half decodes). CPU actors hold one CPU each, so at most CPUs - 1 of them: decoding needs one."""
     gpus = int(resources.get("GPU", 0))
-    if settings.ray_embed_actors > 0:
-        return settings.ray_embed_actors, 1.0 if gpus else 0.0
+    cpus = int(resources.get("CPU", 1))
     if gpus:
-        return gpus, 1.0
-    return max(1, int(resources.get("CPU", 1)) // 2), 0.0
+        return min(settings.ray_embed_actors or gpus, gpus), 1.0
+    wanted = settings.ray_embed_actors or cpus // 2
+    return max(1, min(wanted, cpus - 1)), 0.0
 
 
 def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildReport, progress: bool,
