@@ -329,3 +329,19 @@ def test_sigterm_hands_the_running_job_back(sqlite_world: Settings, tmp_path: Pa
     # Back in the queue, the run not counted: the next worker resumes it from its checkpoint.
     assert job.status == "queued" and job.attempts == 0 and job.worker_id is None, (job.status, job.message)
     assert "shut down" in job.message
+
+
+def test_train_job_under_torchrun_with_two_processes(sqlite_world: Settings) -> None:
+    """`nproc: 2`: the worker trains with torchrun (2 gloo processes, DDP), then evaluates and promotes as usual."""
+    settings = sqlite_world
+    job_id = enqueue(settings, "train", {**TRAIN, "nproc": 2, "force_promote": True})
+    assert worker_in_process(settings, "ddp", 300, once=True) == 1
+    job = job_row(settings, job_id)
+    assert job.status == "succeeded", job.error
+    assert job.metrics["train_processes"] == 2 and job.metrics["train_steps"] == TRAIN["steps"]
+    assert job.metrics["promoted"]
+    log = (jobs.job_dir(settings, job_id) / "torchrun" / "torchrun.log").read_text()
+    assert "Traceback" not in log
+    with session_scope(settings.resolved_database_url) as session:
+        with pytest.raises(jobs.JobError, match="nproc"):
+            jobs.enqueue(session, "train", {"nproc": 0})

@@ -113,12 +113,16 @@ def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildRepo
         config = read_config(model.path)
         items = [{"id": int(i), "uri": u} for i, u in zip(todo, uris, strict=True)]
         dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch + 1, 4 * actors)))
+        # SPREAD: decode on every node's CPUs. With the actors' explicit DEFAULT it also keeps Ray from fusing
+        # decoding into the embed actors (operators with different remote args are not fused), so decoding runs
+        # in its own tasks, overlapping the forward passes.
         decoded = dataset.map_batches(_decode_batch, batch_size=batch, batch_format="numpy", num_cpus=1,
+                                      scheduling_strategy="SPREAD",
                                       fn_kwargs={"config": config, "max_bytes": settings.max_upload_bytes,
                                                  "max_pixels": settings.max_image_pixels})
         embedded = decoded.map_batches(
             _EmbedActor, batch_size=batch, batch_format="numpy", num_cpus=0 if gpus else 1, num_gpus=gpus,
-            compute=ray.data.ActorPoolStrategy(size=actors),
+            compute=ray.data.ActorPoolStrategy(size=actors), scheduling_strategy="DEFAULT",
             fn_constructor_kwargs={"settings": settings, "model_path": str(model.path),
                                    "store": str(settings.embeddings_dir(model.name))})
         bar = tqdm(total=len(todo), desc="embed (ray)", unit="img", disable=not progress, dynamic_ncols=True)
