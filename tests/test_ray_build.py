@@ -87,10 +87,13 @@ def _single_build(tmp_path: Path, corpus: Path, embedder: Path, factory: str) ->
     return _state(settings, url)
 
 
-@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
-def test_ray_build_equals_single_process_build(factory: str, database_url: str, tmp_path: Path,
-                                               tiny_embedder: Path, local_ray: str) -> None:
+# Flat on SQLite; IVF (filled per shard, merged on disk) on PostgreSQL: both databases, both index routes.
+@pytest.mark.parametrize(("database", "factory"), [("sqlite", "Flat"), ("postgresql", "IVF4,Flat")])
+def test_ray_build_equals_single_process_build(database: str, factory: str, tmp_path: Path, tiny_embedder: Path,
+                                               local_ray: str, request: pytest.FixtureRequest) -> None:
     from app.indexing import build_index, verify_index
+
+    database_url = migrated_url(database, request, tmp_path)
 
     corpus = make_corpus(tmp_path / "corpus", per_class=10, size=48)  # 40 images
     plant_bad_files(corpus)
