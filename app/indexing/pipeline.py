@@ -38,15 +38,17 @@ def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int
     if report.seen == 0 and shard is None:
         raise EmptySource(f"no image file under {source} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} "
                           "in it and its sub-folders, symlinked ones included): nothing registered or published")
-    if ray_address is not None:
-        from app.indexing.ray_build import ray_embed_missing
+    if ray_address is not None and shard is None:
+        from app.indexing.ray_build import connected, ray_embed_missing, ray_fill_parts
 
-        ray_embed_missing(settings, model, report, progress, ray_address)
-    else:
-        embed_missing(settings, model, slice_ids if shard else None, report, progress,
-                      stem_prefix=f"shard{shard[0]}of{shard[1]}" if shard else "run")
+        with connected(ray_address):  # one cluster session for embedding and the IVF fills
+            ray_embed_missing(settings, model, report, progress)
+            publish_index(settings, model, report, factory=factory, ondisk=True, fill=ray_fill_parts)
+        return _finish(report, start, progress)
+    embed_missing(settings, model, slice_ids if shard else None, report, progress,
+                  stem_prefix=f"shard{shard[0]}of{shard[1]}" if shard else "run")
     if shard is None:
-        publish_index(settings, model, report, factory=factory, ondisk=ray_address is not None)
+        publish_index(settings, model, report, factory=factory)
     else:
         report.message = (f"shard {shard[0]}/{shard[1]}: embeddings stored in {settings.embeddings_dir(model.name)}; "
                           "run `retrieval index merge` once every shard is done")

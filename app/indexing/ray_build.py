@@ -12,6 +12,8 @@ their rows exactly as the single-process build does.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,7 @@ from app.indexing.embed import decode_for_embedding, file_uris, mark_failed, mis
 from app.indexing.report import BuildReport
 from app.settings import Settings
 from index import versions
+from index.vector_index import VectorIndex
 
 # Images per Ray block handed from decode tasks to embed actors, and per shard an actor writes: bounded so a
 # block of preprocessed float32 pixels stays small in the object store (128 x 3 x 224 x 224 x 4 B = 77 MB).
@@ -68,17 +71,47 @@ class _EmbedActor:
         return {"id": batch["id"], "uri": batch["uri"], "error": batch["error"], "embedded": ok}
 
 
-def _connect(address: str | None) -> bool:
-    """Join (address, or 'auto') or start (None or '') a Ray cluster; True when this call started Ray."""
+@contextmanager
+def connected(address: str | None) -> Iterator[None]:
+    """Join (address, or 'auto') or start (None or '') a Ray cluster for the block, unless Ray is already up
+    in this process; shut down only what this call started."""
     import ray
 
     if ray.is_initialized():
-        return False
+        yield
+        return
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(include_dashboard=False, log_to_driver=False)
-    return True
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _fill_part(trained: np.ndarray, dim: int, factory: str, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Ray task: a copy of the trained IVF (serialized) filled with one embedding shard, serialized back."""
+    import faiss
+
+    from index.vector_index import VectorIndex
+
+    part = VectorIndex(dim, factory, index=faiss.deserialize_index(trained))
+    part.add(ids, vectors)
+    return faiss.serialize_index(part.index)
+
+
+def ray_fill_parts(trained: VectorIndex, parts: Iterable[tuple[np.ndarray, np.ndarray]]) -> list[VectorIndex]:
+    """index.builders.fill_parts on the cluster: every shard's copy of the trained IVF filled by its own task
+    (assigning vectors to lists is the costly part of adding), merged afterwards by FAISS's on-disk merge."""
+    import faiss
+    import ray
+
+    fill = ray.remote(num_cpus=1)(_fill_part)
+    blob = ray.put(faiss.serialize_index(trained.index))
+    futures = [fill.remote(blob, trained.dim, trained.factory, ids, vectors) for ids, vectors in parts]
+    return [VectorIndex(trained.dim, trained.factory, index=faiss.deserialize_index(ray.get(future)))
+            for future in futures]
 
 
 def embed_actor_count(settings: Settings, resources: dict[str, float]) -> tuple[int, float]:
@@ -93,7 +126,7 @@ def embed_actor_count(settings: Settings, resources: dict[str, float]) -> tuple[
 
 
 def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildReport, progress: bool,
-                      address: str | None) -> None:
+                      address: str | None = None) -> None:
     """Embed every live image with no committed shard for `model` on a Ray cluster (see the module docstring)."""
     import ray
     from tqdm import tqdm
@@ -106,8 +139,7 @@ def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildRepo
     url = settings.resolved_database_url
     with session_scope(url) as session:
         uris = [u.decode("utf-8") for u in file_uris(session, todo)]
-    started = _connect(address)
-    try:
+    with connected(address):
         actors, gpus = embed_actor_count(settings, ray.cluster_resources())
         batch = max(1, min(settings.embed_flush_every, MAX_RAY_BATCH))
         config = read_config(model.path)
@@ -144,6 +176,3 @@ def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildRepo
             nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
             print(f"embedded {report.embedded} images on Ray ({nodes} nodes, {actors} embed actors"
                   f"{', 1 GPU each' if gpus else ''}) in {elapsed:.1f}s: {report.images_per_second:.1f} images/s")
-    finally:
-        if started:
-            ray.shutdown()
