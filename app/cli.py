@@ -4,6 +4,7 @@ jobs, keys)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -47,6 +48,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     if args.ray is not None and args.shard is not None:
         print("retrieval index build: --ray and --shard do not combine (Ray spreads the whole build itself)",
               file=sys.stderr)
+        return 2
+    if args.ray is not None and importlib.util.find_spec("ray") is None:
+        print("retrieval index build: --ray needs Ray Data: pip install -e '.[ray]'", file=sys.stderr)
         return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.resolved_database_url)

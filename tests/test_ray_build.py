@@ -203,3 +203,11 @@ def test_two_node_cluster_on_loopback(tmp_path: Path, tiny_embedder: Path, ray_t
         assert "on Ray (2 nodes, 2 embed actors)" in build.stdout, build.stdout[-2000:]
     _assert_same_build(single, _state(settings, url))
     assert verify_index(settings).ok
+
+
+def test_ray_and_shard_do_not_combine(tmp_path: Path, tiny_embedder: Path, run_cli) -> None:
+    settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'r.db'}", embedder=str(tiny_embedder))
+    corpus = make_corpus(tmp_path / "corpus", per_class=1, size=32)
+    result = run_cli(settings, "index", "build", str(corpus), "--ray", "--shard", "0/2")
+    assert result.returncode == 2 and "--ray and --shard do not combine" in result.stderr
+    assert not (tmp_path / "r.db").exists()  # refused before anything is touched
