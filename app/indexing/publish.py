@@ -23,8 +23,9 @@ from index import versions
 from index.builders import build, build_ivf_ondisk, choose_factory
 
 
-def _version_ids(version: IndexVersion) -> np.ndarray | None:
-    path = Path(version.path) / versions.IDS_FILE
+def published_ids(version_path: str | Path) -> np.ndarray | None:
+    """The sorted live ids a published version holds (its ids.npy), or None for a version without one."""
+    path = Path(version_path) / versions.IDS_FILE
     return np.load(path) if path.exists() else None
 
 
@@ -47,7 +48,7 @@ def publish_index(settings: Settings, model: ModelVersion, report: BuildReport, 
             return
         if current is not None and current.model_version_id == model.id and not force \
                 and (factory is None or factory == current.factory):
-            held = _version_ids(current)
+            held = published_ids(current.path)
             if held is not None and np.array_equal(held, live):
                 report.total_indexed = len(held)
                 report.message = f"index {current.name} is up to date: nothing to publish"
