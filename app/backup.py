@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, insert, select, text
+from sqlalchemy import DateTime, Engine, create_engine, insert, select, text
 
 from app.db import migrate
 from app.db.models import Base, IndexVersion, ModelVersion
@@ -44,8 +44,7 @@ class BackupError(RuntimeError):
     """A backup or restore that cannot proceed; the message says why."""
 
 
-def _dump_tables(url: str) -> dict[str, list[dict[str, Any]]]:
-    engine = get_engine(url)
+def _dump_tables(engine: Engine) -> dict[str, list[dict[str, Any]]]:
     tables: dict[str, list[dict[str, Any]]] = {}
     options = {"isolation_level": "REPEATABLE READ"} if engine.dialect.name == "postgresql" else {}
     with engine.connect().execution_options(**options) as conn, conn.begin():
@@ -59,16 +58,17 @@ def _dump_tables(url: str) -> dict[str, list[dict[str, Any]]]:
 def _sql_snapshot(settings: Settings) -> dict[str, list[dict[str, Any]]]:
     url = settings.resolved_database_url
     if get_engine(url).dialect.name != "sqlite":
-        return _dump_tables(url)
+        return _dump_tables(get_engine(url))
     source = url.split("///", 1)[1]
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "snapshot.db"
         with sqlite3.connect(source) as src, sqlite3.connect(copy) as dst:
             src.backup(dst)  # a consistent copy while other connections write
+        engine = create_engine(f"sqlite:///{copy}")
         try:
-            return _dump_tables(f"sqlite:///{copy}")
+            return _dump_tables(engine)
         finally:
-            get_engine.cache_clear()  # do not keep an engine on a deleted file
+            engine.dispose()
 
 
 def _copy_tree(source: Path, target: Path) -> int:
