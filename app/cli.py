@@ -53,6 +53,14 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     except (EmptySource, FileNotFoundError) as exc:
         print(f"retrieval index build: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        from app.errors import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        print(f"retrieval index build: the data volume is full ({settings.data_dir}): {exc.__class__.__name__}. "
+              "Nothing half-written is used; free space and run the same command again to resume.", file=sys.stderr)
+        return 1
     if args.no_progress:  # with progress on, build_index has printed the summary under its bars
         print(report.summary())
     return 1 if report.added == 0 and report.failed and not report.total_indexed else 0
