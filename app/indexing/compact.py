@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,7 @@ def compact_index(settings: Settings, owner: str) -> CompactReport:
 
 
 def _compact(settings: Settings, url: str) -> CompactReport:
+    snapshot_at = datetime.now(UTC).isoformat()  # changes after this are not in the new version (verify)
     with session_scope(url) as session:
         base = active_index(session)
         if base is None:
@@ -105,7 +107,7 @@ def _compact(settings: Settings, url: str) -> CompactReport:
             row = IndexVersion(name=name, model_version_id=model_id, path=str(path.resolve()), factory=factory,
                                ntotal=len(index), params=index.params,
                                metrics={"compacted_from": base_name, "added": len(added_ids),
-                                        "removed": len(removed)})
+                                        "removed": len(removed), "snapshot_at": snapshot_at})
             session.add(row)
             session.flush()
             promote(session, row)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ def publish_index(settings: Settings, model: ModelVersion, report: BuildReport, 
     url = settings.resolved_database_url
     store = settings.embeddings_dir(model.name)
     versions.sweep_tmp(settings.indexes_dir)
+    snapshot_at = datetime.now(UTC).isoformat()  # changes after this are not in the new version (verify)
     with session_scope(url) as session:
         live = live_image_ids(session)
         current = active_index(session)
@@ -89,7 +91,7 @@ def publish_index(settings: Settings, model: ModelVersion, report: BuildReport, 
     with session_scope(url) as session:
         row = IndexVersion(name=name, model_version_id=model.id, path=str(path.resolve()), factory=factory,
                            ntotal=len(index), params=index.params,
-                           metrics={"build_seconds": round(build_seconds, 3)})
+                           metrics={"build_seconds": round(build_seconds, 3), "snapshot_at": snapshot_at})
         session.add(row)
         session.flush()
         promote(session, row)  # the SQL flip comes last

@@ -9,6 +9,7 @@ else that disagrees is listed as a problem.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +49,12 @@ def verify_index(settings: Settings, max_listed: int = 20) -> VerifyReport:
             return VerifyReport(None, ["no active index version"])
         live = live_image_ids(session)
         known = np.fromiter(session.scalars(select(Image.id)), dtype=np.int64)
+        # The version holds SQL as read at its snapshot (older versions: their creation), so a delete after
+        # that is pending, not a problem.
+        snapshot = (current.metrics or {}).get("snapshot_at")
+        since = datetime.fromisoformat(snapshot) if snapshot else current.created_at
         deleted_since = np.fromiter(session.scalars(
-            select(Image.id).where(Image.deleted_at.is_not(None), Image.deleted_at > current.created_at)),
-            dtype=np.int64)
+            select(Image.id).where(Image.deleted_at.is_not(None), Image.deleted_at > since)), dtype=np.int64)
         model = session.get(ModelVersion, current.model_version_id)
         name, path, sql_ntotal = current.name, Path(current.path), current.ntotal
         store = settings.embeddings_dir(model.name) if model is not None else None
