@@ -368,4 +368,5 @@ def test_worker_sigkilled_during_reembed_and_promotion_never_half_promotes(sqlit
         assert worker_in_process(settings, "rescuer", 240, max_jobs=1) == 1
     job = job_row(settings, job_id)
     assert job.status == "succeeded" and job.metrics["promoted"], (job.error, job.message)
+    assert job.attempts >= 2  # at least one run was killed mid-job and the job was taken over
     assert _assert_one_consistent_pair(settings) == job.metrics["model_version"] != before
