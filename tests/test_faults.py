@@ -174,6 +174,9 @@ def test_corrupt_or_missing_index_file(tmp_path: Path, run_cli, request) -> None
         assert client.get("/readyz").status_code == 200 and "previous version" in detail["fallback"]
         assert detail["vectors"] == 9
         assert upload(client, query, k=1).json()["results"][0]["id"] == added
+    healed = compact_index(settings, "test")  # compaction over an unreadable version rebuilds it
+    assert healed.published and "rebuilt from stored embeddings" in healed.message
+    assert run_cli(settings, "index", "verify").returncode == 0
     for version in settings.indexes_dir.iterdir():  # every version gone: rebuilt from the embedding store
         if version.is_dir():
             (version / "index.faiss").unlink()

@@ -8,6 +8,9 @@ so a restart does no catch-up work and `index verify` sees a version that matche
 Two things are decided in SQL, so replicas never publish conflicting versions: a lease (one compaction at a
 time; app/db/leases.py), and the promotion itself, which retires the base version only if it is still the
 active one (a batch build or another replica that published meanwhile wins, and this version is dropped).
+
+When the active version's files cannot be loaded (the service then serves a fallback, app.deployment), the
+compaction rebuilds the index from the stored embeddings instead, which publishes a good version again.
 """
 
 from __future__ import annotations
@@ -71,17 +74,25 @@ def _compact(settings: Settings, url: str) -> CompactReport:
         base_id, base_name, base_path, factory = base.id, base.name, Path(base.path), base.factory
         model_id, store = base.model_version_id, settings.embeddings_dir(model.name if model else "")
     report = CompactReport(base=base_name)
-    held = published_ids(base_path)
-    if held is None:
-        report.message = f"index {base_name} has no ids.npy; rebuild it instead (`retrieval index rebuild`)"
+    try:
+        held = published_ids(base_path)
+        index = VectorIndex.load(base_path)
+    except Exception as exc:  # a corrupt or missing file (the service serves a fallback): heal by rebuilding
+        from app.indexing.pipeline import rebuild_index
+
+        rebuilt = rebuild_index(settings, progress=False)
+        report.published = rebuilt.index_version_name
+        report.message = (f"index {base_name} cannot be loaded ({exc.__class__.__name__}); rebuilt from stored "
+                          f"embeddings as {rebuilt.index_version_name}")
         return report
+    if held is None:  # published before versions recorded their ids
+        held = np.sort(index.live_ids())
     removed = np.setdiff1d(held, live)
     added_ids, vectors = versions.load_embeddings(store, keep=np.setdiff1d(live, held))
     report.pending = len(np.setdiff1d(live, held)) - len(added_ids)
     if len(removed) == 0 and len(added_ids) == 0:
         report.message = f"index {base_name} is up to date: nothing to compact"
         return report
-    index = VectorIndex.load(base_path)
     if len(removed):
         index.remove(removed)
     if len(added_ids):
