@@ -9,6 +9,10 @@ missing from the index get their stored embedding from <data_dir>/embeddings/<mo
 writes one before answering), or are embedded from their file when only a few are missing, through the index
 build's own path (app.indexing.embed_into_store: the same shards, and a file that no longer decodes is marked
 deleted with its reason). That is what makes an added image survive a restart and a hot swap.
+
+When the active index file is missing or corrupt at start, load_active serves the newest earlier version of the
+same model, else an index rebuilt from the embedding store, both reconciled as above, and says which in /readyz;
+a corrupt version met at a hot swap is refused and the old pair keeps serving (check_for_new_version).
 """
 
 from __future__ import annotations
