@@ -68,6 +68,13 @@ class Settings(BaseSettings):
     catchup_max_embed: int = Field(
         1000, description="At load, live images with no stored embedding are embedded when at most this many."
     )
+    compact_every: int = Field(
+        1000, description="Online adds+deletes after which the service publishes a compacted index version (0: never)."
+    )
+    compact_after_s: float = Field(
+        600.0, description="Seconds after the first online change not yet compacted at which the service compacts "
+                           "anyway (0: never)."
+    )
     thumbnail_size: int = Field(256, description="Longest side of thumbnails served by /v1/images/{id}/thumbnail.")
 
     # Versions kept on disk after publishing a new one.

@@ -49,5 +49,10 @@ async def readyz(request: Request) -> JSONResponse:
         detail["last_swap"] = serving.last_swap
     if serving.swap_error is not None:
         detail["swap_error"] = serving.swap_error
+    if serving.fallback is not None:
+        detail["fallback"] = serving.fallback
+    detail["pending_changes"] = serving.pending
+    if serving.last_compaction is not None:
+        detail["last_compaction"] = serving.last_compaction
     body = Health(status="ready" if ready else "not_ready", detail=detail)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

@@ -196,6 +196,7 @@ def _commit_new_image(request: Request, session: Session, started_on: Deployment
         out = ImageOut.model_validate(row)
         session.commit()  # under the write lock: a hot swap's reconcile sees this row
         deployment.add(np.array([out.id], dtype=np.int64), vector[None, :])
+        state.note_changes(1)
     return out
 
 
@@ -261,5 +262,6 @@ def delete_image(request: Request, session: SessionDep, image_id: int = IMAGE_ID
         deployment: Deployment | None = request.app.state.deployment
         if deployment is not None:
             deployment.remove(np.array([image_id], dtype=np.int64))
+        state.note_changes(1)
     metrics.IMAGES_WRITTEN.labels("deleted").inc()
     return Response(status_code=204)
