@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,6 +241,13 @@ def test_effort_and_paging(catalogue: Catalogue) -> None:
     first = upload(catalogue.url, query, k=4, min_score=cut, effort="exact").json()
     second = upload(catalogue.url, query, k=4, offset=4, min_score=cut, effort="exact").json()
     assert len(first["results"]) == 4 and len(second["results"]) == 2 and second["next_offset"] is None
+
+    # Concurrent queries with different efforts each get what they get alone.
+    alone = {e: [h["id"] for h in results[e]] for e in results}
+    efforts = ["fast", "balanced", "exact"] * 6
+    with ThreadPoolExecutor(max_workers=9) as pool:
+        together = list(pool.map(lambda e: (e, ids_of(upload(catalogue.url, query, k=12, effort=e))), efforts))
+    assert all(found == alone[effort] for effort, found in together)
 
     similar = catalogue.get(f"/v1/images/{whole[0]}/similar", k=3, offset=3, effort="fast")
     assert similar.status_code == 200 and whole[0] not in ids_of(similar)
