@@ -180,6 +180,18 @@ def test_page_region_box_more_like_this_and_captions(page_server: LiveServer, tm
             assert near.value.status == 200
             page.wait_for_function("document.getElementById('message').textContent.includes('near-duplicates')")
 
+            # Every near-duplicate group of the catalogue (the tiny random embedder scores one class's noisy
+            # variants as near-identical), each with its keeper marked.
+            with page.expect_response("**/v1/duplicates?*") as listed:
+                page.click("#duplicate-groups")
+            groups = listed.value.json()["groups"]
+            assert listed.value.status == 200 and groups
+            page.wait_for_function("document.getElementById('message').textContent.includes('near-duplicate groups')")
+            assert page.locator("#results .group-head").count() == len(groups)
+            assert page.locator("#results li.keeper").count() == len(groups)
+            assert page.locator("#more").is_visible() == (listed.value.json()["next_cursor"] is not None)
+            page.screenshot(path=str(ARTIFACTS / "query-page-duplicate-groups.png"), full_page=True)
+
             # Phone width: the grid, captions and tools still fit (no horizontal scrolling).
             page.set_viewport_size({"width": 390, "height": 844})
             phone_query = tmp_path / "phone.jpg"

@@ -119,6 +119,7 @@ const searchTools = (() => {
 
   // Called by app.js after an upload search: show "more results" when the response has a next page.
   function afterSearch(body) {
+    el("more").dataset.cursor = "";
     el("more").hidden = body.next_offset == null;
     el("more").dataset.offset = body.next_offset ?? "";
   }
@@ -134,9 +135,39 @@ const searchTools = (() => {
     say(`${shown + body.results.length} results`);
   }
 
+  // -- every near-duplicate group of the catalogue (GET /v1/duplicates), the suggested keeper first --------
+  async function duplicateGroups(cursor = null) {
+    say("looking for near-duplicate groups…");
+    const params = new URLSearchParams({ limit: "20" });
+    if (cursor !== null) params.set("cursor", String(cursor));
+    const res = await fetch(`/v1/duplicates?${params}`, { headers: authHeaders() });
+    const body = await res.json();
+    if (!res.ok) { say(`${res.status}: ${body.message || body.error}`, true); return; }
+    if (cursor === null) render([]);
+    const shown = el("results").querySelectorAll(".group-head").length;
+    body.groups.forEach((group, i) => {
+      const head = document.createElement("li");
+      head.className = "group-head";
+      head.textContent = `Group ${shown + i + 1}: ${group.images.length} images, keep #${group.keeper_id} (largest, then oldest)`;
+      el("results").append(head);
+      const best = (id) => Math.max(...group.pairs.filter((p) => p.a === id || p.b === id).map((p) => p.score));
+      render(group.images.map((img) => ({ ...img, score: best(img.id) })), { append: true });
+      [...el("results").querySelectorAll(`li[data-id="${group.keeper_id}"]`)].at(-1)?.classList.add("keeper");
+    });
+    lastRequest = null;
+    el("more").hidden = body.next_cursor == null;
+    el("more").dataset.offset = "";
+    el("more").dataset.cursor = body.next_cursor ?? "";
+    say(`${shown + body.groups.length} near-duplicate groups at threshold ${body.threshold}`);
+  }
+
   function init() {
     setUpRegion();
-    el("more").addEventListener("click", nextPage);
+    el("more").addEventListener("click", () => {
+      if (el("more").dataset.cursor) { const c = Number(el("more").dataset.cursor); el("more").dataset.cursor = ""; duplicateGroups(c); }
+      else nextPage();
+    });
+    el("duplicate-groups").addEventListener("click", () => duplicateGroups());
   }
 
   return { addOptions, decorateCard, afterSearch, init };
