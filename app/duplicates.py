@@ -5,8 +5,9 @@ A group is a connected component of the "scores >= threshold" graph, anchored at
 live ids above the cursor in batches: one range search per batch; an image with a neighbour grows its
 component (more range searches, from the new members only). A component whose smallest id is below the one
 being scanned was reported on an earlier page and is skipped, so pages never repeat a group. `next_cursor` is
-the anchor of the page's last group. Cost: one range search per live image above the cursor until the page
-fills, which FAISS batches (a matrix product on Flat, a bounded walk on HNSW, nprobe lists on IVF).
+the anchor of the page's last group, or the last id scanned when SCAN_LIMIT images were scanned first (the
+page is then short, possibly empty, and the client follows next_cursor). Cost: one range search per live image
+scanned, which FAISS batches (a matrix product on Flat, a bounded walk on HNSW, nprobe lists on IVF).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from app.db.queries import SQL_IN_CHUNK, live_image_ids
 from app.deployment import Deployment
 
 SCAN_BATCH = 256
+# Images scanned per request at most: a page can end short (even empty) with a next_cursor, so one request stays
+# bounded on a large catalogue with few duplicates.
+SCAN_LIMIT = 20_000
 # A chain of near-identical images can join many; a group stops growing here (its pairs grow as the square).
 MAX_GROUP = 50
 
@@ -73,8 +77,9 @@ def find_groups(session: Session, deployment: Deployment, threshold: float, limi
     start = int(np.searchsorted(live, cursor, side="right")) if cursor is not None else 0
     groups: list[Group] = []
     seen: set[int] = set()
-    for batch_start in range(start, len(live), SCAN_BATCH):
-        batch = live[batch_start:batch_start + SCAN_BATCH]
+    stop = min(len(live), start + SCAN_LIMIT)
+    for batch_start in range(start, stop, SCAN_BATCH):
+        batch = live[batch_start:min(batch_start + SCAN_BATCH, stop)]
         near = _neighbours(deployment, batch, threshold, live)
         for image_id in batch.tolist():
             if image_id in seen or not near.get(image_id):
@@ -87,7 +92,7 @@ def find_groups(session: Session, deployment: Deployment, threshold: float, limi
             if len(groups) == limit:
                 more = image_id < int(live[-1])
                 return groups, image_id if more else None
-    return groups, None
+    return groups, int(live[stop - 1]) if stop < len(live) else None
 
 
 def keeper_first(session: Session, ids: list[int]) -> list[Image]:

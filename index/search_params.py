@@ -3,7 +3,8 @@ and by filter escalation, with an IDSelector. Built fresh for every call and pas
 index object is never mutated and concurrent searches with different settings cannot race.
 
 Efforts (EFFORTS):
-- "fast":     a quarter of the tuned nprobe (at least 1), half the tuned efSearch (at least 16);
+- "fast":     a quarter of the tuned nprobe (at least 1), half the tuned efSearch (at least 8; FAISS still
+              keeps k candidates);
 - "balanced": the values tuned at build time (`builders.tune`), the default;
 - "exact":    every vector scored: nprobe = nlist for IVF; on HNSW the caller scans the flat storage under the
               graph instead (VectorIndex.search); Flat is always exact. IVF-PQ still scores its compressed codes.
@@ -37,7 +38,7 @@ def knob(index: VectorIndex, effort: str) -> int:
         return {"fast": max(1, tuned // 4), "balanced": tuned, "exact": ivf.nlist}[effort]
     if hnsw is not None:
         tuned = int(index.params.get("efSearch", hnsw.hnsw.efSearch))
-        return max(16, tuned // 2) if effort == "fast" else tuned
+        return max(8, tuned // 2) if effort == "fast" else tuned
     return 0
 
 
