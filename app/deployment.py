@@ -90,9 +90,14 @@ class Deployment:
         return self.forward_batch(torch.stack([self.preprocess(im) for im in images]))
 
     def search(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
-               exclude_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               exclude_ids: np.ndarray | None = None, effort: str = "balanced") -> tuple[np.ndarray, np.ndarray]:
         with self.index_lock:
-            return self.index.search(queries, k, allowed_ids=allowed_ids, exclude_ids=exclude_ids)
+            return self.index.search(queries, k, allowed_ids=allowed_ids, exclude_ids=exclude_ids, effort=effort)
+
+    def range_search(self, queries: np.ndarray, threshold: float, exclude_ids: np.ndarray | None = None,
+                     effort: str = "balanced") -> list[tuple[np.ndarray, np.ndarray]]:
+        with self.index_lock:
+            return self.index.range_search(queries, threshold, exclude_ids=exclude_ids, effort=effort)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors; an image re-added after a delete comes back (VectorIndex.add_or_revive)."""
@@ -110,6 +115,25 @@ class Deployment:
         """The stored vector of `image_id` when the index type can give it back (Flat, HNSW), else None."""
         with self.index_lock:
             return self.index.reconstruct(image_id)
+
+    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of the given images: from the index where its type keeps them, else from the stored
+        embeddings of this model; ids with neither are left out."""
+        ids = np.asarray(ids, dtype=np.int64)
+        found: dict[int, np.ndarray] = {}
+        for image_id in ids.tolist():
+            vector = self.reconstruct(image_id)
+            if vector is not None:
+                found[image_id] = vector
+        missing = np.array([i for i in ids.tolist() if i not in found], dtype=np.int64)
+        if len(missing):
+            stored_ids, stored = versions.load_embeddings(self.store, keep=missing)
+            if len(stored_ids) and stored.shape[1] == self.dim:
+                found.update(zip(stored_ids.tolist(), stored, strict=True))
+        kept = [i for i in ids.tolist() if i in found]
+        if not kept:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
+        return np.array(kept, dtype=np.int64), np.stack([found[i] for i in kept]).astype(np.float32)
 
 
 def write_api_embedding(store: Path, image_id: int, vector: np.ndarray) -> None:

@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from app import metrics
-from app.api import health, images, jobs, search, versions
+from app.api import duplicates, health, images, jobs, recommend, search, versions
 from app.batching import MicroBatcher
 from app.compaction import maintain
 from app.deployment import ServingState, load_active
@@ -78,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(search.router)
+    app.include_router(recommend.router)
+    app.include_router(duplicates.router)
     app.include_router(images.router)
     app.include_router(jobs.router)
     app.include_router(versions.router)

@@ -84,6 +84,8 @@ class SearchResponse(BaseModel):
     model_version: str
     index_version: str
     timings: Timings
+    next_offset: int | None = Field(None, description="Pass as `offset` (same k and options) for the next page; "
+                                                      "null when this page is short or RETRIEVAL_MAX_K is reached.")
 
 
 class ModelVersionOut(BaseModel):
@@ -128,3 +130,21 @@ class IndexVersionList(BaseModel):
 class Health(BaseModel):
     status: str
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class DuplicatePair(BaseModel):
+    a: int
+    b: int
+    score: float = Field(description="Cosine similarity of the two images' embeddings.")
+
+
+class DuplicateGroup(BaseModel):
+    keeper_id: int = Field(description="The suggested image to keep: largest resolution, then oldest.")
+    images: list[ImageOut] = Field(description="The group, the keeper first, then by id.")
+    pairs: list[DuplicatePair] = Field(description="Every pair in the group with its score, best first.")
+
+
+class DuplicatePage(BaseModel):
+    groups: list[DuplicateGroup]
+    threshold: float
+    next_cursor: int | None = Field(description="Pass as `cursor` for the next page; null on the last page.")

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted upload, checked while streaming.")
     max_image_pixels: int = Field(40_000_000, description="Largest width*height decoded (pixel-bomb guard).")
     max_k: int = Field(100, description="Largest k a search may ask for.")
+    near_duplicate_threshold: float = Field(
+        0.88, ge=-1.0, le=1.0,
+        description="Cosine at or above which two images are near-duplicates (GET /v1/duplicates, "
+                    "on_near_duplicate=reject); measured in docs/api.md.")
 
     # Batch job.
     batch_size: int = Field(32, description="Images per forward pass in the index build.")

@@ -45,6 +45,7 @@ async def readyz(request: Request) -> JSONResponse:
                       vectors=len(deployment.index), device=deployment.device,
                       runtime=deployment.runner.info.runtime, precision=deployment.runner.info.precision)
     detail["queue_depth"] = state.batcher.depth
+    detail["near_duplicate_threshold"] = state.settings.near_duplicate_threshold  # the page's "near-duplicates"
     if serving.last_swap is not None:
         detail["last_swap"] = serving.last_swap
     if serving.swap_error is not None:
