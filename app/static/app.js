@@ -73,6 +73,7 @@ async function query(file) {
   form.append("k", $("k").value || "12");
   if ($("label").value) form.append("label", $("label").value);
   if ($("min-score").value) form.append("min_score", $("min-score").value);
+  if (explainRequested()) form.append("explain", "true");  // explain.js
   say("searching…");
   try {
     const res = await fetch("/v1/search", { method: "POST", body: form, headers: authHeaders() });
@@ -83,6 +84,7 @@ async function query(file) {
       return;
     }
     render(body.results);
+    showExplanations(body.explain);  // explain.js
     say(`${body.results.length} results in ${body.timings.total_ms.toFixed(0)} ms (model ${body.model_version})`);
   } catch (err) {
     say(`request failed: ${err}`, true);
