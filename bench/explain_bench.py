@@ -90,7 +90,8 @@ def cost(args: argparse.Namespace) -> None:
     print(f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"input {embedder.config.image_size} px, median of {args.repeats}")
     print(f"\nquery forward pass: plain {plain:.1f} ms, keeping its feature map {with_map:.1f} ms\n")
-    print("| k results | decode + preprocess | forward with maps | heatmaps + JSON | total | per result |")
+    print("| k results | decode + preprocess | forward with maps (plain forward) | heatmaps + JSON | total "
+          "| per result |")
     print("|---|---|---|---|---|---|")
     query_features = local_features(embedder, query)
     for k in args.ks:
@@ -98,6 +99,8 @@ def cost(args: argparse.Namespace) -> None:
         decode = timed(lambda chosen=chosen: [embedder.preprocess(read_image_file(p)) for p in chosen])
         pixels = torch.stack([embedder.preprocess(read_image_file(p)) for p in chosen])
         forward = timed(lambda pixels=pixels: local_features(embedder, pixels))
+        with torch.inference_mode():  # the same batch embedded plainly: what the maps add to a forward pass
+            plain_batch = timed(lambda pixels=pixels: embedder(pixels))
         features = local_features(embedder, pixels)
 
         def maps_json(features: LocalFeatures = features) -> None:
@@ -107,7 +110,8 @@ def cost(args: argparse.Namespace) -> None:
 
         maps_ms = timed(maps_json)
         total = decode + forward + maps_ms
-        print(f"| {k} | {decode:.1f} ms | {forward:.1f} ms | {maps_ms:.1f} ms | {total:.1f} ms | {total / k:.1f} ms |")
+        print(f"| {k} | {decode:.1f} ms | {forward:.1f} ms ({plain_batch:.1f} ms) | {maps_ms:.1f} ms | {total:.1f} ms "
+              f"| {total / k:.1f} ms |")
 
 
 def centre(args: argparse.Namespace) -> None:
@@ -121,7 +125,7 @@ def centre(args: argparse.Namespace) -> None:
     emb, labels = embed_items(embedder, items, read_image_file, batch_size=32, num_workers=args.workers)
     neighbours = knn(emb, emb, 1, exclude_self=True)[:, 0]
     queries = random.Random(0).sample(range(len(items)), min(args.queries, len(items)))
-    shares, same_class = [], []
+    shares, same_class, controls = [], [], []
     for start in range(0, len(queries), 16):
         chunk = queries[start : start + 16]
         paths = [items[i][0] for i in chunk] + [items[int(neighbours[i])][0] for i in chunk]
@@ -132,6 +136,11 @@ def centre(args: argparse.Namespace) -> None:
             maps = pair_maps(split(features, slice(row, row + 1)), split(features, slice(n + row, n + row + 1)))
             shares.append((mass_inside(maps.query[0], CENTRE_BOX), mass_inside(maps.result[0], CENTRE_BOX)))
             same_class.append(labels[chunk[row]] == labels[int(neighbours[chunk[row]])])
+            # Control: the same query against another query's match (a pair that did not match), so what the
+            # geometry alone gives (tight crops, and the coldest cell set to zero) is visible.
+            other = n + (row + 1) % n
+            control = pair_maps(split(features, slice(row, row + 1)), split(features, slice(other, other + 1)))
+            controls.append((mass_inside(control.query[0], CENTRE_BOX), mass_inside(control.result[0], CENTRE_BOX)))
     values = np.array(shares).ravel()
     same = np.repeat(np.array(same_class), 2)
     print(f"model {args.model}, {len(queries)} queries among {len(items)} random cub100 test images, input "
@@ -139,9 +148,10 @@ def centre(args: argparse.Namespace) -> None:
     print(f"top-1 neighbour of the same species: {np.mean(same_class):.1%}")
     print("| pairs | maps | heat inside the central half-area box (mean) | maps with more than 0.5 there |")
     print("|---|---|---|---|")
-    for name, keep in (("all top-1 pairs", np.ones_like(same)), ("same species", same), ("other species", ~same)):
-        if keep.any():
-            chosen = values[keep.astype(bool)]
+    rows = [("all top-1 pairs", values[np.ones_like(same)]), ("same species", values[same]),
+            ("other species", values[~same]), ("control: unmatched pairs", np.array(controls).ravel())]
+    for name, chosen in rows:
+        if len(chosen):
             print(f"| {name} | {len(chosen)} | {chosen.mean():.3f} | {np.mean(chosen > 0.5):.1%} |")
 
 
