@@ -150,3 +150,29 @@ def test_search_with_explain_returns_maps_for_the_results_shown(served: Settings
         assert np.array(result["result"]["heatmap"]).shape == (h, w)
         assert result["score"] == pytest.approx(hit["score"], abs=1e-3)  # torch pass vs the served runtime
     assert explain["query"]["crop"] == pytest.approx([0.0, 0.0, 1.0, 1.0]) and explain["explain_ms"] > 0
+
+
+def test_an_abe_model_served_returns_its_attention_masks_per_learner(request: pytest.FixtureRequest,
+                                                                     tmp_path: Path) -> None:
+    """An ABE-M checkpoint as the active model: the explain endpoint gives one mask per learner for both images."""
+    from app.indexing import build_index
+    from models.checkpoint import save_checkpoint
+    from tests.conftest import make_settings
+    from tests.test_indexing import make_corpus
+
+    torch.manual_seed(0)
+    abe = create_embedder(EmbedderConfig.from_dict({**ARCHS["abe"], "arch": "abe", "pooling": "avg"}))
+    save_checkpoint(abe.eval(), tmp_path / "abe")
+    url = migrated_url("sqlite", request, tmp_path)
+    settings = make_settings(tmp_path / "data", url, embedder=str(tmp_path / "abe"))
+    build_index(settings, make_corpus(tmp_path / "corpus", 2), progress=False)
+    with app_client(settings) as client:
+        ids = [image["id"] for image in client.get("/v1/images", params={"limit": 10}).json()["items"]]
+        body = client.get(f"/v1/images/{ids[1]}/explain", params={"query_id": ids[0]}).json()
+        searched = upload(client, jpeg_bytes(class_image("green", seed=5)), k=2, explain="true").json()
+    h, w = body["mask_grid"]
+    for side in ("query", "result"):
+        masks = np.array(body[side]["masks"])
+        assert masks.shape == (2, h, w) and masks.min() >= 0 and masks.max() <= 1  # one per learner
+    assert np.array(searched["explain"]["query"]["masks"]).shape == (2, h, w)
+    assert all(np.array(r["result"]["masks"]).shape == (2, h, w) for r in searched["explain"]["results"])
