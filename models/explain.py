@@ -48,9 +48,11 @@ def pair_maps(query: LocalFeatures, results: LocalFeatures) -> PairMaps:
 def local_features(embedder: Embedder, pixels: torch.Tensor, batch_size: int = 32) -> LocalFeatures:
     """`forward_local` in eval mode over preprocessed images [N, 3, H, W], batched, on the embedder's device;
     results on the CPU in float32."""
+    was_training = embedder.training
     embedder.eval()
     device = next(embedder.parameters()).device
     outs = [embedder.forward_local(pixels[i : i + batch_size].to(device)) for i in range(0, len(pixels), batch_size)]
+    embedder.train(was_training)
     masks = [o.masks for o in outs]
     return LocalFeatures(
         torch.cat([o.embedding for o in outs]).float().cpu(),
