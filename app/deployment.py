@@ -42,8 +42,9 @@ from app.registry import active_index
 from app.settings import Settings
 from index import versions
 from index.vector_index import VectorIndex
-from models.embedder import eval_transform
-from models.runtime import Runner
+from models.checkpoint import load_checkpoint
+from models.embedder import Embedder, eval_transform
+from models.runtime import Runner, TorchRunner
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class Deployment:
     index_lock: threading.RLock = field(default_factory=threading.RLock)
     # Online changes this pair applied at load on top of its published version (see ServingState.pending).
     reconciled: dict[str, int] = field(default_factory=dict)
+    checkpoint_dir: Path | None = None  # the model version's files: heatmaps load its torch embedder from them
+    _torch_embedder: Embedder | None = field(default=None, repr=False)
+    _torch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self._transform = eval_transform(self.runner.config)
@@ -84,6 +88,19 @@ class Deployment:
     def forward_batch(self, pixels: torch.Tensor) -> np.ndarray:
         """One forward pass over a preprocessed batch [B, C, H, W] -> float32 [B, D] (called by the batcher)."""
         return self.runner.run(pixels)
+
+    def torch_embedder(self) -> Embedder:
+        """The model version's torch embedder (fp32), for what an exported runtime cannot give (the feature maps
+        behind heatmaps, app/explain.py): the torch runner's own when serving with torch, else loaded from the
+        checkpoint once, on first use, and kept for this deployment's life."""
+        if isinstance(self.runner, TorchRunner):
+            return self.runner.embedder
+        with self._torch_lock:
+            if self._torch_embedder is None:
+                if self.checkpoint_dir is None:
+                    raise ValueError(f"model version {self.model_name} has no checkpoint to explain matches with")
+                self._torch_embedder = load_checkpoint(self.checkpoint_dir, device=self.runner.info.device.split()[0])
+            return self._torch_embedder
 
     def embed(self, images: list[PILImage.Image]) -> np.ndarray:
         """Embed images directly, without the batcher (POST /v1/images, scripts)."""
@@ -197,7 +214,7 @@ def load_deployment(settings: Settings, index_row: IndexVersion, model_row: Mode
             f"index {index_row.name} has dimension {index.dim} but model {model_row.name} embeds to {runner.dim}"
         )
     deployment = Deployment(model_name=model_row.name, index_name=index_row.name, runner=runner, index=index,
-                            store=settings.embeddings_dir(model_row.name))
+                            store=settings.embeddings_dir(model_row.name), checkpoint_dir=Path(model_row.path))
     deployment.reconciled = reconcile(settings, deployment)
     return deployment
 

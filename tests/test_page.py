@@ -204,3 +204,46 @@ def test_page_region_box_more_like_this_and_captions(page_server: LiveServer, tm
         finally:
             browser.close()
     assert console_errors == []
+
+
+def test_query_page_shows_heatmaps_over_the_query_and_each_result(page_server: LiveServer, tmp_path: Path) -> None:
+    """On by default: a heatmap canvas over the query and over every result, drawn with some heat; the toggle
+    hides them, and a search with it off asks for no heatmaps."""
+    binary = chromium_binary()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is required in CI (apt-get install chromium)")
+        pytest.skip("no chromium binary on this machine (apt-get install chromium)")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    query = tmp_path / "query.jpg"
+    class_image("green", seed=77, size=160).save(query, quality=92)
+    ARTIFACTS.mkdir(exist_ok=True)
+    console_errors: list[str] = []
+    drawn = """() => [...document.querySelectorAll('canvas.heat')].map(c => {
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let alpha = 0; for (let i = 3; i < d.length; i += 4) alpha = Math.max(alpha, d[i]);
+        return {w: c.width, alpha, hidden: c.hidden}; })"""
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=binary, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            page.goto(page_server.base_url + "/")
+            page.wait_for_function("document.getElementById('status').textContent.includes('index')")
+            assert page.is_checked("#explain")
+            page.fill("#k", "4")
+            page.set_input_files("#file", str(query))
+            page.wait_for_function("document.querySelectorAll('canvas.heat').length === 5", timeout=30_000)
+            page.wait_for_function(f"({drawn})().every(c => c.w > 1 && c.alpha > 0)", timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "query-page-heatmaps.png"), full_page=True)
+            page.uncheck("#explain")
+            assert all(c["hidden"] for c in page.evaluate(drawn))
+            again = tmp_path / "another.jpg"  # the same file again fires no change event
+            class_image("red", seed=78, size=160).save(again, quality=92)
+            with page.expect_request("**/v1/search") as sent:
+                page.set_input_files("#file", str(again))
+            assert "explain" not in (sent.value.post_data or "")
+            page.wait_for_function("document.querySelectorAll('canvas.heat').length === 0", timeout=30_000)
+        finally:
+            browser.close()
+    assert console_errors == []

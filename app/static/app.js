@@ -76,6 +76,7 @@ async function query(file) {
   if ($("label").value) form.append("label", $("label").value);
   if ($("min-score").value) form.append("min_score", $("min-score").value);
   searchTools.addOptions(form, file);
+  if (explainRequested()) form.append("explain", "true");  // explain.js
   say("searching…");
   try {
     const res = await fetch("/v1/search", { method: "POST", body: form, headers: authHeaders() });
@@ -87,6 +88,7 @@ async function query(file) {
     }
     render(body.results);
     searchTools.afterSearch(body);
+    showExplanations(body.explain);  // explain.js
     say(`${body.results.length} results in ${body.timings.total_ms.toFixed(0)} ms (model ${body.model_version})`);
   } catch (err) {
     say(`request failed: ${err}`, true);
