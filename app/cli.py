@@ -1,5 +1,5 @@
-"""`retrieval`: the one command-line entry point and its one parser (db, index, serve, demo, train, eval, worker,
-jobs, keys)."""
+"""`retrieval`: the one command-line entry point and its one parser (db, index, serve, demo, backup, restore,
+train, eval, worker, jobs, keys)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from app.cli_train import _add_set_option, add_train_eval_cli
 from app.db.models import Job
 from app.jobs import JOB_KINDS
 from app.settings import get_settings
@@ -61,6 +62,14 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     except (EmptySource, FileNotFoundError) as exc:
         print(f"retrieval index build: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        from app.errors import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        print(f"retrieval index build: the data volume is full ({settings.data_dir}): {exc.__class__.__name__}. "
+              "Nothing half-written is used; free space and run the same command again to resume.", file=sys.stderr)
+        return 1
     if args.no_progress:  # with progress on, build_index has printed the summary under its bars
         print(report.summary())
     return 1 if report.added == 0 and report.failed and not report.total_indexed else 0
@@ -70,8 +79,10 @@ def cmd_index_verify(args: argparse.Namespace) -> int:
     from app.indexing import verify_index
 
     report = verify_index(get_settings())
+    pending = (f"; {report.pending} online change(s) pending compaction ({report.pending_adds} added, "
+               f"{report.pending_deletes} deleted; served from the embedding store)") if report.pending else ""
     if report.ok:
-        print(f"index {report.version}: SQL and index agree")
+        print(f"index {report.version}: SQL and index agree{pending}")
         return 0
     print(f"index {report.version}: {len(report.problems)} problem(s)", file=sys.stderr)
     for problem in report.problems:
@@ -83,10 +94,28 @@ def cmd_index_merge(args: argparse.Namespace) -> int:
     from app.indexing import merge_shards, rebuild_index
 
     settings = get_settings()
+    if args.index_command == "compact":
+        from app.indexing.compact import compact_index
+
+        print(compact_index(settings, owner=f"cli-{os.getpid()}").message)
+        return 0
     if args.index_command == "rebuild":
         rebuild_index(settings, factory=args.factory, progress=not args.no_progress)
     else:
         merge_shards(settings, factory=args.factory, ondisk=args.ondisk, progress=not args.no_progress)
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from app.backup import BackupError, backup, restore
+
+    settings = get_settings()
+    try:
+        done = backup(settings, args.dir) if args.command == "backup" else restore(settings, args.dir)
+    except BackupError as exc:
+        print(f"retrieval {args.command}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.command} {args.dir}: {done['files']} files, rows {json.dumps(done['rows'])}")
     return 0
 
 
@@ -119,16 +148,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.no_serve:
         return 0
     return cmd_serve(args)
-
-
-def _override(text: str) -> tuple[str, object]:
-    """`--set KEY=VALUE`, parsed once here into (dotted key, YAML value) for models.config.load_config."""
-    from models.config import parse_override
-
-    try:
-        return parse_override(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _job_line(job: Job) -> str:
@@ -221,103 +240,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train from a YAML config (its data: section), then score the best checkpoint on the test classes.
-    Under torchrun: `torchrun --nproc_per_node N -m app.cli train ...`."""
-    import json
-
-    import torch.distributed as dist
-
-    from app.images import file_loader
-    from models.config import load_config
-    from models.train import run_config
-
-    config = load_config(args.config, args.overrides)
-    out = Path(args.out or Path("runs") / Path(args.config).stem)
-    summary = run_config(config, out, file_loader(get_settings()), args.device, args.init_checkpoint)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary, indent=2))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from app.images import file_loader
-    from models.config import load_config
-    from models.data import dataset_splits, load_eval_items
-    from models.embedder import resolve_device
-    from models.evaluate import DEFAULT_KS, evaluate_with_flip_average
-    from models.zoo import create_embedder
-
-    if (args.config is None) == (args.root is None):
-        args.parser.error("give exactly one of --root (a dataset) or --config (a training config's split)")
-    if args.config and args.gallery_csv:
-        args.parser.error("--gallery-csv goes with --root, not --config")
-    if args.overrides and not args.config:
-        args.parser.error("--set goes with --config")
-    if args.config:  # the split exactly as training split it
-        train, val, test = dataset_splits(load_config(args.config, args.overrides).data)
-        items = {"train": train, "val": val, "test": test}[args.split]
-    else:
-        items = load_eval_items(args.dataset, args.root, args.classes, args.csv)
-    if not items:
-        args.parser.error("no images selected")
-    gallery = load_eval_items("csv", args.root, args.classes, args.gallery_csv) if args.gallery_csv else None
-    device = resolve_device(args.device)
-    embedder = create_embedder(args.model).to(device)
-    metrics = evaluate_with_flip_average(embedder, items, file_loader(get_settings()), args.ks or DEFAULT_KS, gallery,
-                                         args.batch_size, args.workers, device, flip_average=args.flip_average)
-    text = json.dumps(metrics, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
-    return 0
-
-
-def _add_set_option(parser: argparse.ArgumentParser, when: str = "",
-                    what: str = "override a config value") -> None:
-    parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
-                        help=f"{when}{what} (parsed as YAML), e.g. --set steps=100 --set data.root=/data/cub100")
-
-
-def add_train_eval_cli(sub: argparse._SubParsersAction) -> None:
-    """`train` and `eval` (models/ exposes the functions; the options live here)."""
-    train = sub.add_parser("train", help="train an embedder from a YAML config (see configs/)",
-                           description="Train an embedder from a YAML config.")
-    train.add_argument("--config", required=True, help="YAML training config (see configs/)")
-    train.add_argument("--out", help="output dir (default: runs/<config name>); resumes when it holds a resume state")
-    train.add_argument("--device", default="auto")
-    train.add_argument("--init-checkpoint", help="fine-tune this checkpoint instead of config.embedder")
-    _add_set_option(train)
-    train.set_defaults(func=cmd_train)
-
-    evaluate = sub.add_parser("eval", help="Recall@K, MAP@R, R-precision of a preset or checkpoint on a dataset",
-                              description="Recall@K, MAP@R, R-precision of an embedder.")
-    evaluate.add_argument("--model", required=True, help="a preset name (models.zoo.PRESETS) or a checkpoint dir")
-    evaluate.add_argument("--dataset", choices=("cub", "folder", "csv"), default="cub")
-    evaluate.add_argument("--root", help="dataset root (or the query CSV's image root)")
-    evaluate.add_argument("--csv", help="CSV manifest (path,label) for --dataset csv; the queries for In-Shop")
-    evaluate.add_argument("--gallery-csv", help="query/gallery protocol: the gallery CSV (In-Shop)")
-    evaluate.add_argument("--classes", help="keep labels in [A, B), e.g. 50:100 for cub100's test half")
-    evaluate.add_argument("--config", help="take the images from this training config's data section instead of "
-                                           "--root/--classes")
-    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test",
-                          help="with --config: which of its splits")
-    _add_set_option(evaluate, "with --config: ")
-    evaluate.add_argument("--ks", type=int, nargs="+", help="the K of Recall@K (default: 1 2 4 8)")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--workers", type=int, default=2)
-    evaluate.add_argument("--output", help="also write the metrics JSON here")
-    evaluate.add_argument("--flip-average", action="store_true",
-                          help="average each image's embedding with its mirror image's (2x cost); "
-                               "the plain metrics come along")
-    evaluate.set_defaults(func=cmd_eval, parser=evaluate)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retrieval", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -339,8 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "address, RETRIEVAL_RAY_ADDRESS or else a local cluster started for this build")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(func=cmd_index_build)
-    verify = index_sub.add_parser("verify", help="check SQL and the active index agree; non-zero exit if not")
+    verify = index_sub.add_parser(
+        "verify", help="check SQL and the active index agree (online changes not compacted are counted, not errors)")
     verify.set_defaults(func=cmd_index_verify)
+    compact = index_sub.add_parser("compact", help="fold online adds/deletes into a new index version")
+    compact.set_defaults(func=cmd_index_merge)
     for name, text in (("merge", "after sharded builds: embed what is missing, build and publish one index"),
                        ("rebuild", "rebuild/retype the index from stored embeddings (compacts deletions)")):
         step = index_sub.add_parser(name, help=text)
@@ -364,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-class", type=int, default=100, help="demo images per class")
     demo.add_argument("--no-serve", action="store_true", help="build the demo index and exit")
     demo.set_defaults(func=cmd_demo)
+
+    for name, text in (("backup", "write a consistent snapshot of SQL and the data dir to DIR (while serving)"),
+                       ("restore", "restore a snapshot from DIR into an empty data dir and database")):
+        step = sub.add_parser(name, help=text)
+        step.add_argument("dir", type=Path, help="the backup directory")
+        step.set_defaults(func=cmd_backup)
 
     add_train_eval_cli(sub)
 

@@ -9,6 +9,10 @@ missing from the index get their stored embedding from <data_dir>/embeddings/<mo
 writes one before answering), or are embedded from their file when only a few are missing, through the index
 build's own path (app.indexing.embed_into_store: the same shards, and a file that no longer decodes is marked
 deleted with its reason). That is what makes an added image survive a restart and a hot swap.
+
+When the active index file is missing or corrupt at start, load_active serves the newest earlier version of the
+same model, else an index rebuilt from the embedding store, both reconciled as above, and says which in /readyz;
+a corrupt version met at a hot swap is refused and the old pair keeps serving (check_for_new_version).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI
 from PIL import Image as PILImage
+from sqlalchemy import select
 
 from app import metrics
 from app.db.models import IndexVersion, ModelVersion
@@ -36,8 +42,9 @@ from app.registry import active_index
 from app.settings import Settings
 from index import versions
 from index.vector_index import VectorIndex
-from models.embedder import eval_transform
-from models.runtime import Runner
+from models.checkpoint import load_checkpoint
+from models.embedder import Embedder, eval_transform
+from models.runtime import Runner, TorchRunner
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,11 @@ class Deployment:
     store: Path
     # FAISS indexes are not safe for a search concurrent with add/remove; searches are short, so one lock.
     index_lock: threading.RLock = field(default_factory=threading.RLock)
+    # Online changes this pair applied at load on top of its published version (see ServingState.pending).
+    reconciled: dict[str, int] = field(default_factory=dict)
+    checkpoint_dir: Path | None = None  # the model version's files: heatmaps load its torch embedder from them
+    _torch_embedder: Embedder | None = field(default=None, repr=False)
+    _torch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self._transform = eval_transform(self.runner.config)
@@ -77,14 +89,32 @@ class Deployment:
         """One forward pass over a preprocessed batch [B, C, H, W] -> float32 [B, D] (called by the batcher)."""
         return self.runner.run(pixels)
 
+    def torch_embedder(self) -> Embedder:
+        """The model version's torch embedder (fp32), for what an exported runtime cannot give (the feature maps
+        behind heatmaps, app/explain.py): the torch runner's own when serving with torch, else loaded from the
+        checkpoint once, on first use, and kept for this deployment's life."""
+        if isinstance(self.runner, TorchRunner):
+            return self.runner.embedder
+        with self._torch_lock:
+            if self._torch_embedder is None:
+                if self.checkpoint_dir is None:
+                    raise ValueError(f"model version {self.model_name} has no checkpoint to explain matches with")
+                self._torch_embedder = load_checkpoint(self.checkpoint_dir, device=self.runner.info.device.split()[0])
+            return self._torch_embedder
+
     def embed(self, images: list[PILImage.Image]) -> np.ndarray:
         """Embed images directly, without the batcher (POST /v1/images, scripts)."""
         return self.forward_batch(torch.stack([self.preprocess(im) for im in images]))
 
     def search(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None,
-               exclude_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               exclude_ids: np.ndarray | None = None, effort: str = "balanced") -> tuple[np.ndarray, np.ndarray]:
         with self.index_lock:
-            return self.index.search(queries, k, allowed_ids=allowed_ids, exclude_ids=exclude_ids)
+            return self.index.search(queries, k, allowed_ids=allowed_ids, exclude_ids=exclude_ids, effort=effort)
+
+    def range_search(self, queries: np.ndarray, threshold: float, exclude_ids: np.ndarray | None = None,
+                     effort: str = "balanced") -> list[tuple[np.ndarray, np.ndarray]]:
+        with self.index_lock:
+            return self.index.range_search(queries, threshold, exclude_ids=exclude_ids, effort=effort)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors; an image re-added after a delete comes back (VectorIndex.add_or_revive)."""
@@ -102,6 +132,25 @@ class Deployment:
         """The stored vector of `image_id` when the index type can give it back (Flat, HNSW), else None."""
         with self.index_lock:
             return self.index.reconstruct(image_id)
+
+    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of the given images: from the index where its type keeps them, else from the stored
+        embeddings of this model; ids with neither are left out."""
+        ids = np.asarray(ids, dtype=np.int64)
+        found: dict[int, np.ndarray] = {}
+        for image_id in ids.tolist():
+            vector = self.reconstruct(image_id)
+            if vector is not None:
+                found[image_id] = vector
+        missing = np.array([i for i in ids.tolist() if i not in found], dtype=np.int64)
+        if len(missing):
+            stored_ids, stored = versions.load_embeddings(self.store, keep=missing)
+            if len(stored_ids) and stored.shape[1] == self.dim:
+                found.update(zip(stored_ids.tolist(), stored, strict=True))
+        kept = [i for i in ids.tolist() if i in found]
+        if not kept:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
+        return np.array(kept, dtype=np.int64), np.stack([found[i] for i in kept]).astype(np.float32)
 
 
 def write_api_embedding(store: Path, image_id: int, vector: np.ndarray) -> None:
@@ -155,9 +204,11 @@ def _embed_from_files(settings: Settings, deployment: Deployment, ids: np.ndarra
     return report.embedded
 
 
-def load_deployment(settings: Settings, index_row: IndexVersion, model_row: ModelVersion) -> Deployment:
-    runner = load_runner(settings, model_row.path)
-    index = VectorIndex.load(index_row.path)
+def load_deployment(settings: Settings, index_row: IndexVersion, model_row: ModelVersion,
+                    runner: Runner | None = None, index: VectorIndex | None = None) -> Deployment:
+    """Load a pair (reusing `runner` when the model is the one already served, e.g. after a compaction)."""
+    runner = runner or load_runner(settings, model_row.path)
+    index = index if index is not None else VectorIndex.load(index_row.path)
     if index.ntotal == 0 and (index.dim != runner.dim or not index.is_trained):
         # An empty corpus is a normal state: serve an empty exact index of the model's dimension, which API adds
         # fill (an index published empty by older builds has dimension 0, and an untrained IVF cannot take adds).
@@ -167,8 +218,8 @@ def load_deployment(settings: Settings, index_row: IndexVersion, model_row: Mode
             f"index {index_row.name} has dimension {index.dim} but model {model_row.name} embeds to {runner.dim}"
         )
     deployment = Deployment(model_name=model_row.name, index_name=index_row.name, runner=runner, index=index,
-                            store=settings.embeddings_dir(model_row.name))
-    reconcile(settings, deployment)
+                            store=settings.embeddings_dir(model_row.name), checkpoint_dir=Path(model_row.path))
+    deployment.reconciled = reconcile(settings, deployment)
     return deployment
 
 
@@ -183,9 +234,57 @@ def _active_rows(settings: Settings) -> tuple[IndexVersion, ModelVersion] | None
         return index_row, model_row
 
 
-def load_active(settings: Settings) -> Deployment | None:
+def load_active(settings: Settings, state: ServingState | None = None) -> Deployment | None:
+    """The active pair; if its index file is missing or corrupt, the newest earlier version of the same model
+    that loads, else an index rebuilt from the stored embeddings; both reconciled with SQL, so they serve exactly
+    SQL's live images. Which one is served is recorded in `state.fallback` (shown by /readyz)."""
     rows = _active_rows(settings)
-    return None if rows is None else load_deployment(settings, *rows)
+    if rows is None:
+        return None
+    index_row, model_row = rows
+    try:
+        return load_deployment(settings, index_row, model_row)
+    except Exception as exc:
+        if not _index_unreadable(exc):
+            raise
+        problem = f"index {index_row.name} cannot be loaded ({exc.__class__.__name__}: {exc})"
+    log.error("%s; falling back", problem)
+    runner = load_runner(settings, model_row.path)
+    for older in _earlier_versions(settings, index_row):
+        try:
+            index = VectorIndex.load(older.path)
+        except Exception:
+            continue
+        if index.dim == runner.dim:
+            deployment = load_deployment(settings, index_row, model_row, runner=runner, index=index)
+            _note_fallback(state, f"{problem}; serving the previous version {older.name} brought up to date "
+                                  "from the embedding store")
+            return deployment
+    deployment = load_deployment(settings, index_row, model_row, runner=runner, index=VectorIndex(runner.dim))
+    _note_fallback(state, f"{problem}; serving an index rebuilt from the embedding store "
+                          f"({len(deployment.index)} vectors)")
+    return deployment
+
+
+def _index_unreadable(exc: Exception) -> bool:
+    # FAISS reports unreadable files as RuntimeError; a missing file or bad JSON as OSError/ValueError.
+    return isinstance(exc, (OSError, RuntimeError, ValueError)) and not isinstance(exc, NotImplementedError)
+
+
+def _earlier_versions(settings: Settings, current: IndexVersion) -> list[IndexVersion]:
+    with session_scope(settings.resolved_database_url) as session:
+        rows = session.scalars(
+            select(IndexVersion).where(IndexVersion.model_version_id == current.model_version_id,
+                                       IndexVersion.id != current.id)
+            .order_by(IndexVersion.created_at.desc(), IndexVersion.id.desc())).all()
+        session.expunge_all()
+    return [row for row in rows if Path(row.path).is_dir()]
+
+
+def _note_fallback(state: ServingState | None, message: str) -> None:
+    log.warning(message)
+    if state is not None:
+        state.fallback = message
 
 
 @dataclass
@@ -196,8 +295,26 @@ class ServingState:
     swap_error: dict[str, Any] | None = None
     last_swap: dict[str, Any] | None = None
     failed_version: str | None = None
+    # Set when the active index file could not be loaded and another source serves instead (load_active).
+    fallback: str | None = None
+    # Online adds + deletes not in the served version's published files yet; compaction folds them in.
+    pending: int = 0
+    pending_since: float | None = None  # time.monotonic() of the oldest of them
+    last_compaction: dict[str, Any] | None = None
     # Serialises API writes with the final step of a swap, so no write lands on an index being replaced.
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def note_changes(self, count: int) -> None:
+        """Record online changes (API writes, or differences a load reconciled) for the compaction trigger."""
+        if count > 0:
+            self.pending += count
+            if self.pending_since is None:
+                self.pending_since = time.monotonic()
+
+    def reset_pending(self, count: int) -> None:
+        """A new version is served: what is pending now is what its load had to reconcile."""
+        self.pending, self.pending_since = 0, None
+        self.note_changes(count)
 
 
 def swap_in(app: FastAPI, settings: Settings, new: Deployment) -> None:
@@ -207,9 +324,10 @@ def swap_in(app: FastAPI, settings: Settings, new: Deployment) -> None:
     version next to the previous failure."""
     state: ServingState = app.state.serving
     with state.write_lock:
-        reconcile(settings, new)
+        late = reconcile(settings, new)
         old = app.state.deployment
-        state.failed_version, state.swap_error, state.load_error = None, None, None
+        state.failed_version, state.swap_error, state.load_error, state.fallback = None, None, None, None
+        state.reset_pending(sum(new.reconciled.values()) + sum(late.values()))
         state.last_swap = {"from": getattr(old, "index_name", None), "to": new.index_name,
                            "model": new.model_name, "at": datetime.now(UTC).isoformat()}
         app.state.deployment = new
@@ -229,8 +347,10 @@ async def check_for_new_version(app: FastAPI, settings: Settings) -> bool:
     if state.failed_version == index_row.name:
         return False  # already failed; keep serving the old pair until another version is promoted
     log.info("active index version is now %s (model %s): loading it", index_row.name, model_row.name)
+    same_model = current is not None and current.model_name == model_row.name
     try:
-        new = await asyncio.to_thread(load_deployment, settings, index_row, model_row)
+        new = await asyncio.to_thread(load_deployment, settings, index_row, model_row,
+                                      current.runner if same_model else None)
         await asyncio.to_thread(swap_in, app, settings, new)
     except Exception as exc:  # the old pair keeps serving; the error is logged and in /readyz
         log.exception("loading index version %s failed; still serving %s", index_row.name,
@@ -255,17 +375,3 @@ def converge_with_peers(app: FastAPI, settings: Settings) -> dict[str, int] | No
         if deployment is None:
             return None
         return reconcile(settings, deployment, embed_from_files=False)
-
-
-async def watch_active_version(app: FastAPI, settings: Settings) -> None:
-    """Background task: poll SQL for a newly promoted version and hot-swap it in; otherwise converge the served
-    index with the writes of other replicas (docs/scaling.md)."""
-    while True:
-        await asyncio.sleep(settings.swap_poll_s)
-        try:
-            if not await check_for_new_version(app, settings):
-                await asyncio.to_thread(converge_with_peers, app, settings)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # e.g. the database is briefly unreachable; try again next tick
-            log.exception("checking for a new active version failed")

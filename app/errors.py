@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.batching import QueueFull
@@ -18,7 +21,9 @@ log = logging.getLogger(__name__)
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
           409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
-          429: "too_many_requests", 503: "unavailable"}
+          429: "too_many_requests", 503: "unavailable", 507: "insufficient_storage"}
+# Seconds a client is asked to wait when the database is unreachable.
+DATABASE_RETRY_AFTER_S = "5"
 
 
 def error_response(status: int, message: str, code: str | None = None, detail=None,
@@ -34,6 +39,16 @@ class ApiError(Exception):
                  headers: dict[str, str] | None = None, detail: Any = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.headers, self.detail = status, message, code, headers, detail
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write failed because the volume is full: ENOSPC/EDQUOT, or SQLite saying so."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, DBAPIError):
+        text = str(exc.orig)
+        return "disk is full" in text or "No space left" in text
+    return False
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -69,7 +84,38 @@ def install_error_handlers(app: FastAPI) -> None:
         summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
         return error_response(422, f"invalid request: {summary}", detail=errors)
 
+    @app.exception_handler(DBAPIError)
+    async def _database_error(_: Request, exc: DBAPIError) -> JSONResponse:
+        # A lost or refused connection (the database stopped, restarted, unreachable) is the service being
+        # unavailable, not a bug: 503, and the pool reconnects once it is back (pre-ping).
+        if is_disk_full(exc):
+            log.error("data volume full: %s", exc.orig)
+            return error_response(507, "the data volume is full; nothing was stored", code="insufficient_storage")
+        if exc.connection_invalidated or exc.__class__.__name__ in ("OperationalError", "InterfaceError"):
+            log.warning("database unavailable: %s", exc.__class__.__name__)
+            return error_response(503, f"the database is unavailable ({_first_line(exc.orig)}); retry later",
+                                  code="database_unavailable", headers={"Retry-After": DATABASE_RETRY_AFTER_S})
+        log.exception("database error")
+        return error_response(500, "internal error; the server log has the details", code="internal")
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_timeout(_: Request, exc: PoolTimeout) -> JSONResponse:
+        return error_response(503, "no database connection became free in time; retry later",
+                              code="database_unavailable", headers={"Retry-After": DATABASE_RETRY_AFTER_S})
+
+    @app.exception_handler(OSError)
+    async def _os_error(_: Request, exc: OSError) -> JSONResponse:
+        if is_disk_full(exc):
+            log.error("data volume full: %s", exc)
+            return error_response(507, "the data volume is full; nothing was stored", code="insufficient_storage")
+        log.exception("unhandled error")
+        return error_response(500, "internal error; the server log has the details", code="internal")
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(500, "internal error; the server log has the details", code="internal")
+
+
+def _first_line(error: object) -> str:
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else error.__class__.__name__

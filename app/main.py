@@ -19,9 +19,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from app import metrics
-from app.api import health, images, jobs, search, versions
+from app.api import duplicates, health, images, jobs, recommend, search, versions
 from app.batching import MicroBatcher
-from app.deployment import ServingState, load_active, watch_active_version
+from app.compaction import maintain
+from app.deployment import ServingState, load_active
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.settings import Settings, get_settings
@@ -40,17 +41,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.deployment = None
         try:
-            app.state.deployment = await run_in_threadpool(load_active, settings)
+            app.state.deployment = await run_in_threadpool(load_active, settings, app.state.serving)
         except Exception as exc:  # serve /healthz and report in /readyz instead of dying
             log.exception("could not load the active model and index")
             app.state.serving.load_error = f"loading the active version failed: {exc}"
         if app.state.deployment is not None:
             d = app.state.deployment
             metrics.INDEX_VECTORS.set(len(d.index))
+            app.state.serving.reset_pending(sum(d.reconciled.values()))
             log.info("serving model %s with index %s (%d vectors) on %s, runtime %s %s", d.model_name,
                      d.index_name, len(d.index), d.device, d.runner.info.runtime, d.runner.info.precision)
         await app.state.batcher.start()
-        watcher = asyncio.create_task(watch_active_version(app, settings), name="hot-swap")
+        watcher = asyncio.create_task(maintain(app, settings), name="hot-swap+compaction")
         try:
             yield
         finally:
@@ -76,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(search.router)
+    app.include_router(recommend.router)
+    app.include_router(duplicates.router)
     app.include_router(images.router)
     app.include_router(jobs.router)
     app.include_router(versions.router)

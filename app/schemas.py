@@ -79,11 +79,57 @@ class Timings(BaseModel):
     forward_ms: float = Field(0.0, description="queue wait + the (batched) forward pass")
 
 
+Grid = list[list[float]]
+
+
+class ImageExplanation(BaseModel):
+    """One image of an explained pair. `crop`: [x0, y0, x1, y1], fractions of the image, of the model's input
+    crop, which the maps cover; `heatmap`: [h][w] cosines in [-1, 1] between each location's feature and the other
+    image's embedding (row 0 at the top); `masks`: ABE's attention masks / OSME's part maps, [M][h'][w'] in [0, 1],
+    null for other archs."""
+
+    id: int | None = None
+    crop: list[float]
+    heatmap: Grid | None = None
+    masks: list[Grid] | None = None
+
+
+class ResultExplanation(BaseModel):
+    id: int
+    score: float  # cosine of the two embeddings, as the torch model computes it
+    query_heatmap: Grid  # the query's locations against this result's embedding, [h][w]
+    result: ImageExplanation  # this result's locations against the query's embedding
+
+
+class SearchExplanation(BaseModel):
+    """`explain=true` on a search: heatmaps for the query against each result shown."""
+
+    grid: list[int]  # [h, w] of every heatmap
+    mask_grid: list[int] | None  # [h', w'] of the masks
+    query: ImageExplanation  # the query's crop and masks (its heatmaps are per result)
+    results: list[ResultExplanation]
+    unexplained: list[int]  # result ids whose file could not be read
+    explain_ms: float  # the results' forward pass and the maps (the query's pass is the search's own)
+
+
+class ExplainResponse(BaseModel):
+    model_version: str
+    grid: list[int]
+    mask_grid: list[int] | None
+    score: float
+    query: ImageExplanation
+    result: ImageExplanation
+    explain_ms: float
+
+
 class SearchResponse(BaseModel):
     results: list[SearchHit]
     model_version: str
     index_version: str
     timings: Timings
+    next_offset: int | None = Field(None, description="Pass as `offset` (same k and options) for the next page; "
+                                                      "null when this page is short or RETRIEVAL_MAX_K is reached.")
+    explain: SearchExplanation | None = None  # only with explain=true
 
 
 class ModelVersionOut(BaseModel):
@@ -128,3 +174,21 @@ class IndexVersionList(BaseModel):
 class Health(BaseModel):
     status: str
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class DuplicatePair(BaseModel):
+    a: int
+    b: int
+    score: float = Field(description="Cosine similarity of the two images' embeddings.")
+
+
+class DuplicateGroup(BaseModel):
+    keeper_id: int = Field(description="The suggested image to keep: largest resolution, then oldest.")
+    images: list[ImageOut] = Field(description="The group, the keeper first, then by id.")
+    pairs: list[DuplicatePair] = Field(description="Every pair in the group with its score, best first.")
+
+
+class DuplicatePage(BaseModel):
+    groups: list[DuplicateGroup]
+    threshold: float
+    next_cursor: int | None = Field(description="Pass as `cursor` for the next page; null on the last page.")

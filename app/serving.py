@@ -9,7 +9,6 @@ thread switch that the forward pass pays for. SQL work takes the request's sessi
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -27,10 +26,10 @@ from app.db.models import Image
 from app.deployment import Deployment
 from app.errors import ApiError
 from app.images import decode_image
+from app.ranking import META_KEY, POOL_FACTOR, POOL_MAX, Ranking, crowd, mmr_order
+from app.region import Box, crop
 from app.schemas import SearchHit, Timings
 from app.settings import Settings
-
-META_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
 @dataclass
@@ -107,13 +106,16 @@ def hits_for(session: Session, scores: np.ndarray, ids: np.ndarray) -> list[Sear
     ]
 
 
-def decode_query(deployment: Deployment, data: bytes, settings: Settings,
-                 clock: StageClock) -> tuple[PILImage.Image, torch.Tensor]:
+def decode_query(deployment: Deployment, data: bytes, settings: Settings, clock: StageClock,
+                 box: Box | None = None) -> tuple[PILImage.Image, torch.Tensor]:
     """Decode an uploaded query (JPEGs only as large as the model needs) and preprocess it, in one threadpool
-    hop: (the upright RGB image, the model's input tensor)."""
+    hop: (the upright RGB image, the model's input tensor). With a `box` the region is cropped first (decoded
+    at full scale, so a small region keeps its detail)."""
     t = time.perf_counter()
     image = decode_image(data, settings.max_upload_bytes, settings.max_image_pixels,
-                         min_side=deployment.decode_min_side)
+                         min_side=None if box is not None else deployment.decode_min_side)
+    if box is not None:
+        image = crop(image, box)
     t = clock.record("decode", t)
     pixels = deployment.preprocess(image)
     clock.record("preprocess", t)
@@ -137,8 +139,45 @@ async def embed_pixels(batcher: MicroBatcher, deployment: Deployment, pixels: to
     return vector
 
 
+def _live_hits(session: Session, deployment: Deployment, queries: np.ndarray, pool: int,
+               allowed: np.ndarray | None, excluded: list[int], effort: str,
+               clock: StageClock) -> tuple[list[SearchHit], int]:
+    """The top `pool` live hits, and how many the index found: rows deleted by another process between index
+    and SQL are dropped and the search repeats without them."""
+    hits: list[SearchHit] = []
+    found: list[int] = []
+    for _ in range(3):
+        t = time.perf_counter()
+        exclude_ids = np.asarray(excluded, dtype=np.int64) if excluded else None
+        scores, ids = deployment.search(queries, pool, allowed, exclude_ids, effort)
+        t = clock.record("search", t)
+        hits = hits_for(session, scores[0], ids[0])
+        clock.record("metadata", t)
+        found = [int(i) for i in ids[0] if i >= 0]
+        dropped = set(found) - {h.id for h in hits}
+        if not dropped:
+            break
+        excluded.extend(dropped)
+    return hits, len(found)
+
+
+def _rerank(deployment: Deployment, vector: np.ndarray, hits: list[SearchHit], ranking: Ranking,
+            need: int) -> list[SearchHit]:
+    if ranking.diversify is not None:
+        hits = crowd(hits, ranking.per_group, ranking.group_key())
+    if ranking.mmr is not None and hits:
+        ids, vectors = deployment.vectors(np.array([h.id for h in hits], dtype=np.int64))
+        by_id = {h.id: h for h in hits}
+        order = mmr_order(vector.astype(np.float32), vectors, ranking.mmr, need)
+        picked = [by_id[int(ids[i])] for i in order]
+        # Hits whose vector is not at hand (neither in the index nor stored) follow in rank order.
+        hits = picked + [h for h in hits if h.id not in set(ids.tolist())]
+    return hits
+
+
 def _search_and_join(session: Session, deployment: Deployment, vector: np.ndarray, k: int, filters: Filters,
-                     min_score: float | None, clock: StageClock, exclude: list[int] | None) -> list[SearchHit]:
+                     min_score: float | None, clock: StageClock, exclude: list[int] | None,
+                     ranking: Ranking) -> list[SearchHit]:
     allowed = None
     if filters.active:
         t = time.perf_counter()
@@ -148,32 +187,30 @@ def _search_and_join(session: Session, deployment: Deployment, vector: np.ndarra
             return []
     excluded = list(exclude or [])
     queries = vector[None, :].astype(np.float32)
-    hits: list[SearchHit] = []
-    for _ in range(3):
-        t = time.perf_counter()
-        exclude_ids = np.asarray(excluded, dtype=np.int64) if excluded else None
-        scores, ids = deployment.search(queries, k, allowed, exclude_ids)
-        t = clock.record("search", t)
-        hits = hits_for(session, scores[0], ids[0])
-        clock.record("metadata", t)
-        found = [int(i) for i in ids[0] if i >= 0]
-        dropped = set(found) - {h.id for h in hits}
-        if not dropped:
+    need = ranking.offset + k
+    pool = ranking.pool_size(need)
+    while True:
+        hits, found = _live_hits(session, deployment, queries, pool, allowed, excluded, ranking.effort, clock)
+        if min_score is not None:
+            hits = [h for h in hits if h.score >= min_score]
+        ranked = _rerank(deployment, vector, hits, ranking, need) if ranking.reranks else hits
+        # Crowding can leave the page short while more candidates exist: widen the pool and re-rank.
+        if len(ranked) >= need or found < pool or pool >= POOL_MAX or not ranking.reranks:
             break
-        excluded.extend(dropped)
-    if min_score is not None:
-        hits = [h for h in hits if h.score >= min_score]
-    return hits[:k]
+        if min_score is not None and len(hits) < found:
+            break  # the pool already reaches below min_score: a wider one adds nothing that counts
+        pool = min(pool * POOL_FACTOR, POOL_MAX)
+    return ranked[ranking.offset:need]
 
 
 async def search_and_join(session: Session, deployment: Deployment, vector: np.ndarray, k: int,
                           filters: Filters, min_score: float | None, clock: StageClock,
-                          exclude: list[int] | None = None) -> list[SearchHit]:
+                          exclude: list[int] | None = None, ranking: Ranking | None = None) -> list[SearchHit]:
     """Top-k live images for `vector`: filtered in SQL first (an IDSelector in FAISS), joined with SQL after,
-    all in one threadpool hop.
+    all in one threadpool hop; `ranking` pages (offset), picks the effort and diversifies (app/ranking.py).
 
     Rows deleted by another process between index and SQL are dropped and the search repeats without them,
     so k results come back whenever k live matches exist.
     """
     return await run_in_threadpool(_search_and_join, session, deployment, vector, k, filters, min_score, clock,
-                                   exclude)
+                                   exclude, ranking or Ranking())

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted upload, checked while streaming.")
     max_image_pixels: int = Field(40_000_000, description="Largest width*height decoded (pixel-bomb guard).")
     max_k: int = Field(100, description="Largest k a search may ask for.")
+    near_duplicate_threshold: float = Field(
+        0.88, ge=-1.0, le=1.0,
+        description="Cosine at or above which two images are near-duplicates (GET /v1/duplicates, "
+                    "on_near_duplicate=reject); measured in docs/api.md.")
 
     # Batch job.
     batch_size: int = Field(32, description="Images per forward pass in the index build.")
@@ -67,6 +71,13 @@ class Settings(BaseSettings):
     swap_poll_s: float = Field(5.0, description="Seconds between checks for a new active index version.")
     catchup_max_embed: int = Field(
         1000, description="At load, live images with no stored embedding are embedded when at most this many."
+    )
+    compact_every: int = Field(
+        1000, description="Online adds+deletes after which the service publishes a compacted index version (0: never)."
+    )
+    compact_after_s: float = Field(
+        600.0, description="Seconds after the first online change not yet compacted at which the service compacts "
+                           "anyway (0: never)."
     )
     thumbnail_size: int = Field(256, description="Longest side of thumbnails served by /v1/images/{id}/thumbnail.")
 

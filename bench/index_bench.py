@@ -6,6 +6,10 @@ parameter (nprobe / efSearch) is tuned on held-out sample queries to reach recal
 then measured on other queries. Run:
 
     .venv/bin/python bench/index_bench.py --sizes 100000 1000000 [--types Flat HNSW32 ...] [--gpu-torch]
+        [--efforts fast balanced exact]
+
+`--efforts` measures each type at each per-request effort (index/search_params.py: fast, balanced = the tuned
+value, exact) from the same built and tuned index; the default measures balanced only.
 
 `--gpu-torch` adds exact kNN with torch on the GPU (where faiss-gpu is not installed, e.g. the lent machine).
 """
@@ -58,11 +62,11 @@ def default_types(n: int, dim: int) -> list[str]:
 QPS_SECONDS = 3.0
 
 
-def qps(index: VectorIndex, queries: np.ndarray, batch: int) -> float:
+def qps(index: VectorIndex, queries: np.ndarray, batch: int, effort: str = "balanced") -> float:
     budget_s = QPS_SECONDS
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < budget_s and done < len(queries):
-        index.search(queries[done : done + batch], 10)
+        index.search(queries[done : done + batch], 10, effort=effort)
         done += batch
     return done / (time.perf_counter() - start)
 
@@ -71,7 +75,8 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
     return float(np.mean([len(np.intersect1d(f[:k], t[:k])) / k for f, t in zip(found, truth, strict=True)]))
 
 
-def bench_size(n: int, dim: int, types: list[str], train_size: int, gpu_torch: bool) -> list[dict]:
+def bench_size(n: int, dim: int, types: list[str], train_size: int, gpu_torch: bool,
+               efforts: tuple[str, ...] = ("balanced",)) -> list[dict]:
     database = synthetic(n, dim, seed=1)
     ids = np.arange(n, dtype=np.int64) + 1
     tune_q, test_q = synthetic(300, dim, seed=2), synthetic(1000, dim, seed=3)
@@ -93,12 +98,15 @@ def bench_size(n: int, dim: int, types: list[str], train_size: int, gpu_torch: b
             faiss.write_index(index.index, f"{tmp}/i")
             size = os.path.getsize(f"{tmp}/i")
         tune(index, tune_q, tune_truth, 10, 0.95)
-        _, found = index.search(test_q, 10)
         knob = {k: index.params[k] for k in ("nprobe", "efSearch") if k in index.params}
-        rows.append({"n": n, "type": factory, "build_s": build_s, "rss_mb": mem / 2**20, "file_mb": size / 2**20,
-                     "recall": recall_at(found, test_truth), "qps1": qps(index, test_q, 1),
-                     "qps64": qps(index, test_q, 64), "params": knob})
-        print(fmt(rows[-1]), flush=True)
+        for effort in efforts:
+            _, found = index.search(test_q, 10, effort=effort)
+            label = factory if efforts == ("balanced",) else f"{factory} [{effort}]"
+            rows.append({"n": n, "type": label, "build_s": build_s, "rss_mb": mem / 2**20,
+                         "file_mb": size / 2**20, "recall": recall_at(found, test_truth),
+                         "qps1": qps(index, test_q, 1, effort), "qps64": qps(index, test_q, 64, effort),
+                         "params": knob})
+            print(fmt(rows[-1]), flush=True)
         del index
     if gpu_torch:
         rows.append(torch_exact(database, ids, test_q, test_truth))
@@ -135,12 +143,12 @@ def torch_exact(database: np.ndarray, ids: np.ndarray, queries: np.ndarray, trut
     return out
 
 
-HEADER = (f"| {'n':>9} | {'type':<26} | {'build s':>8} | {'RAM MB':>7} | {'file MB':>7} | {'recall@10':>9} "
+HEADER = (f"| {'n':>9} | {'type':<34} | {'build s':>8} | {'RAM MB':>7} | {'file MB':>7} | {'recall@10':>9} "
           f"| {'q/s b=1':>8} | {'q/s b=64':>9} | params |")
 
 
 def fmt(r: dict) -> str:
-    return (f"| {r['n']:>9} | {r['type']:<26} | {r['build_s']:>8.1f} | {r['rss_mb']:>7.0f} | {r['file_mb']:>7.0f} "
+    return (f"| {r['n']:>9} | {r['type']:<34} | {r['build_s']:>8.1f} | {r['rss_mb']:>7.0f} | {r['file_mb']:>7.0f} "
             f"| {r['recall']:>9.3f} | {r['qps1']:>8.0f} | {r['qps64']:>9.0f} | {r['params']} |")
 
 
@@ -151,6 +159,7 @@ def main() -> None:
     parser.add_argument("--types", nargs="*", default=None)
     parser.add_argument("--train-size", type=int, default=160_000)
     parser.add_argument("--gpu-torch", action="store_true")
+    parser.add_argument("--efforts", nargs="+", default=["balanced"], choices=["fast", "balanced", "exact"])
     parser.add_argument("--qps-seconds", type=float, default=3.0, help="time spent measuring each q/s figure")
     args = parser.parse_args()
     global QPS_SECONDS
@@ -159,7 +168,8 @@ def main() -> None:
     print(HEADER)
     print("|" + "---|" * 9)
     for n in args.sizes:
-        bench_size(n, args.dim, args.types or default_types(n, args.dim), args.train_size, args.gpu_torch)
+        bench_size(n, args.dim, args.types or default_types(n, args.dim), args.train_size, args.gpu_torch,
+                   tuple(args.efforts))
 
 
 if __name__ == "__main__":

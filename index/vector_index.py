@@ -20,6 +20,9 @@ Search-parameter knobs, stored in `params` (index.json) and applied on every sea
   measured against exact search on a sample of the indexed vectors.
 Filtered searches (allowed_ids / exclude_ids) escalate nprobe / efSearch when too few results come back, so
 they still return k results when k matching vectors exist.
+
+Effort per call (`effort=`: fast, balanced, exact) scales those knobs in the SearchParameters of that one call
+(index/search_params.py), never on the shared index, so concurrent searches cannot disturb each other.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from typing import Any
 
 import faiss
 import numpy as np
+
+from index.search_params import can_escalate, check_effort, faiss_range_search, faiss_search, search_params
 
 INDEX_FILE = "index.faiss"
 PARAMS_FILE = "index.json"
@@ -67,16 +72,6 @@ def _cap_opq_training(index: faiss.Index) -> None:
             if isinstance(transform, faiss.OPQMatrix):
                 transform.niter = 4
                 transform.max_train_points = 16384
-
-
-def _faiss_search(index: faiss.Index, queries: np.ndarray, k: int, params: faiss.SearchParameters | None):
-    """index.search with SearchParameters, immune to faiss.contrib.torch_utils.
-
-    Importing that module (pytorch-metric-learning does, for evaluation) replaces every Index.search in the
-    process with a torch-aware wrapper that drops the `params` argument; it keeps the original as search_numpy.
-    """
-    search = getattr(index, "search_numpy", None) or index.search
-    return search(queries, k, params=params)
 
 
 class VectorIndex:
@@ -250,35 +245,15 @@ class VectorIndex:
             return None
 
     # -- search ---------------------------------------------------------------------------------------
-    def _search_params(self, selector: faiss.IDSelector | None, scale: int = 1) -> faiss.SearchParameters:
-        ivf, hnsw = self.ivf, self.hnsw
-        if ivf is not None:
-            params = faiss.SearchParametersIVF()
-            params.nprobe = min(ivf.nlist, int(self.params.get("nprobe", ivf.nprobe)) * scale)
-        elif hnsw is not None:
-            params = faiss.SearchParametersHNSW()
-            params.efSearch = int(self.params.get("efSearch", hnsw.hnsw.efSearch)) * scale
-        else:
-            params = faiss.SearchParameters()
-        if selector is not None:
-            params.sel = selector
-        return params
-
-    def _can_escalate(self, scale: int) -> bool:
-        ivf, hnsw = self.ivf, self.hnsw
-        if ivf is not None:
-            return int(self.params.get("nprobe", ivf.nprobe)) * scale < ivf.nlist
-        if hnsw is not None:
-            return int(self.params.get("efSearch", hnsw.hnsw.efSearch)) * scale < min(max(self.ntotal, 64) * 2, 8192)
-        return False
-
     def search(self, queries: np.ndarray, k: int, *, allowed_ids: np.ndarray | None = None,
-               exclude_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               exclude_ids: np.ndarray | None = None, effort: str = "balanced") -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids), each [Q, k]; missing neighbours have id -1 and score -inf.
 
         allowed_ids restricts the search to those ids (e.g. selected in SQL by label or metadata);
         exclude_ids (e.g. images deleted since the index was built) and tombstones never come back.
+        effort: fast, balanced or exact (index/search_params.py), applied to this call only.
         """
+        check_effort(effort)
         queries = _as_float32(queries)
         nq = len(queries)
         empty = (np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64))
@@ -307,7 +282,9 @@ class VectorIndex:
         else:
             available = self.ntotal
         wanted = min(k, available)
-        if selector is None and self._gpu_index is not None:
+        if effort == "exact" and self.hnsw is not None:
+            return self._scan_hnsw_storage(queries, k, selector)
+        if selector is None and self._gpu_index is not None and effort == "balanced":
             if self.ivf is not None:
                 faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe",
                                                               int(self.params.get("nprobe", 1)))
@@ -315,13 +292,52 @@ class VectorIndex:
             return np.where(ids >= 0, scores, -np.inf).astype(np.float32), ids
         scale = 1
         while True:
-            scores, ids = _faiss_search(self.index, queries, k, self._search_params(selector, scale))
+            scores, ids = faiss_search(self.index, queries, k, search_params(self, selector, scale, effort))
             short = (ids >= 0).sum(axis=1) < wanted
-            if selector is None or not short.any() or not self._can_escalate(scale):
+            if selector is None or not short.any() or not can_escalate(self, scale, effort):
                 break
             scale *= 4  # a restrictive filter starves nprobe/efSearch: widen until k results come back
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return scores, ids
+
+    def _scan_hnsw_storage(self, queries: np.ndarray, k: int,
+                           selector: faiss.IDSelector | None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k on HNSW: a brute-force scan of the flat storage under the graph, ids mapped back."""
+        hnsw = self.hnsw
+        storage = faiss.downcast_index(hnsw.storage)
+        params = faiss.SearchParameters()
+        if selector is not None:  # the selector speaks image ids; the storage, positions
+            params.sel = faiss.IDSelectorTranslated(self.index.id_map, selector)
+        scores, positions = faiss_search(storage, queries, k, params)
+        held = self.ids()
+        ids = np.where(positions >= 0, held[np.clip(positions, 0, None)], -1)
+        return np.where(ids >= 0, scores, -np.inf).astype(np.float32), ids
+
+    def range_search(self, queries: np.ndarray, threshold: float, *, exclude_ids: np.ndarray | None = None,
+                     effort: str = "balanced") -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each query, every (scores, ids) scoring above `threshold` (cosine), best first: FAISS's range
+        search with the same per-call knobs as `search` (HNSW and IVF find what their candidate lists reach)."""
+        queries = _as_float32(queries)
+        if self.index.ntotal == 0 or len(queries) == 0:
+            return [(np.zeros(0, np.float32), np.zeros(0, np.int64)) for _ in range(len(queries))]
+        excluded = self.tombstones
+        if exclude_ids is not None and len(exclude_ids):
+            excluded = np.union1d(excluded, _as_ids(exclude_ids))
+        keep: list[Any] = []
+        selector = None
+        if len(excluded):
+            inner = faiss.IDSelectorBatch(excluded)
+            keep.append(inner)
+            selector = faiss.IDSelectorNot(inner)
+        check_effort(effort)
+        params = search_params(self, selector, 1, "balanced" if effort == "exact" and self.hnsw else effort)
+        lims, scores, ids = faiss_range_search(self.index, queries, threshold, params)
+        out = []
+        for q in range(len(queries)):
+            s, i = scores[lims[q]:lims[q + 1]], ids[lims[q]:lims[q + 1]].astype(np.int64)
+            order = np.argsort(-s, kind="stable")
+            out.append((s[order].astype(np.float32), i[order]))
+        return out
 
     def _exact_subset(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         vectors = np.vstack([self.index.reconstruct(int(i)) for i in ids]).astype(np.float32)

@@ -47,11 +47,15 @@ def _fsync_dir(path: Path) -> None:
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: leave nothing half-written behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_embedding_shard(directory: str | Path, stem: str, ids: np.ndarray, vectors: np.ndarray) -> Path:
@@ -63,7 +67,11 @@ def write_embedding_shard(directory: str | Path, stem: str, ids: np.ndarray, vec
     if len(ids) != len(vectors):
         raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
     _save_npy_atomic(directory / f"{stem}{VEC_SUFFIX}", vectors)
-    _save_npy_atomic(directory / f"{stem}{IDS_SUFFIX}", ids)
+    try:
+        _save_npy_atomic(directory / f"{stem}{IDS_SUFFIX}", ids)
+    except BaseException:
+        (directory / f"{stem}{VEC_SUFFIX}").unlink(missing_ok=True)
+        raise
     _fsync_dir(directory)
     return directory / f"{stem}{IDS_SUFFIX}"
 
@@ -118,14 +126,18 @@ def link_shards(source: str | Path, target: str | Path) -> int:
     for stem in shard_stems(source):
         for suffix in (VEC_SUFFIX, IDS_SUFFIX):
             src, dst = source / f"{stem}{suffix}", target / f"{stem}{suffix}"
-            if dst.exists():
-                continue
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
+            if not dst.exists():
+                link_or_copy(src, dst)
         count += 1
     return count
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link an immutable file (free on one filesystem), or copy it across filesystems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def publish(indexes_dir: str | Path, name: str, write: Callable[[Path], None]) -> Path:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embedder import EmbedderConfig, PartsEmbedder, pool, register
+from models.embedder import EmbedderConfig, LocalFeatures, PartsEmbedder, pool, project_locations, register
 from models.pretrained import create_backbone
 from models.trunk import channels_after, run_modules, trunk_layout
 
@@ -87,6 +87,18 @@ class ABEEmbedder(PartsEmbedder):
         b, m = attended.shape[:2]
         learners = self.global_embedding(attended.flatten(0, 1))  # G is shared: run all learners as one batch
         return F.normalize(learners.view(b, m, -1), dim=-1)
+
+    def forward_local(self, pixels: torch.Tensor) -> LocalFeatures:
+        """Each learner's map before pooling, projected by the shared embedding layer; the local feature is the
+        learners' concatenation / sqrt(M) like the descriptor. Masks: each A_m averaged over channels."""
+        fmap = self.spatial(pixels)
+        masks = self.attention_masks(fmap)
+        b, m = masks.shape[:2]
+        out = run_modules(self.trunk, self.global_names, (fmap.unsqueeze(1) * masks).flatten(0, 1))
+        learners = F.normalize(self.embedding(pool(out, self.config.pooling)).view(b, m, -1), dim=-1)
+        local = project_locations(out, self.embedding)  # [B * M, d, h, w]
+        local = local.reshape(b, m * local.shape[1], *local.shape[2:]) / m**0.5
+        return LocalFeatures(learners.flatten(1) / m**0.5, local, masks.mean(dim=2))
 
 
 __all__ = ["ABEEmbedder", "AttentionModule"]

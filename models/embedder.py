@@ -12,6 +12,10 @@ Training hooks every arch declares (models/train.py relies on them, never on att
   the per-learner / per-part embeddings of ABE and OSME);
 - `extra_losses(embedding, parts)`: terms an arch adds to the configured loss (none of the shipped archs does;
   ABE's divergence is a loss option, `loss.divergence`).
+
+Explanation hook (models/explain.py): `forward_local(pixels) -> LocalFeatures`, one forward pass giving the
+embedding and, before pooling, every location's feature projected like the pooled one (plus ABE's / OSME's
+attention masks), so a query's heatmaps against any number of results cost no second pass.
 """
 
 from __future__ import annotations
@@ -83,6 +87,22 @@ def eval_transform(config: EmbedderConfig) -> Callable[[Image.Image], torch.Tens
     )
 
 
+@dataclass
+class LocalFeatures:
+    """One forward pass's embedding and what a similarity heatmap needs from before the pooling."""
+
+    embedding: torch.Tensor  # [B, D], exactly what forward() returns
+    local: torch.Tensor  # [B, D, h, w]: each location's feature, projected like the pooled one, L2-normalised
+    masks: torch.Tensor | None = None  # [B, M, h', w'] in [0, 1]: ABE's attention masks, OSME's part maps
+
+
+def project_locations(fmap: torch.Tensor, projection: nn.Module) -> torch.Tensor:
+    """A map [B, C, h, w] -> [B, D, h, w]: `projection` (the one the pooled feature goes through) at every
+    location, L2-normalised there."""
+    projected = projection(fmap.permute(0, 2, 3, 1))
+    return F.normalize(projected, dim=-1).permute(0, 3, 1, 2)
+
+
 class Embedder(nn.Module):
     """Base class. Subclasses implement `forward(pixels) -> [B, D]` already L2-normalised and `backbone_modules`."""
 
@@ -129,6 +149,10 @@ class Embedder(nn.Module):
     def extra_losses(self, embedding: torch.Tensor, parts: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Weighted loss terms the arch itself adds to the configured loss, by name (logged as such)."""
         return {}
+
+    def forward_local(self, pixels: torch.Tensor) -> LocalFeatures:
+        """The embedding and the per-location features of one forward pass (no flip averaging)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-location features to explain a match with")
 
     @torch.inference_mode()
     def embed(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 64) -> np.ndarray:
@@ -226,6 +250,11 @@ class TimmEmbedder(Embedder):
         pooled = pool(fmap, self.config.pooling)
         return F.normalize(self.projection(pooled), dim=-1)
 
+    def forward_local(self, pixels: torch.Tensor) -> LocalFeatures:
+        fmap = self.backbone.forward_features(pixels)
+        embedding = F.normalize(self.projection(pool(fmap, self.config.pooling)), dim=-1)
+        return LocalFeatures(embedding, project_locations(fmap, self.projection))
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -236,11 +265,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 __all__ = [
     "Embedder",
     "EmbedderConfig",
+    "LocalFeatures",
     "PartsEmbedder",
     "TimmEmbedder",
     "eval_transform",
     "from_config",
     "gem",
+    "project_locations",
     "register",
     "registered_archs",
     "resolve_device",

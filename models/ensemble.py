@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embedder import Embedder, EmbedderConfig, pool, register
+from models.embedder import Embedder, EmbedderConfig, LocalFeatures, pool, register
 from models.pretrained import create_backbone
 
 POOLINGS = ("avg", "mean", "gem")
@@ -52,6 +52,20 @@ class EnsembleEmbedder(Embedder):
             parts.append(F.normalize(pooled, dim=-1))
         # Each part has unit norm, so dividing by sqrt(n) gives a unit vector with every trunk weighted equally.
         return torch.cat(parts, dim=-1) / math.sqrt(len(parts))
+
+    def forward_local(self, pixels: torch.Tensor) -> LocalFeatures:
+        """Each trunk's map, L2-normalised per location (its pooled feature's only "projection"), resized to the
+        first trunk's grid and concatenated / sqrt(n) like the descriptor."""
+        embeddings, maps = [], []
+        for trunk in self.backbones:
+            fmap = trunk.forward_features(pixels)
+            embeddings.append(F.normalize(pool(fmap, self.config.pooling), dim=-1))
+            local = F.normalize(fmap, dim=1)
+            if maps and local.shape[2:] != maps[0].shape[2:]:
+                local = F.normalize(F.interpolate(local, size=maps[0].shape[2:], mode="bilinear"), dim=1)
+            maps.append(local)
+        scale = math.sqrt(len(maps))
+        return LocalFeatures(torch.cat(embeddings, dim=-1) / scale, torch.cat(maps, dim=1) / scale)
 
 
 __all__ = ["EnsembleEmbedder"]

@@ -166,7 +166,10 @@ def embed_items(
     embedder.train(was_training)
     if not labels:
         return (*[np.zeros((0, embedder.dim), np.float32)] * num_views, np.zeros(0, np.int64))
-    return (*[torch.cat(c).numpy() for c in chunks], torch.cat(labels).numpy().astype(np.int64))
+    values = torch.cat(labels).numpy()
+    if not np.issubdtype(values.dtype, np.floating):  # class ids; graded labels (models/graded.py) stay numbers
+        values = values.astype(np.int64)
+    return (*[torch.cat(c).numpy() for c in chunks], values)
 
 
 def evaluate_items(

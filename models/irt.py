@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.data import Item, ItemsDataset, LoadImage
-from models.embedder import Embedder, EmbedderConfig, pool, register
+from models.embedder import Embedder, EmbedderConfig, LocalFeatures, pool, project_locations, register
 from models.pretrained import create_backbone
 
 POOLINGS = ("cls", "mean", "avg", "gem")
@@ -90,6 +90,19 @@ class IRTEmbedder(Embedder):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projection(self.features(pixels)), dim=-1)
+
+    def forward_local(self, pixels: torch.Tensor) -> LocalFeatures:
+        out = self.backbone.forward_features(pixels)
+        if out.dim() == 4:  # CNN map
+            fmap = out
+            pooled = pool(out, self.config.pooling)
+        else:  # ViT tokens: the patch tokens on their grid (square inputs, so a square grid)
+            patches = out[:, getattr(self.backbone, "num_prefix_tokens", 1) :]
+            side = int(round(patches.shape[1] ** 0.5))
+            fmap = patches.transpose(1, 2).reshape(len(out), -1, side, patches.shape[1] // side)
+            pooled = out[:, 0] if self.config.pooling == "cls" else pool(patches, self.config.pooling)
+        embedding = F.normalize(self.projection(pooled), dim=-1)
+        return LocalFeatures(embedding, project_locations(fmap, self.projection))
 
     @torch.no_grad()
     def fit_pca(self, pixels: torch.Tensor, batch_size: int = 64) -> None:

@@ -2,7 +2,8 @@
 
 From pytorch-metric-learning (PML): contrastive (+ cross-batch memory), triplet with a miner, N-pair, SoftTriple,
 Proxy-NCA, Proxy-Anchor, multi-similarity. Written here because PML lacks them: the KoLeo differential-entropy
-regulariser (IRT), the ABE divergence loss and the MAMC N-pair groups (see /work/shared/PAPERS.md).
+regulariser (IRT), the ABE divergence loss, the MAMC N-pair groups and the log-ratio loss for graded (continuous)
+labels (seed 004; see /work/shared/PAPERS.md).
 
 `build_loss(config, embedding_size, num_classes, num_parts)` returns a `RetrievalLoss`, which takes the model's
 outputs (the ensemble embedding and, for ABE/OSME, the per-learner embeddings) and returns the total loss and
@@ -108,6 +109,36 @@ class MAMCLoss(nn.Module):
         return out
 
 
+class LogRatioLoss(nn.Module):
+    """Log-ratio loss (Kim et al. 2019, "Deep metric learning beyond binary supervision") for graded labels.
+
+    For every anchor a and every pair of other batch members i != j: (log(D(f_a,f_i) / D(f_a,f_j)) -
+    log(D(y_a,y_i) / D(y_a,y_j)))^2, averaged over all such triplets (the paper's dense triplets; here every batch
+    member is an anchor in turn). D(f) is the squared Euclidean distance of the embeddings, D(y) the Euclidean
+    distance of the labels (a number or a vector per image); `eps` keeps both logs finite for equal labels.
+    Ratios, not distances, are matched, so the embedding's scale is free and only the label's geometry matters.
+    """
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices: Any = None) -> torch.Tensor:
+        x = embeddings.float()
+        y = labels.float().reshape(len(x), -1)
+        # Explicit differences rather than cdist: cdist's gradient is NaN at the zero diagonal.
+        emb_dist = (x[:, None, :] - x[None, :, :]).pow(2).sum(-1)
+        label_dist = (y[:, None, :] - y[None, :, :]).pow(2).sum(-1).sqrt()
+        log_ratio_gap = torch.log(emb_dist + self.eps) - torch.log(label_dist + self.eps)  # [a, i]
+        per_triplet = (log_ratio_gap[:, :, None] - log_ratio_gap[:, None, :]).pow(2)  # [a, i, j]
+        n = len(x)
+        eye = torch.eye(n, dtype=torch.bool, device=x.device)
+        valid = ~(eye[:, :, None] | eye[:, None, :] | eye[None, :, :])  # a, i, j all different
+        if not valid.any():
+            return x.sum() * 0.0
+        return per_triplet[valid].mean()
+
+
 @dataclass
 class LossConfig:
     """The `loss:` section of a training config."""
@@ -131,6 +162,11 @@ class LossConfig:
     ms_alpha: float = 2.0
     ms_beta: float = 50.0
     ms_base: float = 0.5
+    # log_ratio: the image metadata key holding each image's graded label (worker train jobs), the number of
+    # label-space nearest neighbours of the batch's anchor in each batch (dense sampling), and the log's epsilon.
+    label_key: str | None = None
+    neighbors: int = 5
+    log_ratio_eps: float = 1e-6
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> LossConfig:
@@ -152,7 +188,9 @@ METRIC_LOSSES = (
     "proxy_anchor",
     "multi_similarity",
     "mamc",
+    "log_ratio",
 )
+GRADED_LOSSES = ("log_ratio",)  # labels are numbers (or vectors) whose distances matter, not class ids
 
 
 def build_metric_loss(config: LossConfig, embedding_size: int, num_classes: int) -> tuple[nn.Module, Any]:
@@ -183,6 +221,8 @@ def build_metric_loss(config: LossConfig, embedding_size: int, num_classes: int)
             losses.ProxyAnchorLoss(num_classes, embedding_size, margin=config.proxy_margin, alpha=config.proxy_alpha),
             None,
         )
+    if name == "log_ratio":
+        return LogRatioLoss(config.log_ratio_eps), None
     if name == "multi_similarity":
         miner = miners.MultiSimilarityMiner(epsilon=0.1)
         return losses.MultiSimilarityLoss(alpha=config.ms_alpha, beta=config.ms_beta, base=config.ms_base), miner
@@ -196,7 +236,8 @@ class RetrievalLoss(nn.Module):
         super().__init__()
         self.config = config
         self.num_parts = num_parts
-        self.per_learner = bool(num_parts) and config.per_learner and config.name != "mamc"
+        # Graded labels constrain the whole descriptor's distances: the ensemble, not each learner, carries them.
+        self.per_learner = bool(num_parts) and config.per_learner and config.name not in ("mamc", *GRADED_LOSSES)
         self.mamc: MAMCLoss | None = None
         self.miner = None
         if config.name == "mamc":
@@ -268,6 +309,8 @@ def build_loss(
 __all__ = [
     "ABEDivergenceLoss",
     "KoLeoLoss",
+    "GRADED_LOSSES",
+    "LogRatioLoss",
     "LossConfig",
     "MAMCLoss",
     "METRIC_LOSSES",

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embedder import EmbedderConfig, PartsEmbedder, pool, register
+from models.embedder import EmbedderConfig, LocalFeatures, PartsEmbedder, pool, project_locations, register
 from models.pretrained import create_backbone
 
 
@@ -44,15 +44,28 @@ class OSMEEmbedder(PartsEmbedder):
     def backbone_modules(self) -> list[nn.Module]:
         return [self.backbone]
 
-    def forward_parts(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _masked_maps(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """U * m_p for every part p."""
         fmap = self.backbone.forward_features(pixels)
         squeezed = fmap.mean(dim=(2, 3))  # the one squeeze
-        parts = []
-        for excite, fc in zip(self.excitations, self.part_fcs, strict=True):
-            masked = fmap * excite(squeezed)[:, :, None, None]
-            pooled = pool(masked, self.config.pooling)
-            parts.append(fc(pooled))
+        return [fmap * excite(squeezed)[:, :, None, None] for excite in self.excitations]
+
+    def forward_parts(self, pixels: torch.Tensor) -> torch.Tensor:
+        maps = self._masked_maps(pixels)
+        parts = [fc(pool(masked, self.config.pooling)) for masked, fc in zip(maps, self.part_fcs, strict=True)]
         return F.normalize(torch.stack(parts, dim=1), dim=-1)
+
+    def forward_local(self, pixels: torch.Tensor) -> LocalFeatures:
+        """Masks: OSME's excitations are channel masks, so each part's spatial map is its masked activation
+        (U * m_p averaged over channels), scaled to [0, 1] per image."""
+        maps = self._masked_maps(pixels)
+        parts = [fc(pool(masked, self.config.pooling)) for masked, fc in zip(maps, self.part_fcs, strict=True)]
+        scale = len(maps) ** 0.5
+        embedding = F.normalize(torch.stack(parts, dim=1), dim=-1).flatten(1) / scale
+        local = torch.cat([project_locations(mp, fc) for mp, fc in zip(maps, self.part_fcs, strict=True)], 1)
+        activation = torch.stack([mp.clamp(min=0).mean(dim=1) for mp in maps], dim=1)
+        masks = activation / activation.flatten(2).amax(dim=2).clamp(min=1e-6)[:, :, None, None]
+        return LocalFeatures(embedding, local / scale, masks)
 
 
 __all__ = ["Excitation", "OSMEEmbedder"]

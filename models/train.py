@@ -55,6 +55,7 @@ from models.data import Item, ItemsDataset, LoadImage, dataset_splits, m_per_cla
 from models.distributed import gather_keeping_local_grad, scale_loss_parameter_grads
 from models.embedder import Embedder, resolve_device
 from models.evaluate import evaluate_items
+from models.graded import evaluate_graded_items, graded_batches, graded_splits, is_graded
 from models.irt import fit_pca_on_items, has_pca
 from models.losses import RetrievalLoss, build_loss
 from models.optim import freeze_parameters, lr_schedule, optimizer_groups, set_train_mode
@@ -167,10 +168,19 @@ class Trainer:
             if has_pca(self.embedder) and not resume_path.is_file():
                 # A fresh PCA head: fitted once, then carried by the weights.
                 fit_pca_on_items(self.embedder, train_items, load_image)
-        classes = sorted({label for _, label in train_items})
-        remap = {label: i for i, label in enumerate(classes)}
-        self.train_items = [(path, remap[label]) for path, label in train_items]
-        self.loss = build_loss(config.loss, self.embedder.dim, len(classes), self.embedder.num_parts)
+        # Graded labels (log-ratio loss) are numbers whose distances matter: kept as they are, batches built by
+        # label-space neighbourhood, checkpoints chosen by Spearman. Class labels are remapped to 0..C-1.
+        self.graded = is_graded(config.loss)
+        self.selection_metric = "spearman" if self.graded else "map@r"
+        if self.graded:
+            num_classes = 0
+            self.train_items = [(path, float(label)) for path, label in train_items]
+        else:
+            classes = sorted({label for _, label in train_items})
+            remap = {label: i for i, label in enumerate(classes)}
+            self.train_items = [(path, remap[label]) for path, label in train_items]
+            num_classes = len(classes)
+        self.loss = build_loss(config.loss, self.embedder.dim, num_classes, self.embedder.num_parts)
         freeze_parameters(self.embedder, config.freeze)
         self.model = TrainingModel(self.embedder, self.loss, config.amp).to(self.device)
         self.optimizer = torch.optim.AdamW(
@@ -178,7 +188,7 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
 
-        self.step, self.best_metric, self.best_metrics = 0, -1.0, {}
+        self.step, self.best_metric, self.best_metrics = 0, float("-inf"), {}
         self.history: list[dict[str, Any]] = []
         self.validated = False  # on every rank (best_metric is only known on rank 0)
         self.steps_per_epoch = max(1, len(self.train_items) // config.batch_size)
@@ -234,7 +244,11 @@ class Trainer:
         batches: list[list[int]] = []
         for epoch in range(first_epoch, math.ceil(config.steps / self.steps_per_epoch)):
             seed = config.seed * 100_003 + epoch * self.world + self.rank
-            epoch_batches = m_per_class_batches(labels, config.m_per_class, per_rank, self.steps_per_epoch, seed)
+            if self.graded:
+                neighbors = int(config.loss.get("neighbors", 5))
+                epoch_batches = graded_batches(labels, per_rank, neighbors, self.steps_per_epoch, seed)
+            else:
+                epoch_batches = m_per_class_batches(labels, config.m_per_class, per_rank, self.steps_per_epoch, seed)
             batches.extend(epoch_batches[skip:] if epoch == first_epoch else epoch_batches)
         return DataLoader(
             ItemsDataset(self.train_items, train_transform(self.embedder_config), self.load_image),
@@ -248,21 +262,23 @@ class Trainer:
         self.validated = True
         if self.is_main:
             if self.val_items:
-                metrics = evaluate_items(
+                evaluate = evaluate_graded_items if self.graded else evaluate_items
+                ks = {} if self.graded else {"ks": self.config.ks}
+                metrics = evaluate(
                     self.embedder,
                     self.val_items,
                     self.load_image,
-                    self.config.ks,
+                    **ks,
                     batch_size=self.config.eval_batch_size,
                     num_workers=self.config.num_workers,
                     device=self.device,
                     amp=self.config.amp,
                 )
             else:
-                metrics = {"map@r": float(self.step)}  # no validation split: the latest is the best
+                metrics = {self.selection_metric: float(self.step)}  # no validation split: the latest is the best
             self._record({"event": "val", "step": self.step, "epoch": self.step / self.steps_per_epoch, **metrics})
-            if metrics["map@r"] > self.best_metric:
-                self.best_metric, self.best_metrics = metrics["map@r"], metrics
+            if metrics[self.selection_metric] > self.best_metric:
+                self.best_metric, self.best_metrics = metrics[self.selection_metric], metrics
                 save_checkpoint(self.embedder, self.out_dir / "best", extra={"step": self.step, "val": metrics})
         if self.world > 1:
             dist.barrier()
@@ -359,7 +375,8 @@ def run_config(
     init_checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train from a config's data section, then evaluate the best checkpoint on the test classes."""
-    train_items, val_items, test_items = dataset_splits(config.data)
+    graded = bool(config.data.get("graded"))
+    train_items, val_items, test_items = (graded_splits if graded else dataset_splits)(config.data)
     result = train(config, train_items, val_items, out_dir, load_image, init_checkpoint, device)
     summary: dict[str, Any] = {
         "step": result.step,
@@ -369,11 +386,12 @@ def run_config(
     if test_items and int(os.environ.get("RANK", "0")) == 0:
         dev = resolve_device(device) if isinstance(device, str) else device
         best = load_checkpoint(result.best_checkpoint_dir, dev)
-        summary["test"] = evaluate_items(
+        evaluate = evaluate_graded_items if graded else evaluate_items
+        summary["test"] = evaluate(
             best,
             test_items,
             load_image,
-            config.ks,
+            **({} if graded else {"ks": config.ks}),
             batch_size=config.eval_batch_size,
             num_workers=config.num_workers,
             device=dev,

@@ -145,7 +145,8 @@ def test_verify_catches_planted_inconsistencies(database_url: str, tmp_path: Pat
 
     with session_scope(database_url) as session:
         victim = session.scalars(select(Image).order_by(Image.id)).first()
-        victim.deleted_at = datetime.now(UTC)  # deleted in SQL, still in the index
+        # Deleted in SQL before the version was built, yet in it (a delete after publishing would be pending).
+        victim.deleted_at = datetime(2000, 1, 1, tzinfo=UTC)
         session.add(Image(sha256="f" * 64, uri="/nowhere.jpg", width=1, height=1, meta={}))  # never indexed
         path = active_index(session).path
         deleted_id = victim.id
@@ -156,7 +157,7 @@ def test_verify_catches_planted_inconsistencies(database_url: str, tmp_path: Pat
     report = verify_index(settings)
     text = "\n".join(report.problems)
     assert not report.ok
-    assert f"deleted images still in the index: [{deleted_id}]" in text
+    assert f"images deleted before this version was published, still in it: [{deleted_id}]" in text
     assert "live images missing from the index" in text and "[987654]" in text
     bad = run_cli(settings, "index", "verify")
     assert bad.returncode == 1 and "987654" in bad.stderr and str(deleted_id) in bad.stderr

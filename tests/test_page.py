@@ -29,6 +29,16 @@ def chromium_binary() -> str | None:
     return None
 
 
+def require_chromium() -> tuple[str, object]:
+    """Chromium's binary and Playwright's sync API; a failure in CI, a skip elsewhere when either is missing."""
+    binary = chromium_binary()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is required in CI (apt-get install chromium)")
+        pytest.skip("no chromium binary on this machine (apt-get install chromium)")
+    return binary, pytest.importorskip("playwright.sync_api")
+
+
 @pytest.fixture(scope="module")
 def page_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     tmp = tmp_path_factory.mktemp("page")
@@ -40,12 +50,7 @@ def page_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 
 def test_query_page_upload_shows_result_grid(page_server: LiveServer, tmp_path: Path) -> None:
-    binary = chromium_binary()
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is required in CI (apt-get install chromium)")
-        pytest.skip("no chromium binary on this machine (apt-get install chromium)")
-    playwright_api = pytest.importorskip("playwright.sync_api")
+    binary, playwright_api = require_chromium()
 
     query = tmp_path / "my holiday photo (1).jpg"  # a client-side name the server must not use
     class_image("blue", seed=2024, size=128).save(query, quality=92)
@@ -77,4 +82,168 @@ def test_query_page_upload_shows_result_grid(page_server: LiveServer, tmp_path: 
         finally:
             browser.close()
     assert screenshot.stat().st_size > 10_000
+    assert console_errors == []
+
+
+# Playwright gives no body for a multipart request with a file: the page's fetch records its text fields instead.
+RECORD_FORMS = """
+window.sentForms = [];
+const pageFetch = window.fetch;
+window.fetch = (url, options) => {
+  if (options && options.body instanceof FormData) {
+    window.sentForms.push(Object.fromEntries([...options.body.entries()].filter(([, v]) => typeof v === "string")));
+  }
+  return pageFetch(url, options);
+};
+"""
+
+
+LONG_LABEL = "Yorkshire_terrier_with_a_label_far_too_long_for_any_result_card"
+
+
+def test_page_region_box_more_like_this_and_captions(page_server: LiveServer, tmp_path: Path) -> None:
+    """Issue 17's tools on the page: a box dragged on the query image searches with that region, "more like
+    this" on a result asks for its neighbours, the effort and diversity selectors travel with the query, and a
+    long label ellipsizes while the score stays whole; screenshots at desktop and phone widths."""
+    import httpx
+
+    binary, playwright_api = require_chromium()
+
+    stored = tmp_path / "stored.jpg"
+    class_image("red", seed=4040, size=128).save(stored, quality=92)
+    added = httpx.post(f"{page_server.base_url}/v1/images", data={"label": LONG_LABEL},
+                       files={"file": ("stored.jpg", stored.read_bytes(), "image/jpeg")}, timeout=60)
+    assert added.status_code == 201, added.text
+    query = tmp_path / "query.jpg"
+    class_image("red", seed=4041, size=160).save(query, quality=92)
+    ARTIFACTS.mkdir(exist_ok=True)
+    console_errors: list[str] = []
+
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=binary, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+            page.add_init_script(RECORD_FORMS)
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            page.goto(page_server.base_url + "/")
+            page.wait_for_function("document.getElementById('status').textContent.includes('index')")
+            page.fill("#k", "4")
+            page.select_option("#effort", "exact")
+            with page.expect_request("**/v1/search") as first:
+                page.set_input_files("#file", str(query))
+            assert first.value.method == "POST"
+            assert page.evaluate("window.sentForms.at(-1)")["effort"] == "exact"
+            page.wait_for_selector("#results li .more-like-this", timeout=30_000)
+            assert page.locator("#results li").count() == 4
+
+            # Captions: the long label is cut with an ellipsis inside its card, the score is whole and inside.
+            long_card = page.locator("#results li", has=page.locator(f".label[title='{LONG_LABEL}']"))
+            assert long_card.count() == 1
+            label = long_card.locator(".label")
+            assert label.evaluate("e => e.scrollWidth > e.clientWidth")
+            assert label.evaluate("e => getComputedStyle(e).textOverflow") == "ellipsis"
+            for card in page.locator("#results li").all():
+                text = card.locator(".score").text_content()
+                assert len(text) == 5 and float(text) <= 1.0, text
+                assert card.locator(".score").evaluate(
+                    "e => e.getBoundingClientRect().right <= e.closest('li').getBoundingClientRect().right")
+
+            # A box dragged on the query image searches again with that region (relative coordinates).
+            area = page.locator("#region-img").bounding_box()
+            assert area is not None
+            with page.expect_response("**/v1/search") as boxed:
+                page.mouse.move(area["x"] + area["width"] * 0.1, area["y"] + area["height"] * 0.1)
+                page.mouse.down()
+                page.mouse.move(area["x"] + area["width"] * 0.4, area["y"] + area["height"] * 0.4, steps=4)
+                page.mouse.move(area["x"] + area["width"] * 0.6, area["y"] + area["height"] * 0.6, steps=4)
+                page.mouse.up()
+            assert boxed.value.status == 200
+            assert page.evaluate("window.sentForms.at(-1)")["box"] == "0.1000,0.1000,0.6000,0.6000"
+            assert page.locator("#region-box").is_visible()
+            page.wait_for_function("document.getElementById('message').textContent.includes('results in')")
+            page.screenshot(path=str(ARTIFACTS / "query-page-box.png"), full_page=True)
+
+            # "More like this" on the first result: its neighbours, itself excluded.
+            first_id = page.locator("#results li").first.get_attribute("data-id")
+            with page.expect_response(f"**/v1/images/{first_id}/similar?*") as similar:
+                page.locator("#results li .more-like-this").first.click()
+            assert similar.value.status == 200
+            page.wait_for_function("document.getElementById('message').textContent.includes('more like image')")
+            shown = page.locator("#results li").evaluate_all("cards => cards.map(c => c.dataset.id)")
+            assert len(shown) == 4 and first_id not in shown
+            page.screenshot(path=str(ARTIFACTS / "query-page-more-like-this.png"), full_page=True)
+
+            # Near-duplicates of a result: its neighbours at or above the service's threshold (none here but
+            # itself, which is excluded): the page says so without an error.
+            with page.expect_response("**/similar?*min_score*") as near:
+                page.locator("#results li .near-duplicates").first.click()
+            assert near.value.status == 200
+            page.wait_for_function("document.getElementById('message').textContent.includes('near-duplicates')")
+
+            # Every near-duplicate group of the catalogue (the tiny random embedder scores one class's noisy
+            # variants as near-identical), each with its keeper marked.
+            with page.expect_response("**/v1/duplicates?*") as listed:
+                page.click("#duplicate-groups")
+            groups = listed.value.json()["groups"]
+            assert listed.value.status == 200 and groups
+            page.wait_for_function("document.getElementById('message').textContent.includes('near-duplicate groups')")
+            assert page.locator("#results .group-head").count() == len(groups)
+            assert page.locator("#results li.keeper").count() == len(groups)
+            assert page.locator("#more").is_visible() == (listed.value.json()["next_cursor"] is not None)
+            page.screenshot(path=str(ARTIFACTS / "query-page-duplicate-groups.png"), full_page=True)
+
+            # Phone width: the grid, captions and tools still fit (no horizontal scrolling).
+            page.set_viewport_size({"width": 390, "height": 844})
+            phone_query = tmp_path / "phone.jpg"
+            class_image("green", seed=4042, size=160).save(phone_query, quality=92)
+            with page.expect_response("**/v1/search"):
+                page.set_input_files("#file", str(phone_query))
+            page.wait_for_selector("#results li .more-like-this", timeout=30_000)
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            page.screenshot(path=str(ARTIFACTS / "query-page-phone.png"), full_page=True)
+        finally:
+            browser.close()
+    assert console_errors == []
+
+
+def test_query_page_shows_heatmaps_over_the_query_and_each_result(page_server: LiveServer, tmp_path: Path) -> None:
+    """On by default: a heatmap canvas over the query and over every result, drawn with some heat; the toggle
+    hides them, and a search with it off asks for no heatmaps."""
+    binary = chromium_binary()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is required in CI (apt-get install chromium)")
+        pytest.skip("no chromium binary on this machine (apt-get install chromium)")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    query = tmp_path / "query.jpg"
+    class_image("green", seed=77, size=160).save(query, quality=92)
+    ARTIFACTS.mkdir(exist_ok=True)
+    console_errors: list[str] = []
+    drawn = """() => [...document.querySelectorAll('canvas.heat')].map(c => {
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let alpha = 0; for (let i = 3; i < d.length; i += 4) alpha = Math.max(alpha, d[i]);
+        return {w: c.width, alpha, hidden: c.hidden}; })"""
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=binary, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            page.goto(page_server.base_url + "/")
+            page.wait_for_function("document.getElementById('status').textContent.includes('index')")
+            assert page.is_checked("#explain")
+            page.fill("#k", "4")
+            page.set_input_files("#file", str(query))
+            page.wait_for_function("document.querySelectorAll('canvas.heat').length === 5", timeout=30_000)
+            page.wait_for_function(f"({drawn})().every(c => c.w > 1 && c.alpha > 0)", timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "query-page-heatmaps.png"), full_page=True)
+            page.uncheck("#explain")
+            assert all(c["hidden"] for c in page.evaluate(drawn))
+            again = tmp_path / "another.jpg"  # the same file again fires no change event
+            class_image("red", seed=78, size=160).save(again, quality=92)
+            with page.expect_request("**/v1/search") as sent:
+                page.set_input_files("#file", str(again))
+            assert "explain" not in (sent.value.post_data or "")
+            page.wait_for_function("document.querySelectorAll('canvas.heat').length === 0", timeout=30_000)
+        finally:
+            browser.close()
     assert console_errors == []

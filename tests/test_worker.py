@@ -331,6 +331,47 @@ def test_sigterm_hands_the_running_job_back(sqlite_world: Settings, tmp_path: Pa
     assert "shut down" in job.message
 
 
+def _assert_one_consistent_pair(settings: Settings) -> str:
+    """The active index was built with the active model, its files load, and SQL agrees with it."""
+    from app.indexing import verify_index
+    from index.vector_index import VectorIndex
+
+    with session_scope(settings.resolved_database_url) as session:
+        index_row, model_row = active_index(session), active_model(session)
+        assert index_row.model_version_id == model_row.id, (index_row.name, model_row.name)
+        path, name = index_row.path, model_row.name
+    assert len(VectorIndex.load(path)) == 32
+    assert verify_index(settings).ok
+    return name
+
+
+def test_worker_sigkilled_during_reembed_and_promotion_never_half_promotes(sqlite_world: Settings,
+                                                                          tmp_path: Path) -> None:
+    """SIGKILL while the promoted job re-embeds the corpus, then again as it builds and promotes the index: the
+    active pair is always one whole pair (old or new), and the job resumes and finishes."""
+    settings = sqlite_world.model_copy(update={"batch_size": 2, "embed_flush_every": 2})
+    before = _assert_one_consistent_pair(settings)
+    job_id = enqueue(settings, "train", {**TRAIN, "steps": 2, "force_promote": True})
+    for n, stage in enumerate(("embedding the corpus", "building the index")):
+        log = tmp_path / f"worker{n}.log"
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], cwd=REPO,
+                                env=server_env(settings) | WORKER_ENV | {"RETRIEVAL_EMBED_FLUSH_EVERY": "2"},
+                                stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        try:
+            wait_job(settings, job_id, lambda j, s=stage: s in (j.message or "") or j.status == "succeeded",
+                     240, log=log)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        _assert_one_consistent_pair(settings)  # old or new, whichever side of the SQL flip the kill landed
+    if job_row(settings, job_id).status != "succeeded":
+        assert worker_in_process(settings, "rescuer", 240, max_jobs=1) == 1
+    job = job_row(settings, job_id)
+    assert job.status == "succeeded" and job.metrics["promoted"], (job.error, job.message)
+    assert job.attempts >= 2  # at least one run was killed mid-job and the job was taken over
+    assert _assert_one_consistent_pair(settings) == job.metrics["model_version"] != before
+
+
 def test_train_job_under_torchrun_with_two_processes(sqlite_world: Settings) -> None:
     """`nproc: 2`: the worker trains with torchrun (2 gloo processes, DDP), then evaluates and promotes as usual."""
     settings = sqlite_world

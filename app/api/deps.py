@@ -3,10 +3,10 @@ checked against settings.max_k. The query pipeline itself is app/serving.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Form, Query, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
@@ -14,6 +14,7 @@ from app.batching import MicroBatcher
 from app.db.session import session_scope
 from app.deployment import Deployment
 from app.errors import ApiError
+from app.ranking import DIVERSIFY_DOC, EFFORT_DOC, MMR_DOC, OFFSET_DOC, PER_GROUP_DOC, Effort, Ranking, parse_diversify
 from app.serving import Filters, parse_meta_filters
 
 META_FILTER_DOC = ("Metadata filters, each `key=value` (repeat for AND); values match the text form of the stored "
@@ -47,13 +48,38 @@ def get_batcher(request: Request) -> MicroBatcher:
     return request.app.state.batcher
 
 
-def check_k(request: Request, k: int, where: str) -> int:
-    """k within settings.max_k, or the same 422 a declared bound gives (its JSON body names k)."""
+def check_k(request: Request, k: int, where: str, offset: int = 0) -> int:
+    """k (and offset + k, the depth a page reaches) within settings.max_k, or the same 422 a declared bound
+    gives (its JSON body names k, or offset)."""
     max_k = request.app.state.settings.max_k
     if k > max_k:
         raise RequestValidationError([{"loc": (where, "k"), "msg": f"Input should be less than or equal to {max_k}",
                                        "type": "less_than_equal", "input": k, "ctx": {"le": max_k}}])
+    if offset + k > max_k:
+        raise RequestValidationError([{"loc": (where, "offset"), "type": "less_than_equal", "input": offset,
+                                       "msg": f"offset + k must be at most RETRIEVAL_MAX_K ({max_k}); got "
+                                              f"{offset} + {k}"}])
     return k
+
+
+def _ranking_dep(param: Callable[..., Any], where: str) -> Callable[..., Ranking]:
+    """The ranking options (app/ranking.py) as form fields (POST) or query parameters (GET)."""
+
+    def dep(
+        offset: int = param(0, ge=0, le=10_000, description=OFFSET_DOC),
+        effort: Effort = param("balanced", description=EFFORT_DOC),
+        diversify: str | None = param(None, max_length=80, description=DIVERSIFY_DOC),
+        per_group: int = param(1, ge=1, le=1000, description=PER_GROUP_DOC),
+        mmr: float | None = param(None, ge=0.0, le=1.0, description=MMR_DOC),
+    ) -> Ranking:
+        return Ranking(offset=offset, effort=effort, diversify=parse_diversify(diversify, where),
+                       per_group=per_group, mmr=mmr)
+
+    return dep
+
+
+ranking_form = _ranking_dep(Form, "body")
+ranking_query = _ranking_dep(Query, "query")
 
 
 def filters_dep(

@@ -45,9 +45,15 @@ async def readyz(request: Request) -> JSONResponse:
                       vectors=len(deployment.index), device=deployment.device,
                       runtime=deployment.runner.info.runtime, precision=deployment.runner.info.precision)
     detail["queue_depth"] = state.batcher.depth
+    detail["near_duplicate_threshold"] = state.settings.near_duplicate_threshold  # the page's "near-duplicates"
     if serving.last_swap is not None:
         detail["last_swap"] = serving.last_swap
     if serving.swap_error is not None:
         detail["swap_error"] = serving.swap_error
+    if serving.fallback is not None:
+        detail["fallback"] = serving.fallback
+    detail["pending_changes"] = serving.pending
+    if serving.last_compaction is not None:
+        detail["last_compaction"] = serving.last_compaction
     body = Health(status="ready" if ready else "not_ready", detail=detail)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

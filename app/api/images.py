@@ -9,7 +9,7 @@ import os
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path as FsPath
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Response, UploadFile
@@ -24,6 +24,7 @@ from app.api.deps import SessionDep, filters_dep, get_batcher, get_deployment
 from app.auth import require_read, require_write
 from app.db.models import Image
 from app.deployment import Deployment, ServingState, write_api_embedding
+from app.duplicates import near_duplicate_of
 from app.errors import ApiError
 from app.images import read_image_file
 from app.schemas import ErrorBody, ImageOut, ImagePage, ImageUpdate
@@ -166,10 +167,11 @@ def _parse_metadata(text: str | None) -> dict[str, Any]:
 
 def _commit_new_image(request: Request, session: Session, started_on: Deployment, image: PILImage.Image,
                       vector: np.ndarray, data: bytes, sha256: str, label: str | None,
-                      meta: dict[str, Any]) -> ImageOut:
+                      meta: dict[str, Any], reject_above: float | None = None) -> ImageOut:
     """Insert (or revive) the row, persist its embedding, add it to the live index: all before the 201.
 
-    Runs under the write lock that a hot swap also takes, so the vector lands in whichever index serves next.
+    Runs under the write lock that a hot swap also takes, so the vector lands in whichever index serves next,
+    and so two near-identical uploads at once cannot both pass the near-duplicate check (`reject_above`).
     """
     settings: Settings = request.app.state.settings
     state: ServingState = request.app.state.serving
@@ -179,11 +181,17 @@ def _commit_new_image(request: Request, session: Session, started_on: Deployment
             raise ApiError(503, "no index is active yet", code="not_ready", headers={"Retry-After": "30"})
         if deployment is not started_on:  # swapped while we embedded: embed with the new model instead
             vector = deployment.forward_batch(deployment.preprocess(image)[None])[0]
-        path = _store_bytes(settings, data, sha256, _sniff_format(data))
         row = session.scalar(select(Image).where(Image.sha256 == sha256))
         if row is not None and row.deleted_at is None:
             raise ApiError(409, f"this image is already stored as image {row.id}", code="duplicate",
                            detail={"id": row.id})
+        if reject_above is not None:
+            match = near_duplicate_of(deployment, vector, reject_above)
+            if match is not None:
+                raise ApiError(409, f"this image is a near-duplicate of image {match[0]} (score {match[1]:.3f} >= "
+                                    f"{reject_above})", code="near_duplicate",
+                               detail={"id": match[0], "score": round(match[1], 4)})
+        path = _store_bytes(settings, data, sha256, _sniff_format(data))
         if row is None:
             width, height = image.info.get("full_size", image.size)  # the photo's size, not the decoded draft's
             row = Image(sha256=sha256, uri=str(path), width=width, height=height)
@@ -196,6 +204,7 @@ def _commit_new_image(request: Request, session: Session, started_on: Deployment
         out = ImageOut.model_validate(row)
         session.commit()  # under the write lock: a hot swap's reconcile sees this row
         deployment.add(np.array([out.id], dtype=np.int64), vector[None, :])
+        state.note_changes(1)
     return out
 
 
@@ -208,10 +217,16 @@ async def add_image(
     file: UploadFile = File(..., description="The image (JPEG, PNG, GIF, WebP, BMP, TIFF)."),
     label: str | None = Form(None, max_length=255, description="A class label, e.g. 'sneaker'."),
     metadata: str | None = Form(None, description='A JSON object, e.g. {"color": "red", "year": 2021}.'),
+    on_near_duplicate: Literal["allow", "reject"] = Form(
+        "allow", description="`reject`: answer 409 (`near_duplicate`, `detail.id`, `detail.score`) when a stored "
+                             "image scores at or above `near_duplicate_threshold` with this one."),
+    near_duplicate_threshold: float | None = Form(
+        None, ge=-1.0, le=1.0, description="Cosine for `reject` (-1..1); default RETRIEVAL_NEAR_DUPLICATE_THRESHOLD."),
 ) -> ImageOut:
     """Store an image: it is on disk, in SQL, embedded and searchable, durably, when the 201 returns.
 
-    Uploading bytes that are already stored answers 409 with the existing id in `detail.id`.
+    Uploading bytes that are already stored answers 409 with the existing id in `detail.id`; with
+    `on_near_duplicate=reject`, so does an upload that is a near-duplicate of a stored image.
     """
     settings: Settings = request.app.state.settings
     deployment = get_deployment(request)
@@ -221,8 +236,12 @@ async def add_image(
     image, pixels = await run_in_threadpool(decode_query, deployment, data, settings, clock)
     sha256 = hashlib.sha256(data).hexdigest()
     vector = await embed_pixels(get_batcher(request), deployment, pixels, clock)
+    reject_above = None
+    if on_near_duplicate == "reject":
+        reject_above = near_duplicate_threshold if near_duplicate_threshold is not None else \
+            settings.near_duplicate_threshold
     out = await run_in_threadpool(_commit_new_image, request, session, deployment, image, vector, data, sha256, label,
-                                  meta)
+                                  meta, reject_above)
     metrics.IMAGES_WRITTEN.labels("added").inc()
     response.headers["Location"] = f"/v1/images/{out.id}"
     return out
@@ -261,5 +280,6 @@ def delete_image(request: Request, session: SessionDep, image_id: int = IMAGE_ID
         deployment: Deployment | None = request.app.state.deployment
         if deployment is not None:
             deployment.remove(np.array([image_id], dtype=np.int64))
+        state.note_changes(1)
     metrics.IMAGES_WRITTEN.labels("deleted").inc()
     return Response(status_code=204)

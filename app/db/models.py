@@ -106,3 +106,14 @@ class ApiKey(Base):
     scopes: Mapped[str] = mapped_column(String(64), default="read")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Lease(Base):
+    """A named, expiring lock decided in SQL: one holder at a time across processes and machines
+    (app/db/leases.py). Used so that only one replica compacts the index at once."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)

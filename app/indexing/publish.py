@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,9 @@ from index import versions
 from index.builders import build, build_ivf_ondisk, choose_factory, fill_parts
 
 
-def _version_ids(version: IndexVersion) -> np.ndarray | None:
-    path = Path(version.path) / versions.IDS_FILE
+def published_ids(version_path: str | Path) -> np.ndarray | None:
+    """The sorted live ids a published version holds (its ids.npy), or None for a version without one."""
+    path = Path(version_path) / versions.IDS_FILE
     return np.load(path) if path.exists() else None
 
 
@@ -39,6 +41,7 @@ def publish_index(settings: Settings, model: ModelVersion, report: BuildReport, 
     url = settings.resolved_database_url
     store = settings.embeddings_dir(model.name)
     versions.sweep_tmp(settings.indexes_dir)
+    snapshot_at = datetime.now(UTC).isoformat()  # changes after this are not in the new version (verify)
     with session_scope(url) as session:
         live = live_image_ids(session)
         current = active_index(session)
@@ -48,7 +51,7 @@ def publish_index(settings: Settings, model: ModelVersion, report: BuildReport, 
             return
         if current is not None and current.model_version_id == model.id and not force \
                 and (factory is None or factory == current.factory):
-            held = _version_ids(current)
+            held = published_ids(current.path)
             if held is not None and np.array_equal(held, live):
                 report.total_indexed = len(held)
                 report.message = f"index {current.name} is up to date: nothing to publish"
@@ -89,7 +92,7 @@ def publish_index(settings: Settings, model: ModelVersion, report: BuildReport, 
     with session_scope(url) as session:
         row = IndexVersion(name=name, model_version_id=model.id, path=str(path.resolve()), factory=factory,
                            ntotal=len(index), params=index.params,
-                           metrics={"build_seconds": round(build_seconds, 3)})
+                           metrics={"build_seconds": round(build_seconds, 3), "snapshot_at": snapshot_at})
         session.add(row)
         session.flush()
         promote(session, row)  # the SQL flip comes last

@@ -36,9 +36,9 @@ async function thumbnail(img, url) {
   if (res.ok) img.src = URL.createObjectURL(await res.blob());
 }
 
-function render(results) {
+function render(results, { append = false, firstRank = 1 } = {}) {
   const grid = $("results");
-  grid.replaceChildren();
+  if (!append) grid.replaceChildren();
   results.forEach((hit, i) => {
     const li = document.createElement("li");
     li.dataset.id = hit.id;
@@ -51,14 +51,16 @@ function render(results) {
     const label = document.createElement("span");
     label.className = "label";
     label.textContent = hit.label || "—";
+    label.title = hit.label || "";  // long labels are ellipsized; the full one shows on hover
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = hit.score.toFixed(3);
     const rank = document.createElement("span");
     rank.className = "rank";
-    rank.textContent = `#${i + 1}`;
+    rank.textContent = `#${firstRank + i}`;
     caption.append(rank, label, score);
     li.append(img, caption);
+    searchTools.decorateCard(li, hit);
     grid.append(li);
   });
 }
@@ -73,6 +75,8 @@ async function query(file) {
   form.append("k", $("k").value || "12");
   if ($("label").value) form.append("label", $("label").value);
   if ($("min-score").value) form.append("min_score", $("min-score").value);
+  searchTools.addOptions(form, file);
+  if (explainRequested()) form.append("explain", "true");  // explain.js
   say("searching…");
   try {
     const res = await fetch("/v1/search", { method: "POST", body: form, headers: authHeaders() });
@@ -83,6 +87,8 @@ async function query(file) {
       return;
     }
     render(body.results);
+    searchTools.afterSearch(body);
+    showExplanations(body.explain);  // explain.js
     say(`${body.results.length} results in ${body.timings.total_ms.toFixed(0)} ms (model ${body.model_version})`);
   } catch (err) {
     say(`request failed: ${err}`, true);

@@ -1,0 +1,44 @@
+"""Named, expiring locks in SQL: one holder at a time, across processes and machines.
+
+Taking a lease is one conditional UPDATE (`WHERE name = :n AND (expired OR owner = :me)`), atomic on SQLite
+(one writer) and PostgreSQL (the row lock, then the condition re-checked); the first taker of a name inserts
+its row, and a concurrent insert loses on the primary key. A holder that dies lets the lease expire.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import insert, or_, update
+from sqlalchemy.exc import IntegrityError
+
+from app.db.models import Lease
+from app.db.session import get_engine
+
+
+def acquire(url: str, name: str, owner: str, ttl_s: float) -> bool:
+    """Take (or extend) lease `name` for `ttl_s` seconds. False when someone else holds it."""
+    now = datetime.now(UTC)
+    until = now + timedelta(seconds=ttl_s)
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        taken = conn.execute(
+            update(Lease)
+            .where(Lease.name == name, or_(Lease.expires_at.is_(None), Lease.expires_at < now, Lease.owner == owner))
+            .values(owner=owner, expires_at=until)
+        ).rowcount
+    if taken:
+        return True
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(Lease).values(name=name, owner=owner, expires_at=until))
+    except IntegrityError:  # the row exists and someone else holds it
+        return False
+    return True
+
+
+def release(url: str, name: str, owner: str) -> None:
+    """Give the lease back if we still hold it."""
+    with get_engine(url).begin() as conn:
+        conn.execute(update(Lease).where(Lease.name == name, Lease.owner == owner)
+                     .values(owner=None, expires_at=None))
