@@ -4,6 +4,7 @@ train, eval, worker, jobs, keys)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -45,11 +46,19 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from app.indexing import EmptySource, build_index
 
     settings = get_settings()
+    if args.ray is not None and args.shard is not None:
+        print("retrieval index build: --ray and --shard do not combine (Ray spreads the whole build itself)",
+              file=sys.stderr)
+        return 2
+    if args.ray is not None and importlib.util.find_spec("ray") is None:
+        print("retrieval index build: --ray needs Ray Data: pip install -e '.[ray]'", file=sys.stderr)
+        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.resolved_database_url)
     try:
+        ray_address = None if args.ray is None else (args.ray or settings.ray_address or "")
         report = build_index(settings, args.source, shard=args.shard, factory=args.factory,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, ray_address=ray_address)
     except (EmptySource, FileNotFoundError) as exc:
         print(f"retrieval index build: {exc}", file=sys.stderr)
         return 1
@@ -247,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("source", help="a folder (labels = sub-folder names) or a CSV manifest (path,label,...)")
     build.add_argument("--shard", type=_shard, help="i/n: embed only shard i of n")
     build.add_argument("--factory", help="FAISS factory string overriding the automatic choice")
+    build.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="embed on a Ray cluster: 'auto' joins the running one, host:port a given one; with no "
+                            "address, RETRIEVAL_RAY_ADDRESS or else a local cluster started for this build")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(func=cmd_index_build)
     verify = index_sub.add_parser(

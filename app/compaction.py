@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from fastapi import FastAPI
 
-from app.deployment import ServingState, check_for_new_version
+from app.deployment import ServingState, check_for_new_version, converge_with_peers
 from app.indexing.compact import compact_index
 from app.settings import Settings
 
@@ -50,11 +50,14 @@ async def compact_now(app: FastAPI, settings: Settings) -> dict:
 
 
 async def maintain(app: FastAPI, settings: Settings) -> None:
-    """Background task: poll SQL for a newly promoted version and hot-swap it in; compact when due."""
+    """Background task: poll SQL for a newly promoted version and hot-swap it in, else converge with the other
+    replicas' writes; compact when due."""
     while True:
         await asyncio.sleep(settings.swap_poll_s)
         try:
-            await check_for_new_version(app, settings)
+            if not await check_for_new_version(app, settings):
+                # The adds and deletes other replicas made (docs/scaling.md).
+                await asyncio.to_thread(converge_with_peers, app, settings)
             if app.state.deployment is not None and compaction_due(app.state.serving, settings):
                 await compact_now(app, settings)
         except asyncio.CancelledError:

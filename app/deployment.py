@@ -159,8 +159,10 @@ def write_api_embedding(store: Path, image_id: int, vector: np.ndarray) -> None:
     versions.write_embedding_shard(store, stem, np.array([image_id], dtype=np.int64), vector[None, :])
 
 
-def reconcile(settings: Settings, deployment: Deployment) -> dict[str, int]:
-    """Make the live index hold exactly SQL's live images (see the module docstring). Returns counts."""
+def reconcile(settings: Settings, deployment: Deployment, embed_from_files: bool = True) -> dict[str, int]:
+    """Make the live index hold exactly SQL's live images (see the module docstring). Returns counts.
+
+    embed_from_files=False only restores stored embeddings (what the periodic convergence with peers wants)."""
     url = settings.resolved_database_url
     with session_scope(url) as session:
         live = live_image_ids(session)
@@ -177,7 +179,9 @@ def reconcile(settings: Settings, deployment: Deployment) -> dict[str, int]:
             deployment.add(ids, vectors)
             restored = len(ids)
         still = np.setdiff1d(missing, ids)
-        if len(still) and len(still) <= settings.catchup_max_embed:
+        if len(still) and not embed_from_files:
+            pass  # a peer's add whose embedding is not visible here yet: the next poll finds it
+        elif len(still) and len(still) <= settings.catchup_max_embed:
             embedded = _embed_from_files(settings, deployment, still)
         elif len(still):
             log.warning("%d live images have no embedding for model %s; rebuild the index to include them",
@@ -359,3 +363,15 @@ async def check_for_new_version(app: FastAPI, settings: Settings) -> bool:
     metrics.SWAPS.labels("ok").inc()
     log.info("now serving index %s with model %s (%d vectors)", new.index_name, new.model_name, len(new.index))
     return True
+
+
+def converge_with_peers(app: FastAPI, settings: Settings) -> dict[str, int] | None:
+    """Apply the adds and deletes other replicas made through the shared SQL store and data volume: SQL says
+    which images are live, their embeddings are in the shared shard store (a replica writes one before its row
+    commits). Under the write lock, so no local API write lands between reading SQL and changing the index."""
+    state: ServingState = app.state.serving
+    with state.write_lock:
+        deployment: Deployment | None = app.state.deployment
+        if deployment is None:
+            return None
+        return reconcile(settings, deployment, embed_from_files=False)

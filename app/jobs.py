@@ -39,7 +39,7 @@ TRAIN_FIELDS = ("steps", "batch_size", "m_per_class", "lr", "head_lr", "loss_lr"
 # The params each kind understands; anything else is refused at enqueue time, so a typo is a 422, not a run.
 JOB_PARAMS = {
     "train": {*TRAIN_FIELDS, "config", "config_path", "loss", "init", "image_size", "resize_size", "val_fraction",
-              "split_seed", "force_promote", "name", "factory", "ks", "torch_threads"},
+              "split_seed", "force_promote", "name", "factory", "ks", "torch_threads", "nproc"},
     "rebuild_index": {"factory"},
     "reembed": {"model_version", "factory"},
 }
@@ -63,6 +63,9 @@ def enqueue(session: Session, kind: str, params: dict[str, Any] | None = None,
     unknown = set(params or {}) - JOB_PARAMS[kind]
     if unknown:
         raise JobError(f"unknown {kind} params {sorted(unknown)}; known: {sorted(JOB_PARAMS[kind])}")
+    nproc = (params or {}).get("nproc", 1)
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        raise JobError(f"nproc is the number of training processes (torchrun), an integer >= 1; got {nproc!r}")
     job = Job(kind=kind, status="queued", params=dict(params or {}), progress=0.0, metrics={}, attempts=0,
               max_attempts=max_attempts, cancel_requested=False, created_at=utcnow(), message="queued")
     session.add(job)

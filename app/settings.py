@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     index_recall_target: float = Field(0.95, description="recall@10 vs exact search that nprobe/efSearch are "
                                                          "tuned to at build time.")
     embed_flush_every: int = Field(2048, description="Images per embedding shard: bounds work lost to a crash.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster `retrieval index build --ray` joins when --ray names none ('auto': the "
+                          "running one; unset: start a local one).")
+    ray_embed_actors: int = Field(
+        0, description="Embedding actors of a Ray build (0: one per GPU, or half the CPUs on a CPU-only cluster).")
 
     # Training worker (`retrieval worker`): how often it heartbeats and polls, and when a silent job is stale.
     worker_heartbeat_s: float = Field(5.0, description="Seconds between a running job's heartbeats.")

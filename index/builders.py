@@ -8,7 +8,7 @@ constants, in `_train` and `_tune`; `tune` finds the smallest nprobe / efSearch 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -134,24 +134,34 @@ def build(ids: np.ndarray, vectors: np.ndarray, factory: str | None = None,
     return index
 
 
-def build_ivf_ondisk(ids: np.ndarray, vectors: np.ndarray, parts: Iterable[tuple[np.ndarray, np.ndarray]],
+Parts = Iterable[tuple[np.ndarray, np.ndarray]]
+
+
+def fill_parts(trained: VectorIndex, parts: Parts) -> list[VectorIndex]:
+    """One filled copy of the trained IVF per (ids, vectors) part, one after the other."""
+    filled = []
+    for part_ids, part_vectors in parts:
+        part = VectorIndex(trained.dim, trained.factory, index=faiss.clone_index(trained.index))
+        part.add(part_ids, part_vectors)
+        filled.append(part)
+    return filled
+
+
+def build_ivf_ondisk(ids: np.ndarray, vectors: np.ndarray, parts: Parts,
                      factory: str, directory: str | Path, recall_target: float = DEFAULT_RECALL_TARGET,
-                     train_size: int = TRAIN_SIZE, tune_queries: int = TUNE_QUERIES, seed: int = 0) -> VectorIndex:
+                     train_size: int = TRAIN_SIZE, tune_queries: int = TUNE_QUERIES, seed: int = 0,
+                     fill: Callable[[VectorIndex, Parts], list[VectorIndex]] = fill_parts) -> VectorIndex:
     """`build` for IVF types whose lists should live on disk: one IVF trained on a sample of `vectors`, one
     filled copy per (ids, vectors) part, merged into `directory`/merged.ivfdata (see merge_ivf_ondisk), tuned.
-    `ids, vectors` are all the vectors of the parts together (the training and tuning sample)."""
+    `ids, vectors` are all the vectors of the parts together (the training and tuning sample). `fill` fills the
+    copies: `fill_parts` here, or one that fans them out (a Ray build does, app/indexing/ray_build.py)."""
     vectors, ids = _as_float32(vectors), _as_ids(ids)
     trained = VectorIndex(vectors.shape[1], factory)
     if trained.ivf is None:
         raise TypeError(f"an on-disk build needs an IVF factory, got {factory!r}")
     rng = np.random.default_rng(seed)
     _train(trained, vectors, rng, train_size)
-    filled = []
-    for part_ids, part_vectors in parts:
-        part = VectorIndex(trained.dim, factory, index=faiss.clone_index(trained.index))
-        part.add(part_ids, part_vectors)
-        filled.append(part)
-    merged = merge_ivf_ondisk(trained, filled, directory)
+    merged = merge_ivf_ondisk(trained, fill(trained, parts), directory)
     merged.params["built_with"] = len(vectors)
     _tune(merged, ids, vectors, rng, recall_target, tune_queries)
     return merged

@@ -26,7 +26,8 @@ JSON-lines log (out_dir/log.jsonl), a tqdm bar. Seeded: the batches of each epoc
 epoch, rank). The optimisation pieces (param groups, schedule, frozen parameters) are in models/optim.py.
 
 DDP: under `torchrun --nproc_per_node N -m app.cli train ...`, each process takes batch_size / N images per step;
-gradients (including loss parameters) are all-reduced; the cross-batch memory is per process; rank 0 validates
+gradients (including loss parameters) are all-reduced; the losses and the cross-batch memory see the global batch
+(all ranks' embeddings, models/distributed.py), so N processes step like one on the whole batch; rank 0 validates
 and writes files; `should_stop` returning True on any rank stops every rank.
 """
 
@@ -51,6 +52,7 @@ from torch.utils.data import DataLoader
 from models.checkpoint import load_checkpoint, read_config, save_checkpoint
 from models.config import TrainConfig
 from models.data import Item, ItemsDataset, LoadImage, dataset_splits, m_per_class_batches, train_transform
+from models.distributed import gather_keeping_local_grad, scale_loss_parameter_grads
 from models.embedder import Embedder, resolve_device
 from models.evaluate import evaluate_items
 from models.graded import evaluate_graded_items, graded_batches, graded_splits, is_graded
@@ -86,6 +88,9 @@ class TrainingModel(nn.Module):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp and pixels.is_cuda):
             embedding, parts = self.embedder.forward_train(pixels)
             embedding = embedding.float()
+            # Under DDP the losses (and the cross-batch memory) see the global batch (models/distributed.py).
+            embedding, labels = gather_keeping_local_grad(embedding), gather_keeping_local_grad(labels)
+            parts = gather_keeping_local_grad(parts) if parts is not None else None
             total, terms = self.loss(embedding, labels, parts)
             extra = self.embedder.extra_losses(embedding, parts)
         if extra:
@@ -306,7 +311,8 @@ class Trainer:
             batch_labels = batch_labels.to(device, non_blocking=True)
             total, terms = train_module(pixels, batch_labels)
             self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            (total * self.world).backward()  # every rank's loss is the global one; DDP averages over ranks
+            scale_loss_parameter_grads(self.loss, self.world)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
             self.optimizer.step()
             self.scheduler.step()

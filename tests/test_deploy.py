@@ -126,7 +126,7 @@ def test_compose_refuses_to_start_without_a_database_password():
 def test_compose_topology():
     config = _config()
     services = config["services"]
-    assert set(services) == {"postgres", "migrate", "api", "worker", "indexer"}
+    assert set(services) == {"postgres", "migrate", "api", "worker", "indexer", "proxy"}
 
     pg = services["postgres"]
     assert pg["image"].startswith("postgres:") and pg["image"] != "postgres:latest"
@@ -149,7 +149,8 @@ def test_compose_topology():
         assert "profiles" not in services[name]
         assert services[name]["restart"] == "unless-stopped"
     assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
-    assert services["api"]["ports"] == ["127.0.0.1:8000:8000/tcp"], "published on loopback unless RETRIEVAL_BIND"
+    # Published on loopback unless RETRIEVAL_BIND; a range, so `--scale api=N` gives each replica a port.
+    assert services["api"]["ports"] == ["127.0.0.1:8000-8009:8000/tcp"]
 
     # One image for all roles; the data directory is one named volume shared by every app container.
     images = {services[n]["image"] for n in ("migrate", "api", "worker", "indexer")}
@@ -165,6 +166,24 @@ def test_compose_topology():
     assert set(config["volumes"]) == {"data", "pgdata"}
     # No GPU reservation in the base file: it must start on a host without the NVIDIA runtime.
     assert all("deploy" not in s for s in services.values())
+
+
+def test_compose_scale_profile_puts_a_proxy_in_front_of_api_replicas():
+    """`docker compose --profile scale up --scale api=3`: nginx on one port, upstream every api replica."""
+    services = _config()["services"]
+    proxy = services["proxy"]
+    assert proxy["profiles"] == ["scale"] and proxy["image"].startswith("nginx:") and proxy["image"] != "nginx:latest"
+    assert proxy["ports"] == ["127.0.0.1:8080:8080/tcp"]
+    assert proxy["depends_on"]["api"]["condition"] == "service_started"
+    mount = next(v for v in proxy["volumes"] if v.endswith(":/etc/nginx/conf.d/default.conf:ro"))
+    conf = Path(mount.split(":")[0]).read_text()
+    assert "server api:8000 resolve;" in conf and "resolver 127.0.0.11" in conf  # every replica, re-resolved
+    assert "listen 8080;" in conf and "client_max_body_size 0;" in conf  # the API's own JSON 413 applies
+    assert "/healthz" in " ".join(proxy["healthcheck"]["test"])
+    # The api can be scaled: no container_name, a host port range rather than one fixed port.
+    assert "container_name" not in services["api"]
+    assert "-" in services["api"]["ports"][0].split(":")[1]
+    assert _config(RETRIEVAL_PROXY_PORT="9000")["services"]["proxy"]["ports"] == ["127.0.0.1:9000:8080/tcp"]
 
 
 def test_compose_gpu_override_reserves_gpus_for_api_and_worker():

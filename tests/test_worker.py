@@ -370,3 +370,19 @@ def test_worker_sigkilled_during_reembed_and_promotion_never_half_promotes(sqlit
     assert job.status == "succeeded" and job.metrics["promoted"], (job.error, job.message)
     assert job.attempts >= 2  # at least one run was killed mid-job and the job was taken over
     assert _assert_one_consistent_pair(settings) == job.metrics["model_version"] != before
+
+
+def test_train_job_under_torchrun_with_two_processes(sqlite_world: Settings) -> None:
+    """`nproc: 2`: the worker trains with torchrun (2 gloo processes, DDP), then evaluates and promotes as usual."""
+    settings = sqlite_world
+    job_id = enqueue(settings, "train", {**TRAIN, "nproc": 2, "force_promote": True})
+    assert worker_in_process(settings, "ddp", 300, once=True) == 1
+    job = job_row(settings, job_id)
+    assert job.status == "succeeded", job.error
+    assert job.metrics["train_processes"] == 2 and job.metrics["train_steps"] == TRAIN["steps"]
+    assert job.metrics["promoted"]
+    log = (jobs.job_dir(settings, job_id) / "torchrun" / "torchrun.log").read_text()
+    assert "Traceback" not in log
+    with session_scope(settings.resolved_database_url) as session:
+        with pytest.raises(jobs.JobError, match="nproc"):
+            jobs.enqueue(session, "train", {"nproc": 0})

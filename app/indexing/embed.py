@@ -41,14 +41,21 @@ class _DecodeDataset:
 
     def __getitem__(self, i: int) -> tuple[int, Any, str, str]:
         uri = self.uris[i].decode("utf-8")
-        try:
-            image = read_image_file(uri, max_bytes=self.max_bytes, max_pixels=self.max_pixels,
-                                    min_side=self.min_side)
-            return int(self.ids[i]), self.transform(image), "", uri
-        except ImageError as exc:
-            return int(self.ids[i]), None, exc.message, uri
-        except OSError as exc:
-            return int(self.ids[i]), None, f"cannot read the file: {exc}", uri
+        pixels, reason = decode_for_embedding(uri, self.transform, self.max_bytes, self.max_pixels, self.min_side)
+        return int(self.ids[i]), pixels, reason, uri
+
+
+def decode_for_embedding(uri: str, transform: Any, max_bytes: int, max_pixels: int,
+                         min_side: int) -> tuple[Any, str]:
+    """(preprocessed tensor, "") or (None, why the file does not decode): the one decoder, then the model's
+    eval transform. Shared by the DataLoader workers here and the Ray decode tasks (app/indexing/ray_build.py)."""
+    try:
+        image = read_image_file(uri, max_bytes=max_bytes, max_pixels=max_pixels, min_side=min_side)
+        return transform(image), ""
+    except ImageError as exc:
+        return None, exc.message
+    except OSError as exc:
+        return None, f"cannot read the file: {exc}"
 
 
 def _collate(items: list[tuple[int, Any, str, str]]) -> tuple[np.ndarray, Any, list[tuple[int, str, str]]]:
@@ -61,10 +68,23 @@ def _collate(items: list[tuple[int, Any, str, str]]) -> tuple[np.ndarray, Any, l
     return ids, batch, failed
 
 
-def _uris(session: Session, ids: np.ndarray) -> np.ndarray:
+def file_uris(session: Session, ids: np.ndarray) -> np.ndarray:
     # A bytes array, not a dict: DataLoader workers share it without copying Python objects.
     found = image_uris(session, ids)
     return np.array([found[int(i)].encode("utf-8") for i in ids], dtype=np.bytes_)
+
+
+def run_tag(stem_prefix: str) -> str:
+    """A unique stem prefix for one process's embedding shards (time + pid: concurrent writers never collide)."""
+    return f"{stem_prefix}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{os.getpid()}"
+
+
+def missing_embeddings(settings: Settings, model: ModelVersion, candidates: np.ndarray | None) -> np.ndarray:
+    """Live images (all, or `candidates`) with no committed embedding shard for `model`: what a run still owes."""
+    with session_scope(settings.resolved_database_url) as session:
+        live = live_image_ids(session)
+    todo = live if candidates is None else np.intersect1d(candidates, live)
+    return np.setdiff1d(todo, versions.embedded_ids(settings.embeddings_dir(model.name)))
 
 
 def embed_missing(settings: Settings, model: ModelVersion, candidates: np.ndarray | None, report: BuildReport,
@@ -73,10 +93,7 @@ def embed_missing(settings: Settings, model: ModelVersion, candidates: np.ndarra
     from app.inference import load_runner
 
     store = settings.embeddings_dir(model.name)
-    with session_scope(settings.resolved_database_url) as session:
-        live = live_image_ids(session)
-    todo = live if candidates is None else np.intersect1d(candidates, live)
-    todo = np.setdiff1d(todo, versions.embedded_ids(store))
+    todo = missing_embeddings(settings, model, candidates)
     if len(todo) == 0:
         return
     # The service's own runtime and precision: stored vectors and query vectors come from the same arithmetic.
@@ -98,7 +115,7 @@ def embed_into_store(settings: Settings, runner: Runner, store: Path, ids: np.nd
 
     url = settings.resolved_database_url
     with session_scope(url) as session:
-        uris = _uris(session, ids)
+        uris = file_uris(session, ids)
     config = runner.config
     dataset = _DecodeDataset(ids, uris, eval_transform(config), settings.max_upload_bytes,
                              settings.max_image_pixels, min_side=config.resize_size)
@@ -106,14 +123,14 @@ def embed_into_store(settings: Settings, runner: Runner, store: Path, ids: np.nd
                                          collate_fn=_collate, pin_memory=runner.info.device.startswith("cuda"))
     buf_ids: list[np.ndarray] = []
     buf_vecs: list[np.ndarray] = []
-    run_tag = f"{stem_prefix}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{os.getpid()}"
+    tag = run_tag(stem_prefix)
     shard_no = 0
 
     def flush() -> None:
         nonlocal shard_no
         if buf_ids:
             shard_ids, shard_vecs = np.concatenate(buf_ids), np.concatenate(buf_vecs)
-            versions.write_embedding_shard(store, f"{run_tag}-{shard_no:05d}", shard_ids, shard_vecs)
+            versions.write_embedding_shard(store, f"{tag}-{shard_no:05d}", shard_ids, shard_vecs)
             if on_stored is not None:
                 on_stored(shard_ids, shard_vecs)
             shard_no += 1
@@ -133,9 +150,9 @@ def embed_into_store(settings: Settings, runner: Runner, store: Path, ids: np.nd
         bar.update(len(batch_ids) + len(failed))
         if sum(len(b) for b in buf_ids) >= settings.embed_flush_every:
             flush()
-            _mark_failed(url, pending_failures, report)
+            mark_failed(url, pending_failures, report)
     flush()
-    _mark_failed(url, pending_failures, report)
+    mark_failed(url, pending_failures, report)
     bar.close()
     elapsed = time.perf_counter() - start
     report.images_per_second = report.embedded / elapsed if elapsed > 0 else 0.0
@@ -143,7 +160,7 @@ def embed_into_store(settings: Settings, runner: Runner, store: Path, ids: np.nd
         print(f"embedded {report.embedded} images in {elapsed:.1f}s: {report.images_per_second:.1f} images/s")
 
 
-def _mark_failed(url: str, failures: list[tuple[int, str, str]], report: BuildReport) -> None:
+def mark_failed(url: str, failures: list[tuple[int, str, str]], report: BuildReport) -> None:
     """Soft-delete rows whose file does not decode, keeping the reason; they are reported on every run."""
     if not failures:
         return

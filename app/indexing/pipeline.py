@@ -24,9 +24,11 @@ def _finish(report: BuildReport, start: float, progress: bool) -> BuildReport:
 
 
 def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int] | None = None,
-                factory: str | None = None, progress: bool = True) -> BuildReport:
+                factory: str | None = None, progress: bool = True, ray_address: str | None = None) -> BuildReport:
     """Register `source`, embed what is missing, publish a new index version (not in shard mode).
 
+    ray_address: embed on a Ray cluster instead of this process ('' starts a local one, 'auto' joins a running
+    one, or host:port); IVF types are then filled per embedding shard and merged with FAISS's on-disk merge.
     Raises EmptySource, before anything is published, when the source lists no image file.
     """
     start = time.perf_counter()
@@ -36,6 +38,13 @@ def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int
     if report.seen == 0 and shard is None:
         raise EmptySource(f"no image file under {source} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} "
                           "in it and its sub-folders, symlinked ones included): nothing registered or published")
+    if ray_address is not None and shard is None:
+        from app.indexing.ray_build import connected, ray_embed_missing, ray_fill_parts
+
+        with connected(ray_address):  # one cluster session for embedding and the IVF fills
+            ray_embed_missing(settings, model, report, progress)
+            publish_index(settings, model, report, factory=factory, ondisk=True, fill=ray_fill_parts)
+        return _finish(report, start, progress)
     embed_missing(settings, model, slice_ids if shard else None, report, progress,
                   stem_prefix=f"shard{shard[0]}of{shard[1]}" if shard else "run")
     if shard is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from app.indexing.report import BuildReport
 from app.registry import active_index, new_version_name, promote
 from app.settings import Settings
 from index import versions
-from index.builders import build, build_ivf_ondisk, choose_factory
+from index.builders import build, build_ivf_ondisk, choose_factory, fill_parts
 
 
 def published_ids(version_path: str | Path) -> np.ndarray | None:
@@ -31,7 +32,7 @@ def published_ids(version_path: str | Path) -> np.ndarray | None:
 
 
 def publish_index(settings: Settings, model: ModelVersion, report: BuildReport, factory: str | None = None,
-                  force: bool = False, ondisk: bool = False) -> None:
+                  force: bool = False, ondisk: bool = False, fill: Callable[..., list] = fill_parts) -> None:
     """Build an index over every live image's stored embedding and publish it, unless nothing changed.
 
     With no live image at all, an empty index of the model's dimension is published only when none is active:
@@ -72,7 +73,7 @@ def publish_index(settings: Settings, model: ModelVersion, report: BuildReport, 
         parts = ((shard_ids[mask], np.asarray(shard_vecs[mask], dtype=np.float32))
                  for _, shard_ids, shard_vecs in versions.iter_embedding_shards(store)
                  if (mask := np.isin(shard_ids, live)).any())
-        index = build_ivf_ondisk(ids, vectors, parts, factory, workdir, settings.index_recall_target)
+        index = build_ivf_ondisk(ids, vectors, parts, factory, workdir, settings.index_recall_target, fill=fill)
     else:
         index = build(ids, vectors, factory, budget, settings.index_recall_target)
     build_seconds = time.perf_counter() - start

@@ -156,8 +156,16 @@ def run_train(ctx: JobContext) -> dict[str, Any]:
         shown = {k: round(v, 4) for k, v in entry.items() if isinstance(v, float)}
         ctx.progress(fraction, f"{entry.get('event')} step {entry.get('step')}/{config.steps} {shown}")
 
-    result = train(config, train_items, val_items, ctx.dir / "train", load_image, init_checkpoint=init,
-                   device=settings.device, progress=on_record, should_stop=ctx.should_stop)
+    nproc = int(params.get("nproc", 1))
+    processes = 1
+    if nproc > 1:  # DDP under torchrun (app/worker/torchrun_train.py), resumable from the same directory
+        from app.worker.torchrun_train import train_under_torchrun
+
+        result, processes = train_under_torchrun(ctx, config, train_items, val_items, ctx.dir / "train", init, nproc,
+                                                 on_record)
+    else:
+        result = train(config, train_items, val_items, ctx.dir / "train", load_image, init_checkpoint=init,
+                       device=settings.device, progress=on_record, should_stop=ctx.should_stop)
     if result.stopped:
         raise JobStopped(ctx.stop_reason())
     ctx.check()
@@ -183,7 +191,8 @@ def run_train(ctx: JobContext) -> dict[str, Any]:
     better = _is_better(candidate_metrics, active_metrics)
     promote = better or bool(params.get("force_promote", False))
     summary = {"candidate": candidate_metrics, "baseline": active_metrics, "baseline_model": active["name"],
-               "better": better, "train_steps": result.step, "promoted": False}
+               "better": better, "train_steps": result.step, "train_processes": processes,
+               "promoted": False}
     shown = ("spearman", "ndcg@10") if graded else ("recall@1", "map@r")
 
     def describe(m: dict[str, float]) -> str:

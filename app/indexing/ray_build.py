@@ -1,0 +1,178 @@
+"""`retrieval index build SOURCE --ray [ADDRESS]`: the same build with the embedding fanned out over a Ray cluster.
+
+Only step 2 changes. Registration (dedup by sha256) and publishing run on the driver through the same code as the
+single-process build; in between, a Ray Data pipeline over the ids that still lack an embedding decodes files with
+the one decoder in CPU tasks and embeds them in an actor pool (one model per actor, `num_gpus=1` per actor when
+the cluster has GPUs, the runtime RETRIEVAL_RUNTIME picks). Each actor writes the same fsynced float16 shards with
+their commit markers (index.versions.write_embedding_shard) into the shared data dir, so a killed run resumes
+from the committed shards like any other. Files that do not decode come back to the driver, which soft-deletes
+their rows exactly as the single-process build does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from app.db.models import ModelVersion
+from app.db.session import session_scope
+from app.indexing.embed import decode_for_embedding, file_uris, mark_failed, missing_embeddings, run_tag
+from app.indexing.report import BuildReport
+from app.settings import Settings
+from index import versions
+from index.vector_index import VectorIndex
+
+# Images per Ray block handed from decode tasks to embed actors, and per shard an actor writes: bounded so a
+# block of preprocessed float32 pixels stays small in the object store (128 x 3 x 224 x 224 x 4 B = 77 MB).
+MAX_RAY_BATCH = 128
+
+
+def _decode_batch(batch: dict[str, np.ndarray], config: Any, max_bytes: int, max_pixels: int) -> dict[str, Any]:
+    """Ray CPU task: decode + preprocess each file; failed rows keep zero pixels and their reason."""
+    from models.embedder import eval_transform
+
+    transform = eval_transform(config)
+    pixels, errors = [], []
+    for uri in batch["uri"]:
+        tensor, reason = decode_for_embedding(str(uri), transform, max_bytes, max_pixels, config.resize_size)
+        pixels.append(None if tensor is None else tensor.numpy())
+        errors.append(reason)
+    shape = next((p.shape for p in pixels if p is not None), (3, config.image_size, config.image_size))
+    stacked = np.stack([p if p is not None else np.zeros(shape, np.float32) for p in pixels])
+    return {"id": batch["id"], "uri": batch["uri"], "error": np.asarray(errors, dtype=object), "pixels": stacked}
+
+
+class _EmbedActor:
+    """One model per actor; each batch it embeds becomes one committed embedding shard."""
+
+    def __init__(self, settings: Settings, model_path: str, store: str) -> None:
+        from app.inference import load_runner
+
+        self.settings, self.store = settings, store
+        self.runner = load_runner(settings, model_path)
+        self.tag = run_tag("ray")
+        self.shard_no = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        ok = np.asarray([not e for e in batch["error"]], dtype=bool)
+        ids = np.asarray(batch["id"], dtype=np.int64)[ok]
+        if len(ids):
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+            step = self.settings.batch_size
+            vectors = np.concatenate([self.runner.run(pixels[i:i + step]) for i in range(0, len(ids), step)])
+            versions.write_embedding_shard(self.store, f"{self.tag}-{self.shard_no:05d}", ids, vectors)
+            self.shard_no += 1
+        return {"id": batch["id"], "uri": batch["uri"], "error": batch["error"], "embedded": ok}
+
+
+@contextmanager
+def connected(address: str | None) -> Iterator[None]:
+    """Join (address, or 'auto') or start (None or '') a Ray cluster for the block, unless Ray is already up
+    in this process; shut down only what this call started."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _fill_part(trained: np.ndarray, dim: int, factory: str, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Ray task: a copy of the trained IVF (serialized) filled with one embedding shard, serialized back."""
+    import faiss
+
+    from index.vector_index import VectorIndex
+
+    part = VectorIndex(dim, factory, index=faiss.deserialize_index(trained))
+    part.add(ids, vectors)
+    return faiss.serialize_index(part.index)
+
+
+def ray_fill_parts(trained: VectorIndex, parts: Iterable[tuple[np.ndarray, np.ndarray]]) -> list[VectorIndex]:
+    """index.builders.fill_parts on the cluster: every shard's copy of the trained IVF filled by its own task
+    (assigning vectors to lists is the costly part of adding), merged afterwards by FAISS's on-disk merge."""
+    import faiss
+    import ray
+
+    fill = ray.remote(num_cpus=1)(_fill_part)
+    blob = ray.put(faiss.serialize_index(trained.index))
+    futures = [fill.remote(blob, trained.dim, trained.factory, ids, vectors) for ids, vectors in parts]
+    return [VectorIndex(trained.dim, trained.factory, index=faiss.deserialize_index(ray.get(future)))
+            for future in futures]
+
+
+def embed_actor_count(settings: Settings, resources: dict[str, float]) -> tuple[int, float]:
+    """(actors, GPUs per actor): one per GPU on a GPU cluster, else RETRIEVAL_RAY_EMBED_ACTORS or half the CPUs
+    (the other half decodes). CPU actors hold one CPU each, so at most CPUs - 1 of them: decoding needs one."""
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 1))
+    if gpus:
+        return min(settings.ray_embed_actors or gpus, gpus), 1.0
+    wanted = settings.ray_embed_actors or cpus // 2
+    return max(1, min(wanted, cpus - 1)), 0.0
+
+
+def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildReport, progress: bool,
+                      address: str | None = None) -> None:
+    """Embed every live image with no committed shard for `model` on a Ray cluster (see the module docstring)."""
+    import ray
+    from tqdm import tqdm
+
+    from models.checkpoint import read_config
+
+    todo = missing_embeddings(settings, model, None)
+    if len(todo) == 0:
+        return
+    url = settings.resolved_database_url
+    with session_scope(url) as session:
+        uris = [u.decode("utf-8") for u in file_uris(session, todo)]
+    with connected(address):
+        actors, gpus = embed_actor_count(settings, ray.cluster_resources())
+        batch = max(1, min(settings.embed_flush_every, MAX_RAY_BATCH))
+        config = read_config(model.path)
+        items = [{"id": int(i), "uri": u} for i, u in zip(todo, uris, strict=True)]
+        dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch + 1, 4 * actors)))
+        # SPREAD: decode on every node's CPUs. With the actors' explicit DEFAULT it also keeps Ray from fusing
+        # decoding into the embed actors (operators with different remote args are not fused), so decoding runs
+        # in its own tasks, overlapping the forward passes.
+        decoded = dataset.map_batches(_decode_batch, batch_size=batch, batch_format="numpy", num_cpus=1,
+                                      scheduling_strategy="SPREAD",
+                                      fn_kwargs={"config": config, "max_bytes": settings.max_upload_bytes,
+                                                 "max_pixels": settings.max_image_pixels})
+        embedded = decoded.map_batches(
+            _EmbedActor, batch_size=batch, batch_format="numpy", num_cpus=0 if gpus else 1, num_gpus=gpus,
+            compute=ray.data.ActorPoolStrategy(size=actors), scheduling_strategy="DEFAULT",
+            fn_constructor_kwargs={"settings": settings, "model_path": str(model.path),
+                                   "store": str(settings.embeddings_dir(model.name))})
+        bar = tqdm(total=len(todo), desc="embed (ray)", unit="img", disable=not progress, dynamic_ncols=True)
+        start = time.perf_counter()
+        failures: list[tuple[int, str, str]] = []
+        for out in embedded.select_columns(["id", "uri", "error", "embedded"]).iter_batches(batch_format="numpy",
+                                                                                              batch_size=None):
+            report.embedded += int(out["embedded"].sum())
+            failures.extend((int(i), str(u), str(e)) for i, u, e, ok in
+                            zip(out["id"], out["uri"], out["error"], out["embedded"], strict=True) if not ok)
+            bar.update(len(out["id"]))
+            elapsed = time.perf_counter() - start
+            bar.set_postfix_str(f"{report.embedded / elapsed:.1f} img/s" if elapsed > 0 else "")
+        bar.close()
+        mark_failed(url, failures, report)
+        elapsed = time.perf_counter() - start
+        report.images_per_second = report.embedded / elapsed if elapsed > 0 else 0.0
+        if progress:
+            nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+            print(f"embedded {report.embedded} images on Ray ({nodes} nodes, {actors} embed actors"
+                  f"{', 1 GPU each' if gpus else ''}) in {elapsed:.1f}s: {report.images_per_second:.1f} images/s")
