@@ -351,6 +351,8 @@ async def check_for_new_version(app: FastAPI, settings: Settings) -> bool:
     try:
         new = await asyncio.to_thread(load_deployment, settings, index_row, model_row,
                                       current.runner if same_model else None)
+        if same_model:  # a compaction: the explain heatmaps' torch model carries over too
+            new._torch_embedder = current._torch_embedder
         await asyncio.to_thread(swap_in, app, settings, new)
     except Exception as exc:  # the old pair keeps serving; the error is logged and in /readyz
         log.exception("loading index version %s failed; still serving %s", index_row.name,

@@ -46,7 +46,12 @@ def crop_box(width: int, height: int, config: EmbedderConfig) -> list[float]:
 
 
 def decode_for_explain(deployment: Deployment, image: PILImage.Image, pixels: torch.Tensor) -> Decoded:
-    return Decoded(pixels, crop_box(image.width, image.height, deployment.runner.config))
+    box = crop_box(image.width, image.height, deployment.runner.config)
+    if "region" in image.info:  # a box query: the crop is a part of the region, which is a part of the upload
+        rx0, ry0, rx1, ry1 = image.info["region"]
+        box = [round(rx0 + box[0] * (rx1 - rx0), 4), round(ry0 + box[1] * (ry1 - ry0), 4),
+               round(rx0 + box[2] * (rx1 - rx0), 4), round(ry0 + box[3] * (ry1 - ry0), 4)]
+    return Decoded(pixels, box)
 
 
 def read_stored(deployment: Deployment, uri: str, settings: Settings) -> Decoded | None:

@@ -45,13 +45,21 @@ class Ranking:
     diversify: str | None = None
     per_group: int = 1
     mmr: float | None = None
+    # The deepest page any request may ask for (RETRIEVAL_MAX_K). MMR's greedy picks depend on the candidate
+    # pool, so its pool is sized for that page, not this one: every page then comes from one ordering, and
+    # "More results" neither repeats nor skips an image.
+    deepest: int = 0
 
     @property
     def reranks(self) -> bool:
         return self.diversify is not None or self.mmr is not None
 
     def pool_size(self, need: int) -> int:
-        return need if not self.reranks else min(max(need * POOL_FACTOR, POOL_MIN), POOL_MAX)
+        if not self.reranks:
+            return need
+        if self.mmr is not None:
+            need = max(need, self.deepest)
+        return min(max(need * POOL_FACTOR, POOL_MIN), POOL_MAX)
 
     def group_key(self) -> Callable[[SearchHit], Any]:
         if self.diversify == "label":

@@ -72,4 +72,6 @@ def crop(image: PILImage.Image, box: Box) -> PILImage.Image:
     right, bottom = max(left + 1, math.ceil(x1 * sx)), max(top + 1, math.ceil(y1 * sy))
     region = image.crop((left, top, min(right, image.width), min(bottom, image.height)))
     region.info["full_size"] = (round(x1 - x0), round(y1 - y0))
+    # Where the region lies in the whole upload, as fractions: heatmaps over it are drawn on the whole image.
+    region.info["region"] = (x0 / full_w, y0 / full_h, x1 / full_w, y1 / full_h)
     return region

@@ -151,6 +151,11 @@ def test_search_with_explain_returns_maps_for_the_results_shown(served: Settings
         assert result["score"] == pytest.approx(hit["score"], abs=1e-3)  # torch pass vs the served runtime
     assert explain["query"]["crop"] == pytest.approx([0.0, 0.0, 1.0, 1.0]) and explain["explain_ms"] > 0
 
+    # A box query's maps lie on the box, given as fractions of the whole upload (the page draws them there).
+    with app_client(served) as client:
+        boxed = upload(client, query, k=2, explain="true", box="0.5,0,1,0.5").json()["explain"]
+    assert boxed["query"]["crop"] == pytest.approx([0.5, 0.0, 1.0, 0.5], abs=1e-3)
+
 
 def test_an_abe_model_served_returns_its_attention_masks_per_learner(request: pytest.FixtureRequest,
                                                                      tmp_path: Path) -> None:

@@ -205,6 +205,9 @@ def test_crowding_and_mmr_still_fill_k(catalogue: Catalogue) -> None:
     mmr = ids_of(upload(catalogue.url, query, k=8, mmr=0.3))
     assert len(mmr) == 8 and mmr[0] == plain[0]
     assert len({labels[i] for i in mmr}) > len({labels[i] for i in plain})
+    # MMR pages come from one ordering: page 2 neither repeats nor skips what one longer page shows.
+    page2 = ids_of(upload(catalogue.url, query, k=8, offset=8, mmr=0.3))
+    assert mmr + page2 == ids_of(upload(catalogue.url, query, k=16, mmr=0.3))
 
 
 def test_region_query_finds_the_pasted_picture(catalogue: Catalogue) -> None:

@@ -66,6 +66,7 @@ def _ranking_dep(param: Callable[..., Any], where: str) -> Callable[..., Ranking
     """The ranking options (app/ranking.py) as form fields (POST) or query parameters (GET)."""
 
     def dep(
+        request: Request,
         offset: int = param(0, ge=0, le=10_000, description=OFFSET_DOC),
         effort: Effort = param("balanced", description=EFFORT_DOC),
         diversify: str | None = param(None, max_length=80, description=DIVERSIFY_DOC),
@@ -73,7 +74,7 @@ def _ranking_dep(param: Callable[..., Any], where: str) -> Callable[..., Ranking
         mmr: float | None = param(None, ge=0.0, le=1.0, description=MMR_DOC),
     ) -> Ranking:
         return Ranking(offset=offset, effort=effort, diversify=parse_diversify(diversify, where),
-                       per_group=per_group, mmr=mmr)
+                       per_group=per_group, mmr=mmr, deepest=request.app.state.settings.max_k)
 
     return dep
 

@@ -77,6 +77,8 @@ async def search(
         query_features = await run_in_threadpool(forward_local, deployment, pixels[None])
         clock.ms["forward"] = (time.perf_counter() - t) * 1000
         vector = query_features.embedding[0].numpy()
+        if deployment.runner.config.flip_average:  # the maps' pass skips the mirror; the search vector may not
+            vector = await embed_pixels(get_batcher(request), deployment, pixels, clock)
     else:
         vector = await embed_pixels(get_batcher(request), deployment, pixels, clock)
     results = await search_and_join(session, deployment, vector, k, filters, min_score, clock, ranking=ranking)

@@ -25,7 +25,8 @@ const searchTools = (() => {
     if (box) form.append("box", [box.x0, box.y0, box.x1, box.y1].map((v) => v.toFixed(4)).join(","));
     lastRequest = (offset) => {
       const again = new FormData();
-      for (const [key, value] of form.entries()) if (key !== "offset") again.append(key, value);
+      // Deeper pages get no heatmaps drawn, so they do not ask for them.
+      for (const [key, value] of form.entries()) if (key !== "offset" && key !== "explain") again.append(key, value);
       again.append("offset", String(offset));
       return fetch("/v1/search", { method: "POST", body: again, headers: authHeaders() });
     };
@@ -72,6 +73,7 @@ const searchTools = (() => {
 
   // -- actions on a result -----------------------------------------------------------------------------
   async function show(request, what) {
+    clearExplanations();  // explain.js: the overlays belong to the upload search being replaced
     say(`${what}…`);
     try {
       const res = await request(0);
@@ -137,6 +139,7 @@ const searchTools = (() => {
 
   // -- every near-duplicate group of the catalogue (GET /v1/duplicates), the suggested keeper first --------
   async function duplicateGroups(cursor = null) {
+    clearExplanations();  // explain.js
     say("looking for near-duplicate groups…");
     const params = new URLSearchParams({ limit: "20" });
     if (cursor !== null) params.set("cursor", String(cursor));
