@@ -85,13 +85,13 @@ def job_row(settings: Settings, job_id: int) -> Job:
 
 
 def wait_job(settings: Settings, job_id: int, until: Callable[[Job], bool], timeout: float,
-             log: Path | None = None) -> Job:
+             log: Path | None = None, poll: float = 0.2) -> Job:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = job_row(settings, job_id)
         if until(job):
             return job
-        time.sleep(0.2)
+        time.sleep(poll)
     tail = log.read_text()[-3000:] if log and log.exists() else ""
     raise AssertionError(f"job {job_id} stuck: {job.status} {job.progress} {job.message} {job.error}\n{tail}")
 
@@ -331,7 +331,7 @@ def test_sigterm_hands_the_running_job_back(sqlite_world: Settings, tmp_path: Pa
     assert "shut down" in job.message
 
 
-def _assert_one_consistent_pair(settings: Settings) -> str:
+def _assert_one_consistent_pair(settings: Settings, images: int = 32) -> str:
     """The active index was built with the active model, its files load, and SQL agrees with it."""
     from app.indexing import verify_index
     from index.vector_index import VectorIndex
@@ -340,36 +340,43 @@ def _assert_one_consistent_pair(settings: Settings) -> str:
         index_row, model_row = active_index(session), active_model(session)
         assert index_row.model_version_id == model_row.id, (index_row.name, model_row.name)
         path, name = index_row.path, model_row.name
-    assert len(VectorIndex.load(path)) == 32
+    assert len(VectorIndex.load(path)) == images
     assert verify_index(settings).ok
     return name
 
 
-def test_worker_sigkilled_during_reembed_and_promotion_never_half_promotes(sqlite_world: Settings,
+def test_worker_sigkilled_during_reembed_and_promotion_never_half_promotes(request: pytest.FixtureRequest,
                                                                           tmp_path: Path) -> None:
     """SIGKILL while the promoted job re-embeds the corpus, then again as it builds and promotes the index: the
     active pair is always one whole pair (old or new), and the job resumes and finishes."""
-    settings = sqlite_world.model_copy(update={"batch_size": 2, "embed_flush_every": 2})
-    before = _assert_one_consistent_pair(settings)
+    # 4 classes x 24 images embedded 2 at a time, each pair its own fsynced shard: long enough a stage that the
+    # first kill lands in it on a quiet machine too (with 4 x 8 images a worker could finish between two polls).
+    world = build_served_corpus(tmp_path, migrated_url("sqlite", request, tmp_path), per_class=24,
+                                **WORKER_SETTINGS)
+    settings = world.model_copy(update={"batch_size": 2, "embed_flush_every": 2})
+    before = _assert_one_consistent_pair(settings, 96)
     job_id = enqueue(settings, "train", {**TRAIN, "steps": 2, "force_promote": True})
-    for n, stage in enumerate(("embedding the corpus", "building the index")):
+    # The first kill: as soon as the job is past training (re-embedding, or already building); the second: once
+    # it builds the index (or has finished, when the resumed run was quicker than a poll).
+    for n, stages in enumerate((("embedding the corpus", "building the index"), ("building the index",))):
         log = tmp_path / f"worker{n}.log"
         proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], cwd=REPO,
                                 env=server_env(settings) | WORKER_ENV | {"RETRIEVAL_EMBED_FLUSH_EVERY": "2"},
                                 stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
         try:
-            wait_job(settings, job_id, lambda j, s=stage: s in (j.message or "") or j.status == "succeeded",
-                     240, log=log)
+            wait_job(settings, job_id,
+                     lambda j, s=stages: any(x in (j.message or "") for x in s) or j.status == "succeeded",
+                     240, log=log, poll=0.02)
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
-        _assert_one_consistent_pair(settings)  # old or new, whichever side of the SQL flip the kill landed
+        _assert_one_consistent_pair(settings, 96)  # old or new, whichever side of the SQL flip the kill landed
     if job_row(settings, job_id).status != "succeeded":
         assert worker_in_process(settings, "rescuer", 240, max_jobs=1) == 1
     job = job_row(settings, job_id)
     assert job.status == "succeeded" and job.metrics["promoted"], (job.error, job.message)
     assert job.attempts >= 2  # at least one run was killed mid-job and the job was taken over
-    assert _assert_one_consistent_pair(settings) == job.metrics["model_version"] != before
+    assert _assert_one_consistent_pair(settings, 96) == job.metrics["model_version"] != before
 
 
 def test_train_job_under_torchrun_with_two_processes(sqlite_world: Settings) -> None:
