@@ -29,14 +29,14 @@ class Settings(BaseSettings):
     runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto",
         description=(
-            "Inference runtime: 'auto' is ONNX Runtime on CPU (then OpenVINO, then torch) and torch with autocast "
-            "on CUDA; 'openvino' is fastest on CPU; a runtime that is missing or fails its parity check falls back "
-            "to torch."
+            "Inference runtime: 'auto' is OpenVINO on CPU (then ONNX Runtime, then torch) and torch with autocast "
+            "on CUDA; a runtime that is missing or fails its parity check falls back to the next, torch last."
         ),
     )
-    inference_precision: Literal["auto", "fp32"] = Field(
-        "auto", description="'auto': the runtime's fastest precision that passes the parity check (bf16 where the "
-                            "CPU or GPU has it); 'fp32' forces fp32."
+    inference_precision: Literal["auto", "fp32", "reduced"] = Field(
+        "auto", description="'reduced': bf16 (fp16 where bf16 is missing) if it passes the parity check, else fp32; "
+                            "'auto': 'reduced' on CUDA, 'fp32' on CPU (CPU bf16 misses the parity floor on real "
+                            "photos); 'fp32' forces fp32."
     )
     inference_threads: int = Field(0, description="Threads the inference runtime may use (0: all cores).")
     demo_source: Path | None = Field(

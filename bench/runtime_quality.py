@@ -64,7 +64,7 @@ def main() -> int:
                                                                                    torch.device("cpu")),
                "onnxruntime fp32": lambda: OnnxRuntimeRunner(onnx, config, torch.device("cpu"), 0),
                "openvino fp32": lambda: OpenVinoRunner(onnx, config, "fp32", 0),
-               "openvino default precision": lambda: OpenVinoRunner(onnx, config, "auto", 0)}
+               "openvino default precision": lambda: OpenVinoRunner(onnx, config, "reduced", 0)}
     reference = None
     print(f"{args.embedder}, cub100 classes {args.classes}, {len(items)} images\n")
     print("| runtime | precision | R@1 | R@2 | R@4 | R@8 | MAP@R | min cosine to torch fp32 | img/s (b=32) |")

@@ -161,7 +161,7 @@ def model_only(checkpoint: Path, label: str, batch_sizes: list[int], seconds: fl
               "openvino fp32": lambda: OpenVinoRunner(ensure_onnx(embedder, export_dir(checkpoint)), config, "fp32",
                                                       threads),
               "openvino default precision": lambda: OpenVinoRunner(ensure_onnx(embedder, export_dir(checkpoint)),
-                                                                   config, "auto", threads)}
+                                                                   config, "reduced", threads)}
     try:
         runner = makers[label]()
     except ImportError as exc:
@@ -219,6 +219,10 @@ def main() -> int:
     parser.add_argument("--sets", default="small,12mp", help="query sets to run")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for retrieval serve")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="one more `retrieval serve` measured in the same run, as KEY=VALUE[,KEY=VALUE...] "
+                             "over --server-env (the key `workers` gives uvicorn's --workers), e.g. "
+                             "RETRIEVAL_RUNTIME=onnxruntime or workers=2")
     parser.add_argument("--json", help="also write every row here")
     parser.add_argument("--model-only", help=argparse.SUPPRESS)  # child process: measure one runtime
     parser.add_argument("--runtime-label", help=argparse.SUPPRESS)
@@ -283,15 +287,20 @@ def main() -> int:
     sets = {"small": small, "12mp": photos}
     chosen_sets = [s for s in args.sets.split(",") if s]
     rows: list[dict] = []
-    servers = [("retrieval serve", None)] + ([] if args.skip_naive else [("naive", None)])
-    for server_name, _ in servers:
-        log = root / f"{server_name.replace(' ', '-')}.log"
+    servers: list[tuple[str, dict[str, str]]] = [("retrieval serve", {})]
+    servers += [(f"retrieval serve {variant}", dict(item.split("=", 1) for item in variant.split(",")))
+                for variant in args.variant]
+    servers += [] if args.skip_naive else [("naive", {})]
+    for server_name, overrides in servers:
+        log = root / f"{len(rows)}-{server_name.split()[0]}.log"
         if server_name == "naive":
             proc, url = start_naive(data_dir, checkpoint, log)
             stop = proc.terminate
             served = "torch fp32 NCHW"
         else:
-            live = LiveServer(env, log, ["--log-level", "warning"]).start(timeout=300)
+            workers = overrides.pop("workers", "1")
+            live = LiveServer(env | overrides, log, ["--log-level", "warning", "--workers", workers]).start(
+                timeout=300)
             url, stop = live.base_url, live.stop
             ready = httpx.get(f"{url}/readyz").json()["detail"]
             served = f"{ready['runtime']} {ready['precision']}"

@@ -7,12 +7,15 @@ else it is refused with one log line saying why and the next choice is tried. To
 always serves.
 
 `select_runner` picks, for `requested`:
-- "auto" on CPU: ONNX Runtime fp32, then OpenVINO (default precision, then fp32), then torch. OpenVINO is 1.3x
-  (fp32) to 2.5x (bf16) faster here, but a process that holds it was seen to die with SIGSEGV when it later
-  started a subprocess (docs/benchmarks.md), so auto puts it second; ask for it by name to serve with it.
+- "auto" on CPU: OpenVINO, then ONNX Runtime, then torch (OpenVINO fp32 is 1.35x ONNX Runtime fp32 and ~5x
+  eager torch here, docs/benchmarks.md).
 - "auto" on CUDA: torch with bf16 (fp16 where bf16 is missing) autocast and channels_last, then torch fp32.
-- "openvino" / "onnxruntime": that runtime (every precision it has), then torch.
-- "torch": torch only (fp32 on CPU, autocast on CUDA).
+- "openvino" / "onnxruntime": that runtime, then torch.
+- "torch": torch only.
+`precision`: "fp32"; "reduced" (bf16, or fp16 where bf16 is missing: OpenVINO's default precision on CPU, autocast
+on CUDA; fp32 is still tried after it); "auto" is "reduced" on CUDA and "fp32" on CPU, because bf16 on CPU misses
+the parity floor on real photos (cub100: worst image 0.9944, docs/quality.md), so whether it would serve would
+hang on which images happen to be probed.
 Every runner takes a preprocessed float32 batch [B, 3, H, W] (a CPU tensor) and returns float32 [B, D].
 """
 
@@ -34,7 +37,7 @@ from models.export import ensure_onnx
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
-PRECISIONS = ("auto", "fp32")
+PRECISIONS = ("auto", "fp32", "reduced")
 # The floor every image of the probe batch must reach, cosine to torch fp32, before a runtime may serve.
 PARITY_MIN = 0.999
 
@@ -128,8 +131,33 @@ class OnnxRuntimeRunner:
         return self.session.run(None, {self.input_name: pixels.numpy()})[0].astype(np.float32, copy=False)
 
 
+def _compile_on_a_throwaway_thread(core: Any, onnx_path: Path, properties: dict[str, Any]) -> Any:
+    """`core.compile_model` on a thread that ends right after.
+
+    OpenVINO's CPU plugin gives the compiling thread a signal stack of its own (sigaltstack) and unmaps it when
+    the compiled model is released, from whichever thread releases it, without telling the compiling thread. That
+    thread then dies of SIGSEGV (si_code SI_KERNEL) on its next signal, because the kernel cannot write the signal
+    frame (Python installs its handlers with SA_ONSTACK). Compiled on the main thread and released on another, that
+    killed the test suite (docs/benchmarks.md). A thread that has ended holds no signal stack, so no living
+    thread is left with a dangling one."""
+    result: dict[str, Any] = {}
+
+    def compile_model() -> None:
+        try:
+            result["compiled"] = core.compile_model(str(onnx_path), "CPU", properties)
+        except BaseException as exc:  # re-raised on the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=compile_model, name="openvino-compile")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["compiled"]
+
+
 class OpenVinoRunner:
-    """OpenVINO on the CPU. `precision` "auto" keeps its default (bf16 on CPUs with AVX-512 BF16 or AMX, else
+    """OpenVINO on the CPU. `precision` "reduced" keeps its default (bf16 on CPUs with AVX-512 BF16 or AMX, else
     fp32); "fp32" forces fp32. Compiled blobs are cached beside the export, so a restart does not recompile."""
 
     def __init__(self, onnx_path: Path, config: EmbedderConfig, precision: str, threads: int) -> None:
@@ -141,7 +169,7 @@ class OpenVinoRunner:
             properties["INFERENCE_NUM_THREADS"] = threads
         if precision == "fp32":
             properties["INFERENCE_PRECISION_HINT"] = "f32"
-        self.compiled = core.compile_model(str(onnx_path), "CPU", properties)
+        self.compiled = _compile_on_a_throwaway_thread(core, onnx_path, properties)
         used = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f16", "f32"
         self.config = config
         self.info = RuntimeInfo("openvino", {"bf16": "bf16", "f16": "fp16"}.get(used, "fp32"), "cpu")
@@ -166,8 +194,9 @@ def candidates(requested: str, device: torch.device, precision: str) -> list[tup
         raise ValueError(f"unknown runtime {requested!r}; choose one of {', '.join(RUNTIMES)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    fast_torch = [("torch", "auto")] if device.type == "cuda" and precision == "auto" else []
-    openvino = [("openvino", "auto")] if precision == "auto" else []
+    reduced = precision == "reduced" or (precision == "auto" and device.type == "cuda")
+    fast_torch = [("torch", "reduced")] if device.type == "cuda" and reduced else []
+    openvino = [("openvino", "reduced")] if reduced else []
     openvino.append(("openvino", "fp32"))
     if requested == "torch":
         order = fast_torch
@@ -177,9 +206,8 @@ def candidates(requested: str, device: torch.device, precision: str) -> list[tup
         order = [("onnxruntime", "fp32")]
     elif device.type == "cuda":  # auto: measured fastest on a GPU is torch with autocast (docs/benchmarks.md)
         order = fast_torch
-    else:  # auto on CPU: ONNX Runtime first; OpenVINO (faster, docs/benchmarks.md) only when asked for by name,
-        # because a process holding it was seen to die with SIGSEGV when it later ran a subprocess.
-        order = [("onnxruntime", "fp32"), *openvino]
+    else:  # auto on CPU: the fastest here first (docs/benchmarks.md)
+        order = [*openvino, ("onnxruntime", "fp32")]
     return [*order, ("torch", "fp32")]
 
 
@@ -199,7 +227,7 @@ def reference_embeddings(embedder: Embedder, probe: torch.Tensor) -> np.ndarray:
 def _build(name: str, precision: str, embedder: Embedder, device: torch.device, export_dir: Path | None,
            threads: int) -> Runner:
     if name == "torch":
-        return TorchRunner(embedder, device, autocast=precision == "auto")
+        return TorchRunner(embedder, device, autocast=precision == "reduced")
     if export_dir is None:
         raise RuntimeError("no directory to store the export in")
     # Import the runtime before exporting, so a missing package is told as such and costs no export.
