@@ -170,7 +170,7 @@ def test_job_via_api_promotes_and_serving_never_fails(world: Settings, capsys: p
             assert answered and answered[-1] == new_model
             # The promoted model was exported when the job built its index and is served by the fast runtime.
             ready = client.get("/readyz").json()["detail"]
-            assert ready["model_version"] == new_model and ready["runtime"] == "onnxruntime", ready
+            assert ready["model_version"] == new_model and ready["runtime"] == "openvino", ready
             with session_scope(settings.resolved_database_url) as session:
                 promoted_path = active_model(session).path
             assert (export_dir(promoted_path) / ONNX_FILE).is_file()
