@@ -22,13 +22,14 @@ merged shard after. Deleting the sources afterwards is tidying, which the next m
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
@@ -39,6 +40,8 @@ VEC_SUFFIX = ".f16.npy"
 IDS_SUFFIX = ".ids.npy"
 SOURCES_SUFFIX = ".sources.json"
 SHARD_SUFFIXES = (IDS_SUFFIX, VEC_SUFFIX, SOURCES_SUFFIX)  # removal order: the commit marker first
+FOLD_RETRIES = 3
+T = TypeVar("T")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -103,8 +106,27 @@ def shard_stems(directory: str | Path) -> list[str]:
 
 
 def _merged_sources(directory: Path, stem: str) -> list[str]:
-    with open(directory / f"{stem}{SOURCES_SUFFIX}", "rb") as handle:
-        return json.load(handle)
+    try:
+        with open(directory / f"{stem}{SOURCES_SUFFIX}", "rb") as handle:
+            return json.load(handle)
+    except FileNotFoundError:  # a later fold is deleting this merged shard (its own sources went long ago)
+        return []
+
+
+def _again_if_folded(read: Callable[..., T]) -> Callable[..., T]:
+    """Run a whole-store read again when a shard it listed was deleted under it by a fold (which committed the
+    merged shard holding those rows first, so the next listing finds them)."""
+
+    @functools.wraps(read)
+    def wrapped(*args: Any, **kwargs: Any) -> T:
+        for _ in range(FOLD_RETRIES):
+            try:
+                return read(*args, **kwargs)
+            except FileNotFoundError:
+                continue
+        return read(*args, **kwargs)
+
+    return wrapped
 
 
 def iter_embedding_shards(directory: str | Path, mmap: bool = True) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
@@ -117,12 +139,14 @@ def iter_embedding_shards(directory: str | Path, mmap: bool = True) -> Iterator[
         yield stem, ids, vectors
 
 
+@_again_if_folded
 def embedded_ids(directory: str | Path) -> np.ndarray:
     """Sorted unique ids with a stored embedding."""
     parts = [ids for _, ids, _ in iter_embedding_shards(directory)]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
 
+@_again_if_folded
 def load_embeddings(directory: str | Path, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids, float32 vectors) from all shards, one row per id (the latest shard wins), restricted to `keep`."""
     ids_parts, vec_parts = [], []
