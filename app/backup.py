@@ -71,8 +71,9 @@ def _sql_snapshot(settings: Settings) -> dict[str, list[dict[str, Any]]]:
             engine.dispose()
 
 
-def _copy_tree(source: Path, target: Path) -> int:
-    """Copy the completed files under `source` (hard links when on one filesystem); skip temporary names."""
+def _copy_tree(source: Path, target: Path, vanished: list[Path] | None = None) -> int:
+    """Copy the completed files under `source` (hard links when on one filesystem); skip temporary names and
+    files already there. A file deleted while copying is listed in `vanished` when given (else an error)."""
     count = 0
     for root, dirs, files in os.walk(source):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -81,10 +82,31 @@ def _copy_tree(source: Path, target: Path) -> int:
                 continue
             src = Path(root) / name
             dst = target / src.relative_to(source)
+            if dst.exists():
+                continue
             dst.parent.mkdir(parents=True, exist_ok=True)
-            versions.link_or_copy(src, dst)
+            try:
+                versions.link_or_copy(src, dst)
+            except FileNotFoundError:
+                if vanished is None:
+                    raise
+                vanished.append(src)
+                continue
             count += 1
     return count
+
+
+def _copy_live_dir(source: Path, target: Path, attempts: int = 5) -> int:
+    """Copy a directory the service keeps writing: a compaction may fold embedding shards (deleting them once
+    their merged shard is committed) while we copy, so copy again until a pass sees nothing vanish; the merged
+    shard, written before the deletions, is then in the copy."""
+    copied = 0
+    for _ in range(attempts):
+        vanished: list[Path] = []
+        copied += _copy_tree(source, target, vanished)
+        if not vanished:
+            return copied
+    raise BackupError(f"files under {source} kept disappearing while copying ({vanished[0]}, ...); retry")
 
 
 def _inside(path: str, root: Path) -> Path | None:
@@ -107,7 +129,7 @@ def backup(settings: Settings, target: Path) -> dict[str, Any]:
     files = work / "files"
     files.mkdir(parents=True)
     try:
-        copied = sum(_copy_tree(data_dir / d, files / d) for d in COPIED_DIRS if (data_dir / d).is_dir())
+        copied = sum(_copy_live_dir(data_dir / d, files / d) for d in COPIED_DIRS if (data_dir / d).is_dir())
         version_rows = tables["model_versions"] + [r for r in tables["index_versions"] if r["status"] == "active"]
         for row in version_rows:
             relative = _inside(row["path"], data_dir)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -135,3 +137,30 @@ class MicroBatcher:
                 for query, vector in zip(group, vectors, strict=True):
                     if not query.future.done():
                         query.future.set_result(vector)
+
+
+class AdmissionGate:
+    """The batcher's overload rule for work that cannot join its batches (explain heatmaps: several torch forward
+    passes each, on the thread pool): at most `running` at once and `max_waiting` more waiting; past that `admit`
+    raises QueueFull at once, so a flood gets the same 503 JSON (Retry-After) instead of piling up threads."""
+
+    def __init__(self, running: int, max_waiting: int, what: str) -> None:
+        self.running = max(1, running)
+        self.limit = self.running + max(0, max_waiting)
+        self.what = what
+        self.admitted = 0  # running + waiting; only touched on the event loop
+        self._slots: asyncio.Semaphore | None = None
+
+    @asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        if self.admitted >= self.limit:
+            metrics.REJECTED.inc()
+            raise QueueFull(f"{self.admitted} {self.what} are already running or waiting")
+        if self._slots is None:  # made on the serving loop, on first use
+            self._slots = asyncio.Semaphore(self.running)
+        self.admitted += 1
+        try:
+            async with self._slots:
+                yield
+        finally:
+            self.admitted -= 1

@@ -37,18 +37,18 @@ from app.db.models import IndexVersion, ModelVersion
 from app.db.queries import live_image_ids
 from app.db.session import session_scope
 from app.indexing import BuildReport, embed_into_store
+from app.indexing.fold import API_SHARD_PREFIX
 from app.inference import load_runner
 from app.registry import active_index
 from app.settings import Settings
 from index import versions
+from index.shard_lookup import ShardLookup
 from index.vector_index import VectorIndex
 from models.checkpoint import load_checkpoint
 from models.embedder import Embedder, eval_transform
 from models.runtime import Runner, TorchRunner
 
 log = logging.getLogger(__name__)
-
-API_SHARD_PREFIX = "api"
 
 
 @dataclass(eq=False)
@@ -68,6 +68,8 @@ class Deployment:
 
     def __post_init__(self) -> None:
         self._transform = eval_transform(self.runner.config)
+        # Where each stored vector lives: a few ids are read without opening every shard (made on first use).
+        self._stored = ShardLookup(self.store)
 
     @property
     def dim(self) -> int:
@@ -144,13 +146,20 @@ class Deployment:
                 found[image_id] = vector
         missing = np.array([i for i in ids.tolist() if i not in found], dtype=np.int64)
         if len(missing):
-            stored_ids, stored = versions.load_embeddings(self.store, keep=missing)
-            if len(stored_ids) and stored.shape[1] == self.dim:
-                found.update(zip(stored_ids.tolist(), stored, strict=True))
+            stored_ids, stored = self.stored_vectors(missing)
+            found.update(zip(stored_ids.tolist(), stored, strict=True))
         kept = [i for i in ids.tolist() if i in found]
         if not kept:
             return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
         return np.array(kept, dtype=np.int64), np.stack([found[i] for i in kept]).astype(np.float32)
+
+    def stored_vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, float32 vectors) stored for this model, opening only the shards that hold them; ids without
+        one (or with one of another dimension) are left out."""
+        stored_ids, stored = self._stored.read(ids)
+        if len(stored_ids) == 0 or stored.shape[1] != self.dim:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
+        return stored_ids, stored
 
 
 def write_api_embedding(store: Path, image_id: int, vector: np.ndarray) -> None:
@@ -174,8 +183,8 @@ def reconcile(settings: Settings, deployment: Deployment, embed_from_files: bool
     missing = np.setdiff1d(live, held)
     restored = embedded = 0
     if len(missing):
-        ids, vectors = versions.load_embeddings(deployment.store, keep=missing)
-        if len(ids) and vectors.shape[1] == deployment.dim:
+        ids, vectors = deployment.stored_vectors(missing)
+        if len(ids):
             deployment.add(ids, vectors)
             restored = len(ids)
         still = np.setdiff1d(missing, ids)

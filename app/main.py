@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import metrics
 from app.api import duplicates, health, images, jobs, recommend, search, versions
-from app.batching import MicroBatcher
+from app.batching import AdmissionGate, MicroBatcher
 from app.compaction import maintain
 from app.deployment import ServingState, load_active
 from app.errors import install_error_handlers
@@ -72,6 +72,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.serving = ServingState()
     app.state.deployment = None
     app.state.batcher = MicroBatcher(settings.max_batch_size, settings.max_batch_wait_ms, settings.max_queue)
+    # Heatmaps bypass the batcher (torch passes of their own): the same overload answer, with a limit of their own.
+    app.state.explain_gate = AdmissionGate(settings.explain_max_concurrent, settings.explain_max_queue,
+                                           "explain requests")
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(metrics.RequestMetrics)

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(256, description="Queued queries beyond which the service answers 503.")
     retry_after_s: int = Field(1, description="Retry-After seconds sent with a 503 when the queue is full.")
+    explain_max_concurrent: int = Field(
+        1, description="Requests computing explain heatmaps at once (each is several torch forward passes)."
+    )
+    explain_max_queue: int = Field(
+        4, description="Explain requests waiting beyond the running ones, past which the service answers 503."
+    )
 
     # Hot swap: how often the service polls SQL for a newly promoted model + index version.
     swap_poll_s: float = Field(5.0, description="Seconds between checks for a new active index version.")

@@ -13,15 +13,23 @@ so a reader either sees a complete directory or none. Marking it active is the c
 Embedding shards: `<stem>.f16.npy` (float16 [n, d]) and `<stem>.ids.npy` (int64 [n]). The ids file is renamed
 into place after the vectors file, so a shard counts only once both exist: a crash mid-write leaves at most an
 orphan vectors file, which readers ignore.
+
+Merged shards (fold_shards) fold many small shards into one. A merged shard names the shards it replaces in
+`<stem>.sources.json`, written first (the ids file, its commit, comes last); once it counts, readers skip those
+sources (shard_stems), so at every moment each row is counted once: from the sources before the commit, from the
+merged shard after. Deleting the sources afterwards is tidying, which the next merge finishes if a crash interrupted it.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
@@ -30,6 +38,10 @@ EMBEDDINGS_DIR = "embeddings"
 IDS_FILE = "ids.npy"
 VEC_SUFFIX = ".f16.npy"
 IDS_SUFFIX = ".ids.npy"
+SOURCES_SUFFIX = ".sources.json"
+SHARD_SUFFIXES = (IDS_SUFFIX, VEC_SUFFIX, SOURCES_SUFFIX)  # removal order: the commit marker first
+FOLD_RETRIES = 3
+T = TypeVar("T")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -46,10 +58,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    _save_atomic(path, lambda handle: np.save(handle, array))
+
+
+def _save_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            np.save(handle, array)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -77,12 +93,40 @@ def write_embedding_shard(directory: str | Path, stem: str, ids: np.ndarray, vec
 
 
 def shard_stems(directory: str | Path) -> list[str]:
-    """Complete shards (both files present), sorted by name."""
+    """Complete shards (both files present) not replaced by a merged shard, sorted by name."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    stems = [p.name[: -len(IDS_SUFFIX)] for p in directory.glob(f"*{IDS_SUFFIX}") if not p.name.startswith(".")]
-    return sorted(s for s in stems if (directory / f"{s}{VEC_SUFFIX}").exists())
+    names = {name for name in os.listdir(directory) if not name.startswith(".")}
+    complete = sorted(name[: -len(IDS_SUFFIX)] for name in names
+                      if name.endswith(IDS_SUFFIX) and f"{name[: -len(IDS_SUFFIX)]}{VEC_SUFFIX}" in names)
+    replaced = {source for stem in complete if f"{stem}{SOURCES_SUFFIX}" in names
+                for source in _merged_sources(directory, stem)}
+    return [stem for stem in complete if stem not in replaced]
+
+
+def _merged_sources(directory: Path, stem: str) -> list[str]:
+    try:
+        with open(directory / f"{stem}{SOURCES_SUFFIX}", "rb") as handle:
+            return json.load(handle)
+    except FileNotFoundError:  # a later fold is deleting this merged shard (its own sources went long ago)
+        return []
+
+
+def _again_if_folded(read: Callable[..., T]) -> Callable[..., T]:
+    """Run a whole-store read again when a shard it listed was deleted under it by a fold (which committed the
+    merged shard holding those rows first, so the next listing finds them)."""
+
+    @functools.wraps(read)
+    def wrapped(*args: Any, **kwargs: Any) -> T:
+        for _ in range(FOLD_RETRIES):
+            try:
+                return read(*args, **kwargs)
+            except FileNotFoundError:
+                continue
+        return read(*args, **kwargs)
+
+    return wrapped
 
 
 def iter_embedding_shards(directory: str | Path, mmap: bool = True) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
@@ -95,12 +139,14 @@ def iter_embedding_shards(directory: str | Path, mmap: bool = True) -> Iterator[
         yield stem, ids, vectors
 
 
+@_again_if_folded
 def embedded_ids(directory: str | Path) -> np.ndarray:
     """Sorted unique ids with a stored embedding."""
     parts = [ids for _, ids, _ in iter_embedding_shards(directory)]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
 
+@_again_if_folded
 def load_embeddings(directory: str | Path, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids, float32 vectors) from all shards, one row per id (the latest shard wins), restricted to `keep`."""
     ids_parts, vec_parts = [], []
@@ -111,11 +157,69 @@ def load_embeddings(directory: str | Path, keep: np.ndarray | None = None) -> tu
             vec_parts.append(np.asarray(vectors[mask], dtype=np.float32))
     if not ids_parts:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
-    ids, vectors = np.concatenate(ids_parts), np.concatenate(vec_parts)
-    # Keep the last occurrence of an id (a re-embedded image): unique on the reversed array.
+    return _last_per_id(np.concatenate(ids_parts), np.concatenate(vec_parts))
+
+
+def _last_per_id(ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One row per id, the last occurrence (a re-embedded image), sorted by id."""
     _, last = np.unique(ids[::-1], return_index=True)
     pick = len(ids) - 1 - last
     return ids[pick], vectors[pick]
+
+
+def fold_shards(directory: str | Path, sources: list[str], stem: str,
+                 drop: Callable[[np.ndarray, float], np.ndarray] | None = None) -> int:
+    """Fold the complete shards `sources` into one shard `stem` (a row of a later source wins, as when loading),
+    then delete them. Returns the rows written. Crash-safe at every step (see the module docstring).
+
+    `stem` must sort where the sources did relative to the shards left out, so "the latest shard wins" holds.
+    `drop(ids, written_at)` -> mask of a source's rows to leave out (written_at: its commit's mtime).
+    One merge at a time per directory: the caller holds a lease."""
+    directory = Path(directory)
+    remove_replaced(directory)
+    ids_parts, vec_parts = [], []
+    for source in sorted(sources):
+        ids = np.load(directory / f"{source}{IDS_SUFFIX}")
+        vectors = np.load(directory / f"{source}{VEC_SUFFIX}")
+        if drop is not None:
+            keep = ~drop(ids, (directory / f"{source}{IDS_SUFFIX}").stat().st_mtime)
+            ids, vectors = ids[keep], vectors[keep]
+        ids_parts.append(ids)
+        vec_parts.append(vectors)
+    if not ids_parts:
+        return 0
+    ids, vectors = _last_per_id(np.concatenate(ids_parts), np.concatenate(vec_parts))
+    manifest = json.dumps(sorted(sources)).encode()  # first: whatever a kill leaves, remove_replaced finds
+    _save_atomic(directory / f"{stem}{SOURCES_SUFFIX}", lambda handle: handle.write(manifest))
+    _save_npy_atomic(directory / f"{stem}{VEC_SUFFIX}", vectors)
+    _save_npy_atomic(directory / f"{stem}{IDS_SUFFIX}", ids)  # the commit: from here on the sources are skipped
+    _fsync_dir(directory)
+    remove_replaced(directory)
+    return len(ids)
+
+
+def remove_replaced(directory: str | Path) -> int:
+    """Delete the files of shards a committed merged shard replaces (a merge killed before it had deleted them
+    all), and the leftovers of a merge killed before its commit. Only under the merge lease. Returns files removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    names = {name for name in os.listdir(directory) if not name.startswith(".")}
+    doomed: list[str] = []
+    for manifest in sorted(n for n in names if n.endswith(SOURCES_SUFFIX)):
+        stem = manifest[: -len(SOURCES_SUFFIX)]
+        if f"{stem}{IDS_SUFFIX}" in names:  # committed: its sources go
+            doomed += [f"{source}{suffix}" for source in _merged_sources(directory, stem) for suffix in SHARD_SUFFIXES]
+        else:  # never committed: the merge's own partial files go, its sources stay
+            doomed += [f"{stem}{VEC_SUFFIX}", manifest]
+    removed = 0
+    for name in doomed:
+        if name in names:
+            (directory / name).unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        _fsync_dir(directory)
+    return removed
 
 
 def link_shards(source: str | Path, target: str | Path) -> int:
@@ -124,9 +228,9 @@ def link_shards(source: str | Path, target: str | Path) -> int:
     target.mkdir(parents=True, exist_ok=True)
     count = 0
     for stem in shard_stems(source):
-        for suffix in (VEC_SUFFIX, IDS_SUFFIX):
+        for suffix in (VEC_SUFFIX, SOURCES_SUFFIX, IDS_SUFFIX):
             src, dst = source / f"{stem}{suffix}", target / f"{stem}{suffix}"
-            if not dst.exists():
+            if src.exists() and not dst.exists():
                 link_or_copy(src, dst)
         count += 1
     return count

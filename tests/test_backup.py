@@ -67,3 +67,36 @@ def test_backup_while_serving_then_restore_gives_the_same_results(tmp_path: Path
     again = run_cli(restored, "restore", str(backup_dir))
     assert again.returncode == 1 and "not empty" in again.stderr
     assert run_cli(settings, "backup", str(backup_dir)).returncode == 1  # never over an existing backup
+
+
+def test_a_fold_during_the_copy_loses_no_stored_vector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compaction may fold the API embedding shards (deleting them once the merged shard is committed) while a
+    backup copies the store: the copy is taken again, so the backup holds every vector, each counted once (a
+    single pass would keep only what it copied before the fold)."""
+    import numpy as np
+
+    from app import backup
+    from index import versions
+
+    store = tmp_path / "data" / "embeddings" / "model-1"
+    vectors = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
+    for i in range(6):
+        versions.write_embedding_shard(store, f"api-{i + 1:012d}-t", np.array([i + 1]), vectors[i : i + 1])
+    real_copy, copied = versions.link_or_copy, []
+
+    def copy_then_fold(src: Path, dst: Path) -> None:
+        if len(copied) == 2:  # the fold lands after two files were copied
+            sources = [s for s in versions.shard_stems(store) if s.startswith("api-")]
+            versions.fold_shards(store, sources, "api-000000000000-merged-1")
+        copied.append(src.name)
+        real_copy(src, dst)
+
+    monkeypatch.setattr(versions, "link_or_copy", copy_then_fold)
+    target = tmp_path / "copy"
+    backup._copy_live_dir(tmp_path / "data" / "embeddings", target)
+    ids, loaded = versions.load_embeddings(target / "model-1")
+    assert ids.tolist() == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(loaded, vectors, atol=2e-2)
+    counted = np.concatenate([np.load(target / "model-1" / f"{s}{versions.IDS_SUFFIX}")
+                              for s in versions.shard_stems(target / "model-1")])
+    assert sorted(counted.tolist()) == [1, 2, 3, 4, 5, 6]

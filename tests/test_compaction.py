@@ -5,8 +5,13 @@ process compacts at a time, and a compaction whose base was replaced meanwhile p
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 from app.settings import Settings
 from tests.conftest import class_image, jpeg_bytes
@@ -121,3 +126,43 @@ def test_one_compaction_at_a_time_and_never_over_a_newer_version(tmp_path: Path,
         assert session.scalar(select(IndexVersion.name).where(IndexVersion.status == "active")) == rebuilt[1]
     dropped = report.message.rsplit("dropped ", 1)[1]
     assert not (settings.indexes_dir / dropped).exists() and not list(settings.indexes_dir.glob(".tmp-*"))
+
+
+def test_compaction_folds_api_embedding_shards_and_similar_still_answers(tmp_path: Path, run_cli,
+                                                                        request: pytest.FixtureRequest) -> None:
+    """On an IVF index (no vectors to reconstruct), /similar reads API-added images' vectors from the embedding
+    store: after compaction those N one-row shards are one merged shard and the answers are the same, also after
+    a restart; an image deleted after its shard was written is left out of the merged shard."""
+    from app.indexing.fold import API_SHARD_PREFIX
+    from app.indexing.pipeline import rebuild_index
+    from index import versions
+    from tests.conftest import migrated_url
+
+    settings = build_served_corpus(tmp_path, migrated_url("sqlite", request, tmp_path), per_class=3)
+    assert rebuild_index(settings, factory="IVF2,Flat", progress=False).factory == "IVF2,Flat"
+    store = next(settings.data_dir.glob("embeddings/*"))
+    with app_client(settings, compact_every=0, compact_after_s=0) as client:
+        added = [upload(client, jpeg_bytes(class_image(label, seed=seed)), path="/v1/images").json()["id"]
+                 for label, seed in ADDED]
+        gone = added.pop()
+        assert client.delete(f"/v1/images/{gone}").status_code == 204
+        assert client.app.state.deployment.reconstruct(added[0]) is None  # IVF: from the store
+        similar = {i: client.get(f"/v1/images/{i}/similar", params={"k": 5}).json()["results"] for i in added}
+        assert all(len(hits) == 5 for hits in similar.values())
+    api_files = sorted(p.name for p in store.iterdir() if p.name.startswith(f"{API_SHARD_PREFIX}-"))
+    assert len(api_files) == 2 * len(ADDED)
+    old = time.time() - 60  # as if written a minute before the delete
+    for name in api_files:
+        os.utime(store / name, (old, old))
+    compacted = run_cli(settings, "index", "compact")
+    assert compacted.returncode == 0 and f"{len(ADDED)} API embedding shards folded into one" in compacted.stdout
+    api_stems = [s for s in versions.shard_stems(store) if s.startswith(f"{API_SHARD_PREFIX}-")]
+    assert len(api_stems) == 1 and not set(api_files) & {p.name for p in store.iterdir()}
+    assert sorted(np.load(store / f"{api_stems[0]}{versions.IDS_SUFFIX}").tolist()) == sorted(added)
+    verify = run_cli(settings, "index", "verify")
+    assert verify.returncode == 0 and "pending" not in verify.stdout, verify.stdout + verify.stderr
+    with app_client(settings) as client:  # a restart: the compacted version, vectors from the merged shard
+        for image_id in added:
+            hits = client.get(f"/v1/images/{image_id}/similar", params={"k": 5}).json()["results"]
+            assert [h["id"] for h in hits] == [h["id"] for h in similar[image_id]], (image_id, hits)
+            assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in similar[image_id]], abs=1e-4)

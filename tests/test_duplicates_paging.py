@@ -5,11 +5,14 @@ checked is the paging, not the embedder."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import migrated_url
+from tests.conftest import REPO, migrated_url
 from tests.test_api_helpers import app_client, build_served_corpus
 
 
@@ -37,3 +40,26 @@ def test_pages_stay_bounded_and_list_every_group_once(request: pytest.FixtureReq
         assert any(not p["groups"] and p["next_cursor"] for p in pages)  # a short page still points on
         bad = client.get("/v1/duplicates", params={"limit": 0})
         assert bad.status_code == 422 and "limit" in bad.json()["message"]
+
+
+SCHEMA_SCRIPT = """
+import json
+from app.main import create_app
+from app.settings import Settings
+app = create_app(Settings(data_dir=DATA, database_url="sqlite:///" + DATA + "/x.db"))
+print(json.dumps({p["name"]: p for p in app.openapi()["paths"]["/v1/duplicates"]["get"]["parameters"]}))
+"""
+
+
+def test_its_parameters_build_without_a_pydantic_warning(tmp_path: Path) -> None:
+    """A fresh process (route schemas are made at import) with every UserWarning an error: no pydantic
+    UnsupportedFieldAttributeWarning, and the parameters are still what docs/api.md documents."""
+    script = f"DATA = {str(tmp_path)!r}\n{SCHEMA_SCRIPT}"
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    params = json.loads(done.stdout)
+    assert not params["threshold"]["required"] and not params["cursor"]["required"]
+    assert params["limit"]["schema"]["default"] == 20 and params["limit"]["schema"]["maximum"] == 100
+    threshold = params["threshold"]["schema"]["anyOf"][0]
+    assert (threshold["minimum"], threshold["maximum"]) == (-1.0, 1.0)

@@ -181,3 +181,33 @@ def test_an_abe_model_served_returns_its_attention_masks_per_learner(request: py
         assert masks.shape == (2, h, w) and masks.min() >= 0 and masks.max() <= 1  # one per learner
     assert np.array(searched["explain"]["query"]["masks"]).shape == (2, h, w)
     assert all(np.array(r["result"]["masks"]).shape == (2, h, w) for r in searched["explain"]["results"])
+
+
+def test_explain_requests_get_the_overload_503_past_their_admission_limit(served: Settings) -> None:
+    """Heatmaps bypass the batcher, so they have an admission limit of their own (RETRIEVAL_EXPLAIN_MAX_*): past
+    it an explain request, on a search or on the explain route, gets the batcher's 503 JSON with Retry-After at
+    once, while plain searches still answer; a flood gets only 200s and those 503s, and leaves nothing admitted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    query = jpeg_bytes(class_image("blue", seed=7, size=100))
+    with app_client(served, explain_max_concurrent=1, explain_max_queue=0) as client:
+        gate = client.app.state.explain_gate
+        ids = [item["id"] for item in client.get("/v1/images", params={"limit": 2}).json()["items"]]
+        held = gate.admit()
+        client.portal.call(held.__aenter__)  # one explain request in flight: the limit is reached
+        try:
+            refused = [upload(client, query, k=2, explain="true"),
+                       client.get(f"/v1/images/{ids[0]}/explain", params={"query_id": ids[1]})]
+            for response in refused:
+                assert response.status_code == 503 and response.headers["retry-after"] == "1", response.text
+                body = response.json()
+                assert body["error"] == "overloaded" and "explain requests" in body["message"], body
+            assert upload(client, query, k=2).status_code == 200  # plain searches are not held up
+        finally:
+            client.portal.call(held.__aexit__, None, None, None)
+        assert upload(client, query, k=2, explain="true").status_code == 200
+        with ThreadPoolExecutor(8) as pool:
+            flood = list(pool.map(lambda _: upload(client, query, k=2, explain="true"), range(16)))
+        assert {r.status_code for r in flood} <= {200, 503} and any(r.status_code == 200 for r in flood)
+        assert all(r.json()["error"] == "overloaded" for r in flood if r.status_code == 503)
+        assert gate.admitted == 0

@@ -171,6 +171,100 @@ def test_embedding_shards_roundtrip_and_ignore_half_written(tmp_path: Path) -> N
     assert versions.embedded_ids(store).tolist() == list(range(10))
 
 
+class Killed(BaseException):
+    """Stands in for kill -9 at one file operation (BaseException: no `except Exception` catches it)."""
+
+
+def _many_small_shards(store: Path, n: int) -> np.ndarray:
+    vectors = clustered(n)
+    versions.write_embedding_shard(store, "run-1", np.arange(100, 110), clustered(10, seed=3))  # not folded
+    for i in range(n):
+        versions.write_embedding_shard(store, f"api-{i + 1:012d}-t", np.array([i + 1]), vectors[i : i + 1])
+    return vectors
+
+
+@pytest.mark.parametrize("kill_at", range(14))
+def test_fold_shards_is_crash_safe_at_every_step(tmp_path: Path, monkeypatch, kill_at: int) -> None:
+    """A fold killed at any file operation leaves every row counted exactly once; the next fold finishes it."""
+    store = tmp_path / "emb"
+    _many_small_shards(store, 5)
+    sources = [s for s in versions.shard_stems(store) if s.startswith("api-")]
+    before_ids, before = versions.load_embeddings(store)
+    calls = {"n": 0}
+    real_replace, real_unlink = os.replace, Path.unlink
+
+    def step(real):
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == kill_at + 1:
+                raise Killed()
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(versions.os, "replace", step(real_replace))
+    monkeypatch.setattr(Path, "unlink", step(real_unlink))
+    try:
+        versions.fold_shards(store, sources, "api-000000000000-merged-1")
+    except Killed:
+        pass
+    monkeypatch.undo()
+    counted = np.concatenate([np.load(store / f"{s}{versions.IDS_SUFFIX}") for s in versions.shard_stems(store)])
+    assert len(counted) == len(np.unique(counted)) == len(before_ids)
+    ids, loaded = versions.load_embeddings(store)
+    assert np.array_equal(ids, before_ids) and np.array_equal(loaded, before)
+    # The next fold (over what is left) ends with one API shard and no file of the folded ones.
+    versions.fold_shards(store, [s for s in versions.shard_stems(store) if s.startswith("api-")],
+                         "api-000000000000-merged-2")
+    assert [s for s in versions.shard_stems(store) if s.startswith("api-")] == ["api-000000000000-merged-2"]
+    assert not [p for p in store.iterdir() if p.name.startswith(tuple(sources)) or "merged-1" in p.name]
+    ids, loaded = versions.load_embeddings(store)
+    assert np.array_equal(ids, before_ids) and np.array_equal(loaded, before)
+
+
+def test_fold_keeps_the_latest_row_and_drops_what_it_is_told(tmp_path: Path) -> None:
+    store = tmp_path / "emb"
+    vectors = _many_small_shards(store, 4)
+    versions.write_embedding_shard(store, "api-000000000002-u", np.array([2]), vectors[3:4])  # 2 re-embedded
+    sources = [s for s in versions.shard_stems(store) if s.startswith("api-")]
+    written = versions.fold_shards(store, sources, "api-000000000000-merged-1",
+                                   drop=lambda ids, written_at: ids == 4)
+    assert written == 3
+    ids, loaded = versions.load_embeddings(store, keep=np.arange(1, 5))
+    assert ids.tolist() == [1, 2, 3]
+    np.testing.assert_allclose(loaded[1], vectors[3], atol=2e-3)  # id 2's later row
+    # A shard written after the fold still wins over it (it sorts after the merged shard).
+    versions.write_embedding_shard(store, "api-000000000001-v", np.array([1]), vectors[2:3])
+    np.testing.assert_allclose(versions.load_embeddings(store, keep=[1])[1][0], vectors[2], atol=2e-3)
+
+
+def test_shard_lookup_opens_only_the_shards_it_needs(tmp_path: Path, monkeypatch) -> None:
+    from index.shard_lookup import ShardLookup
+
+    store = tmp_path / "emb"
+    vectors = _many_small_shards(store, 40)
+    lookup = ShardLookup(store)
+    ids, found = lookup.read(np.array([7, 3, 999]))  # 999: stored nowhere
+    assert ids.tolist() == [7, 3]
+    np.testing.assert_allclose(found, vectors[[6, 2]], atol=2e-3)
+    opened: list[str] = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda path, *a, **k: opened.append(Path(path).name) or real_load(path, *a, **k))
+    lookup.read(np.array([5, 105]))
+    assert sorted(opened) == ["api-000000000005-t.f16.npy", "run-1.f16.npy"]
+    # A shard written since (an API add) is learnt by reading only its ids; a fold that deletes the shards the
+    # lookup knew is noticed and the map rebuilt.
+    versions.write_embedding_shard(store, "api-000000000041-t", np.array([41]), vectors[:1])
+    opened.clear()
+    assert lookup.read(np.array([41]))[0].tolist() == [41]
+    assert sorted(opened) == ["api-000000000041-t.f16.npy", "api-000000000041-t.ids.npy"]
+    monkeypatch.undo()
+    versions.fold_shards(store, [s for s in versions.shard_stems(store) if s.startswith("api-")],
+                         "api-000000000000-merged-1")
+    ids, found = lookup.read(np.array([41, 7, 105]))
+    assert ids.tolist() == [41, 7, 105]
+    np.testing.assert_allclose(found[1], vectors[6], atol=2e-3)
+
+
 def test_gpu_path_is_optional(data) -> None:
     from index.vector_index import gpu_available
 

@@ -10,7 +10,7 @@ from fastapi import Depends, Form, Query, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
-from app.batching import MicroBatcher
+from app.batching import AdmissionGate, MicroBatcher
 from app.db.session import session_scope
 from app.deployment import Deployment
 from app.errors import ApiError
@@ -46,6 +46,11 @@ def get_deployment(request: Request) -> Deployment:
 
 def get_batcher(request: Request) -> MicroBatcher:
     return request.app.state.batcher
+
+
+def explain_gate(request: Request) -> AdmissionGate:
+    """The admission limit of explain heatmaps (they bypass the batcher): a 503 like a full queue's past it."""
+    return request.app.state.explain_gate
 
 
 def check_k(request: Request, k: int, where: str, offset: int = 0) -> int:

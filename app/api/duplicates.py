@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -38,9 +40,11 @@ def _page(session: Session, deployment: Deployment, threshold: float, limit: int
 async def duplicates(
     request: Request,
     session: SessionDep,
-    threshold: float | None = Query(None, ge=-1.0, le=1.0, description=THRESHOLD_DOC),
-    limit: int = Query(20, ge=1, le=100, description="Groups per page."),
-    cursor: int | None = Query(None, ge=0, le=2**62, description="`next_cursor` of the previous page."),
+    # Optional bounded parameters in Annotated form: the bounds sit on the parameter, not on a `Query(None)`
+    # default (which newer pydantic flags with UnsupportedFieldAttributeWarning).
+    threshold: Annotated[float | None, Query(ge=-1.0, le=1.0, description=THRESHOLD_DOC)] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Groups per page.")] = 20,
+    cursor: Annotated[int | None, Query(ge=0, le=2**62, description="`next_cursor` of the previous page.")] = None,
 ) -> DuplicatePage:
     """Groups of near-identical stored images (resized, re-encoded, lightly cropped copies), each with a
     suggested keeper (largest resolution, then oldest) and its pairwise scores; found by FAISS range searches,

@@ -4,6 +4,7 @@ a result matched (GET /v1/images/{id}/explain, and explain=true on a search; app
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -18,6 +19,7 @@ from app.api.deps import (
     MIN_SCORE_DOC,
     SessionDep,
     check_k,
+    explain_gate,
     filters_dep,
     get_batcher,
     get_deployment,
@@ -69,27 +71,30 @@ async def search(
     region = parse_box(box)
     deployment = get_deployment(request)
     filters = Filters(label=label, meta=parse_meta_filters(meta))
-    clock = StageClock()
-    data = await file.read()
-    image, pixels = await run_in_threadpool(decode_query, deployment, data, settings, clock, region)
-    if explain:  # one torch pass gives the search vector and the query's feature map
-        t = time.perf_counter()
-        query_features = await run_in_threadpool(forward_local, deployment, pixels[None])
-        clock.ms["forward"] = (time.perf_counter() - t) * 1000
-        vector = query_features.embedding[0].numpy()
-        if deployment.runner.config.flip_average:  # the maps' pass skips the mirror; the search vector may not
+    # An explain=true search is admitted like a batched query is (503 JSON when too many are in flight).
+    async with explain_gate(request).admit() if explain else contextlib.nullcontext():
+        clock = StageClock()
+        data = await file.read()
+        image, pixels = await run_in_threadpool(decode_query, deployment, data, settings, clock, region)
+        if explain:  # one torch pass gives the search vector and the query's feature map
+            t = time.perf_counter()
+            query_features = await run_in_threadpool(forward_local, deployment, pixels[None])
+            clock.ms["forward"] = (time.perf_counter() - t) * 1000
+            vector = query_features.embedding[0].numpy()
+            if deployment.runner.config.flip_average:  # the maps' pass skips the mirror; the search vector may not
+                vector = await embed_pixels(get_batcher(request), deployment, pixels, clock)
+        else:
             vector = await embed_pixels(get_batcher(request), deployment, pixels, clock)
-    else:
-        vector = await embed_pixels(get_batcher(request), deployment, pixels, clock)
-    results = await search_and_join(session, deployment, vector, k, filters, min_score, clock, ranking=ranking)
-    response = search_response(request, deployment, results, k, ranking, clock)
-    if explain:
-        def explain_hits() -> object:
-            stored = [(hit.id, read_stored(deployment, hit.uri, settings)) for hit in results]
-            return explain_results(deployment, decode_for_explain(deployment, image, pixels), query_features, stored)
+        results = await search_and_join(session, deployment, vector, k, filters, min_score, clock, ranking=ranking)
+        response = search_response(request, deployment, results, k, ranking, clock)
+        if explain:
+            def explain_hits() -> object:
+                stored = [(hit.id, read_stored(deployment, hit.uri, settings)) for hit in results]
+                query = decode_for_explain(deployment, image, pixels)
+                return explain_results(deployment, query, query_features, stored)
 
-        response.explain = await run_in_threadpool(explain_hits)
-    return response
+            response.explain = await run_in_threadpool(explain_hits)
+        return response
 
 
 def search_response(request: Request, deployment: Deployment, results: list[SearchHit], k: int, ranking: Ranking,
@@ -143,12 +148,13 @@ async def explain_match(
     for wanted in (query_id, image_id):
         uris[wanted] = await run_in_threadpool(_stored_uri, session, wanted)
     decoded = {}
-    for wanted, uri in uris.items():
-        decoded[wanted] = await run_in_threadpool(read_stored, deployment, uri, settings)
-        if decoded[wanted] is None:
-            raise ApiError(404, f"the file of image {wanted} is gone")
-    return await run_in_threadpool(explain_pair, deployment, query_id, decoded[query_id], image_id,
-                                   decoded[image_id])
+    async with explain_gate(request).admit():
+        for wanted, uri in uris.items():
+            decoded[wanted] = await run_in_threadpool(read_stored, deployment, uri, settings)
+            if decoded[wanted] is None:
+                raise ApiError(404, f"the file of image {wanted} is gone")
+        return await run_in_threadpool(explain_pair, deployment, query_id, decoded[query_id], image_id,
+                                       decoded[image_id])
 
 
 @router.get("/images/{image_id}/similar", response_model=SearchResponse, responses=ERRORS)

@@ -11,6 +11,8 @@ active one (a batch build or another replica that published meanwhile wins, and 
 
 When the active version's files cannot be loaded (the service then serves a fallback, app.deployment), the
 compaction rebuilds the index from the stored embeddings instead, which publishes a good version again.
+
+Either way it first folds the model's one-row API embedding shards into one (app/indexing/fold.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from app.db import leases
 from app.db.models import IndexVersion, ModelVersion
 from app.db.queries import live_image_ids
 from app.db.session import session_scope
+from app.indexing.fold import fold_api_shards
 from app.indexing.publish import prune_versions, published_ids
 from app.registry import active_index, new_version_name, promote
 from app.settings import Settings
@@ -44,6 +47,7 @@ class CompactReport:
     base: str | None = None
     added: int = 0
     removed: int = 0
+    folded_shards: int = 0  # API embedding shards folded into one
     pending: int = 0  # live images still left out: no stored embedding for the model yet
     seconds: float = 0.0
     message: str = ""
@@ -73,7 +77,7 @@ def _compact(settings: Settings, url: str) -> CompactReport:
         live = live_image_ids(session)
         base_id, base_name, base_path, factory = base.id, base.name, Path(base.path), base.factory
         model_id, store = base.model_version_id, settings.embeddings_dir(model.name if model else "")
-    report = CompactReport(base=base_name)
+    report = CompactReport(base=base_name, folded_shards=fold_api_shards(url, store))
     try:
         held = published_ids(base_path)
         index = VectorIndex.load(base_path)
@@ -83,7 +87,7 @@ def _compact(settings: Settings, url: str) -> CompactReport:
         rebuilt = rebuild_index(settings, progress=False)
         report.published = rebuilt.index_version_name
         report.message = (f"index {base_name} cannot be loaded ({exc.__class__.__name__}); rebuilt from stored "
-                          f"embeddings as {rebuilt.index_version_name}")
+                          f"embeddings as {rebuilt.index_version_name}{_folded(report)}")
         return report
     if held is None:  # published before versions recorded their ids
         held = np.sort(index.live_ids())
@@ -91,7 +95,7 @@ def _compact(settings: Settings, url: str) -> CompactReport:
     added_ids, vectors = versions.load_embeddings(store, keep=np.setdiff1d(live, held))
     report.pending = len(np.setdiff1d(live, held)) - len(added_ids)
     if len(removed) == 0 and len(added_ids) == 0:
-        report.message = f"index {base_name} is up to date: nothing to compact"
+        report.message = f"index {base_name} is up to date: nothing to compact{_folded(report)}"
         return report
     if len(removed):
         index.remove(removed)
@@ -128,6 +132,10 @@ def _compact(settings: Settings, url: str) -> CompactReport:
         return report
     report.published, report.added, report.removed = name, len(added_ids), len(removed)
     report.message = (f"published index {name}: {base_name} + {len(added_ids)} added - {len(removed)} removed "
-                      f"({len(index)} vectors)")
+                      f"({len(index)} vectors){_folded(report)}")
     prune_versions(settings)
     return report
+
+
+def _folded(report: CompactReport) -> str:
+    return f"; {report.folded_shards} API embedding shards folded into one" if report.folded_shards else ""

@@ -4,10 +4,14 @@ from durable state: `build_index` (register -> embed -> publish), `merge_shards`
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
+from app.db import leases
+from app.indexing.compact import LEASE, LEASE_TTL_S
 from app.indexing.embed import embed_missing
+from app.indexing.fold import fold_api_shards
 from app.indexing.publish import publish_index
 from app.indexing.register import register_source
 from app.indexing.report import BuildReport, EmptySource
@@ -56,10 +60,12 @@ def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int
 
 
 def _republish(settings: Settings, *, factory: str | None, ondisk: bool, force: bool, progress: bool,
-               stem_prefix: str) -> BuildReport:
+               stem_prefix: str, fold: bool = False) -> BuildReport:
     start = time.perf_counter()
     report = BuildReport()
     model = ensure_active_model(settings)
+    if fold:
+        _fold_unless_compacting(settings, model.name)
     embed_missing(settings, model, None, report, progress, stem_prefix=stem_prefix)
     publish_index(settings, model, report, factory=factory, force=force, ondisk=ondisk)
     return _finish(report, start, progress)
@@ -79,4 +85,14 @@ def rebuild_index(settings: Settings, *, factory: str | None = None, progress: b
     """Re-type or compact the active index from stored embeddings (no image is decoded if none is missing).
     With no index active and no image stored, this publishes an empty index: a corpus started through the API."""
     return _republish(settings, factory=factory, ondisk=False, force=True, progress=progress,
-                      stem_prefix="rebuild")
+                      stem_prefix="rebuild", fold=True)
+
+
+def _fold_unless_compacting(settings: Settings, model_name: str) -> None:
+    """Fold the API embedding shards under the compaction lease; a compaction holding it folds them itself."""
+    url, owner = settings.resolved_database_url, f"rebuild-{os.getpid()}"
+    if leases.acquire(url, LEASE, owner, LEASE_TTL_S):
+        try:
+            fold_api_shards(url, settings.embeddings_dir(model_name))
+        finally:
+            leases.release(url, LEASE, owner)
