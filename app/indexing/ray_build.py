@@ -197,7 +197,12 @@ def _embed_pass(settings: Settings, model: ModelVersion, todo: np.ndarray, repor
     url = settings.resolved_database_url
     with session_scope(url) as session:
         uris = [u.decode("utf-8") for u in file_uris(session, todo)]
-    actors, gpus = embed_actor_count(settings, ray.cluster_resources())
+    resources = ray.cluster_resources()
+    if not resources.get("GPU") and resources.get("CPU", 0) < 2:  # an embed actor and a decode task: else a hang
+        raise RayWorkersLost(f"the Ray cluster has {resources.get('CPU', 0):g} CPU and no GPU ({_alive_nodes()} "
+                             "node(s) alive): an embed actor and the decode tasks need 2 CPUs; add a node, then "
+                             "run the same command again to resume from the committed shards")
+    actors, gpus = embed_actor_count(settings, resources)
     batch = max(1, min(settings.embed_flush_every, MAX_RAY_BATCH))
     config = read_config(model.path)
     items = [{"id": int(i), "uri": u} for i, u in zip(todo, uris, strict=True)]
