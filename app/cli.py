@@ -43,7 +43,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     from app.db import migrate
-    from app.indexing import EmptySource, build_index
+    from app.indexing import EmptySource, RayWorkersLost, build_index
 
     settings = get_settings()
     if args.ray is not None and args.shard is not None:
@@ -59,7 +59,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         ray_address = None if args.ray is None else (args.ray or settings.ray_address or "")
         report = build_index(settings, args.source, shard=args.shard, factory=args.factory,
                              progress=not args.no_progress, ray_address=ray_address)
-    except (EmptySource, FileNotFoundError) as exc:
+    except (EmptySource, FileNotFoundError, RayWorkersLost) as exc:
         print(f"retrieval index build: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:

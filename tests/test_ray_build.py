@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,20 @@ def _state(settings, url: str) -> tuple[dict[str, int], set[str], np.ndarray, np
         path = active_index(session).path
         stored_ids, vectors = versions.load_embeddings(settings.embeddings_dir(active_model(session).name))
     return ids, deleted, stored_ids, vectors, path
+
+
+def _store(settings) -> Path | None:
+    """The embedding store of the build's model (the only model in these data dirs), once the build made it."""
+    stores = sorted(p for p in (settings.data_dir / "embeddings").glob("*") if p.is_dir())
+    return stores[0] if stores else None
+
+
+def _committed_ids(settings) -> np.ndarray:
+    """Ids with a committed embedding shard (ids file = commit marker), read while a build runs."""
+    from index import versions
+
+    store = _store(settings)
+    return versions.embedded_ids(store) if store is not None else np.zeros(0, dtype=np.int64)
 
 
 def _recall_overlap(path_a: str, path_b: str, queries: np.ndarray, k: int = 10) -> float:
@@ -115,7 +129,6 @@ def test_sigkill_of_the_driver_then_rerun_completes(tmp_path: Path, tiny_embedde
     from app.db.models import Image
     from app.db.session import session_scope
     from app.indexing import build_index, verify_index
-    from app.registry import active_model
     from index import versions
 
     url = migrated_url("postgresql", request, tmp_path)
@@ -126,19 +139,15 @@ def test_sigkill_of_the_driver_then_rerun_completes(tmp_path: Path, tiny_embedde
     with open(log, "wb") as out:  # a second driver on the same cluster, killed once it has committed shards
         driver = subprocess.Popen([sys.executable, "-m", "app.cli", "index", "build", str(corpus), "--ray",
                                    local_ray], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    store = None
     deadline = time.monotonic() + 180
     while driver.poll() is None and time.monotonic() < deadline:
-        if store is None:
-            with session_scope(url) as session:
-                model = active_model(session)
-                store = settings.embeddings_dir(model.name) if model is not None else None
-        if store is not None and len(versions.embedded_ids(store)) >= 8:
+        if len(_committed_ids(settings)) >= 8:
             os.kill(driver.pid, signal.SIGKILL)
             break
         time.sleep(0.05)
     assert driver.wait(timeout=60) == -signal.SIGKILL, log.read_text()[-3000:]
-    committed = len(versions.embedded_ids(store))
+    committed = len(_committed_ids(settings))
+    store = _store(settings)
     assert 8 <= committed < 120, "the build finished before the kill: make the corpus larger"
 
     report = build_index(settings, corpus, progress=False, ray_address="")
@@ -151,9 +160,9 @@ def test_sigkill_of_the_driver_then_rerun_completes(tmp_path: Path, tiny_embedde
 
 
 @contextmanager
-def ray_node(*args: str, env: dict[str, str], log: Path) -> Iterator[None]:
+def ray_node(*args: str, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     """`ray start --block ARGS` in its own process group, ended by that group's id (never `ray stop`, which
-    stops every Ray process on the machine)."""
+    stops every Ray process on the machine). Yields the group leader (its pid is the group's id)."""
     with open(log, "wb") as out:
         node = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--block", *args], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -162,7 +171,7 @@ def ray_node(*args: str, env: dict[str, str], log: Path) -> Iterator[None]:
         while "Ray runtime started" not in log.read_text(errors="replace"):
             assert node.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        yield
+        yield node
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
@@ -173,34 +182,93 @@ def ray_node(*args: str, env: dict[str, str], log: Path) -> Iterator[None]:
                 continue
 
 
+def _node_processes(node: subprocess.Popen) -> dict[int, tuple[int, str]]:
+    """pid -> (process group, title) of every process of a `ray start` node: raylet, agents and the Ray workers
+    it started. Workers run in process groups of their own, so the node is found by its session instead."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            # Fields after "(comm)": state ppid pgrp session ...
+            _, _, pgrp, session = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            if proc.name.isdigit() and int(session) == node.pid:
+                found[int(proc.name)] = (int(pgrp), (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _kill_node(node: subprocess.Popen) -> None:
+    """SIGKILL all of a node's processes at once, as if its machine were lost."""
+    for group in {group for group, _ in _node_processes(node).values()}:
+        with suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    node.wait(timeout=30)
+
+
 def test_two_node_cluster_on_loopback(tmp_path: Path, tiny_embedder: Path, ray_temp: Path) -> None:
     """`ray start --head` plus a second `ray start --address` (two raylets, one per "node"), then
-    `retrieval index build --ray ADDRESS` from a third process: the same result as one machine."""
+    `retrieval index build --ray ADDRESS` from a third process. Once the build has committed a shard and the
+    second node runs an embed actor, that node is SIGKILLed (raylet, agents and Ray workers). The build then
+    finishes on the head or stops with a message saying to run it again, within a bounded time; the same command
+    run again completes on the head alone, registers nothing twice, and the result equals one machine's."""
     from app.db.migrate import upgrade
+    from app.db.models import Image
+    from app.db.session import session_scope
     from app.indexing import verify_index
 
-    corpus = make_corpus(tmp_path / "corpus", per_class=10, size=48)
+    corpus = make_corpus(tmp_path / "corpus", per_class=15, size=48)  # 60 images
     plant_bad_files(corpus)
     single = _single_build(tmp_path, corpus, tiny_embedder, "Flat")
 
     url = f"sqlite:///{tmp_path / 'ray.db'}"
     upgrade(url)
-    settings = make_settings(tmp_path / "ray", url, embedder=str(tiny_embedder), embed_flush_every=8)
-    # Ray's token auth, with a token of this test's own (not ~/.ray/auth_token) given to every process.
-    env = dict(os.environ, RAY_TMPDIR=str(ray_temp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    settings = make_settings(tmp_path / "ray", url, embedder=str(tiny_embedder), embed_flush_every=4)
+    # Ray's token auth, with a token of this test's own (not ~/.ray/auth_token) given to every process; the GCS
+    # health check every second, 3 misses: the dead node is noticed in ~3 s instead of Ray's default ~16 s.
+    ray_env = {"RAY_TMPDIR": str(ray_temp), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+               "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+    env = dict(os.environ) | ray_env
     port = free_port()
     head = f"127.0.0.1:{port}"
     common = ("--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats")
+    build = ["timeout", "240", sys.executable, "-m", "app.cli", "index", "build", str(corpus), "--ray", head,
+             "--factory", "Flat"]
+    build_env = settings_env(settings) | ray_env | {"RETRIEVAL_RAY_EMBED_ACTORS": "2",
+                                                    "RETRIEVAL_EMBED_FLUSH_EVERY": "4"}
+    log = tmp_path / "first.log"
     with ray_node("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={ray_temp / 'cluster'}",
                   *common, env=env, log=tmp_path / "head.log"), \
-            ray_node(f"--address={head}", *common, env=env, log=tmp_path / "node2.log"):
-        build = subprocess.run([sys.executable, "-m", "app.cli", "index", "build", str(corpus), "--ray", head,
-                                "--factory", "Flat"], cwd=REPO,
-                               env=settings_env(settings) | {"RETRIEVAL_RAY_EMBED_ACTORS": "2"} | {
-                                   k: env[k] for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")},
-                               capture_output=True, text=True, timeout=300)
-        assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-3000:]
-        assert "on Ray (2 nodes, 2 embed actors)" in build.stdout, build.stdout[-2000:]
+            ray_node(f"--address={head}", *common, env=env, log=tmp_path / "node2.log") as node2:
+        with open(log, "wb") as out:
+            first = subprocess.Popen(build, cwd=REPO, env=build_env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while first.poll() is None and time.monotonic() < deadline:
+            actor_on_node2 = any("_EmbedActor" in title for _, title in _node_processes(node2).values())
+            if actor_on_node2 and len(_committed_ids(settings)) >= 4:
+                _kill_node(node2)
+                break
+            time.sleep(0.05)
+        killed_at = time.monotonic()
+        assert node2.poll() is not None, "the build ended before node 2 ran an embed actor past the first commit"
+        first.wait(timeout=300)  # `timeout 240` inside: a hang fails here instead of stalling CI
+        output = log.read_text(errors="replace")
+        replanned = [line for line in output.splitlines() if "lost a worker mid-build" in line]
+        print(f"first run: exit {first.returncode} {time.monotonic() - killed_at:.1f}s after the node kill", *replanned)
+        assert "Traceback" not in output, output[-4000:]
+        if first.returncode == 0:  # Ray Data dropped the lost actor, or a new pass ran on the head
+            assert "published index" in output, output[-3000:]
+        else:  # or a message that says what to do, not a traceback
+            assert first.returncode == 1 and "run the same command again" in output, output[-4000:]
+        missing = 60 - len(_committed_ids(settings))
+
+        again = subprocess.run(build, cwd=REPO, env=build_env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+        assert "added 0 new images," in again.stdout  # nothing registered twice
+        embedded = int(again.stdout.split(" failed, embedded ")[1].split()[0])
+        assert embedded <= missing  # committed shards skipped
+        print(f"rerun: {missing} images without a committed shard before it, {embedded} embedded by it")
+    with session_scope(url) as session:  # 60 images + the truncated JPEG (soft-deleted); the text file has no row
+        assert session.scalar(select(func.count(Image.id))) == 61
     _assert_same_build(single, _state(settings, url))
     assert verify_index(settings).ok
 

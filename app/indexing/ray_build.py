@@ -11,6 +11,7 @@ their rows exactly as the single-process build does.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ import numpy as np
 from app.db.models import ModelVersion
 from app.db.session import session_scope
 from app.indexing.embed import decode_for_embedding, file_uris, mark_failed, missing_embeddings, run_tag
-from app.indexing.report import BuildReport
+from app.indexing.report import BuildReport, RayWorkersLost
 from app.settings import Settings
 from index import versions
 from index.vector_index import VectorIndex
@@ -29,6 +30,8 @@ from index.vector_index import VectorIndex
 # Images per Ray block handed from decode tasks to embed actors, and per shard an actor writes: bounded so a
 # block of preprocessed float32 pixels stays small in the object store (128 x 3 x 224 x 224 x 4 B = 77 MB).
 MAX_RAY_BATCH = 128
+# Embed passes in one command: a pass that loses a node (or actor) is planned again over what is still missing.
+RAY_PASSES = 3
 
 
 def _decode_batch(batch: dict[str, np.ndarray], config: Any, max_bytes: int, max_pixels: int) -> dict[str, Any]:
@@ -125,54 +128,112 @@ def embed_actor_count(settings: Settings, resources: dict[str, float]) -> tuple[
     return max(1, min(wanted, cpus - 1)), 0.0
 
 
+def _lost_workers() -> tuple[type[BaseException], ...]:
+    """Ray's errors for a node, actor, worker or object lost (not a bug in our code): worth a new plan."""
+    from ray import exceptions as rex
+
+    return (rex.RayActorError, rex.NodeDiedError, rex.ObjectLostError, rex.WorkerCrashedError,
+            rex.LocalRayletDiedError)
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildReport, progress: bool,
                       address: str | None = None) -> None:
-    """Embed every live image with no committed shard for `model` on a Ray cluster (see the module docstring)."""
+    """Embed every live image with no committed shard for `model` on a Ray cluster (see the module docstring).
+
+    A node (or actor) lost mid-run fails the pass; the work left (ids with no committed shard) is then planned
+    again on the nodes still alive, at most RAY_PASSES times, before RayWorkersLost says to run it again."""
+    todo = missing_embeddings(settings, model, None)
+    if len(todo) == 0:
+        return
+    store = settings.embeddings_dir(model.name)
+    with connected(address):
+        start, embedded_before = time.perf_counter(), report.embedded
+        actors, gpus = 0, 0.0  # as the last pass planned them
+        for attempt in range(1, RAY_PASSES + 1):
+            pass_start = report.embedded
+            try:
+                actors, gpus = _embed_pass(settings, model, todo, report, progress)
+                break
+            except _lost_workers() as exc:
+                # What the pass committed, including shards whose rows never made it back to the driver.
+                committed = len(np.intersect1d(todo, versions.embedded_ids(store)))
+                report.embedded = pass_start + committed
+                left = missing_embeddings(settings, model, None)
+                reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else "no detail"
+                lost = (f"the Ray cluster lost a worker mid-build ({type(exc).__name__}: {reason}; "
+                        f"{_alive_nodes()} node(s) alive now); the {committed} images of this pass with committed "
+                        "embeddings are kept")
+                if attempt == RAY_PASSES:
+                    raise RayWorkersLost(f"{lost}. Gave up after {RAY_PASSES} passes: run the same command again "
+                                         "to resume from the committed shards") from exc
+                print(f"{lost}; embedding the {len(left)} left on the nodes alive "
+                      f"(pass {attempt + 1} of {RAY_PASSES})", file=sys.stderr, flush=True)
+                todo = left
+                if len(todo) == 0:
+                    break
+        elapsed = time.perf_counter() - start
+        report.images_per_second = (report.embedded - embedded_before) / elapsed if elapsed > 0 else 0.0
+        if progress:
+            print(f"embedded {report.embedded - embedded_before} images on Ray ({_alive_nodes()} nodes, {actors} "
+                  f"embed actors{', 1 GPU each' if gpus else ''}) in {elapsed:.1f}s: "
+                  f"{report.images_per_second:.1f} images/s")
+
+
+def _embed_pass(settings: Settings, model: ModelVersion, todo: np.ndarray, report: BuildReport,
+                progress: bool) -> tuple[int, float]:
+    """One Ray Data pipeline over `todo`, sized to the cluster as it is now; returns (actors, GPUs per actor).
+    Files that do not decode are soft-deleted as they come back, so a failed pass loses none of them."""
     import ray
     from tqdm import tqdm
 
     from models.checkpoint import read_config
 
-    todo = missing_embeddings(settings, model, None)
-    if len(todo) == 0:
-        return
     url = settings.resolved_database_url
     with session_scope(url) as session:
         uris = [u.decode("utf-8") for u in file_uris(session, todo)]
-    with connected(address):
-        actors, gpus = embed_actor_count(settings, ray.cluster_resources())
-        batch = max(1, min(settings.embed_flush_every, MAX_RAY_BATCH))
-        config = read_config(model.path)
-        items = [{"id": int(i), "uri": u} for i, u in zip(todo, uris, strict=True)]
-        dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch + 1, 4 * actors)))
-        # SPREAD: decode on every node's CPUs. With the actors' explicit DEFAULT it also keeps Ray from fusing
-        # decoding into the embed actors (operators with different remote args are not fused), so decoding runs
-        # in its own tasks, overlapping the forward passes.
-        decoded = dataset.map_batches(_decode_batch, batch_size=batch, batch_format="numpy", num_cpus=1,
-                                      scheduling_strategy="SPREAD",
-                                      fn_kwargs={"config": config, "max_bytes": settings.max_upload_bytes,
-                                                 "max_pixels": settings.max_image_pixels})
-        embedded = decoded.map_batches(
-            _EmbedActor, batch_size=batch, batch_format="numpy", num_cpus=0 if gpus else 1, num_gpus=gpus,
-            compute=ray.data.ActorPoolStrategy(size=actors), scheduling_strategy="DEFAULT",
-            fn_constructor_kwargs={"settings": settings, "model_path": str(model.path),
-                                   "store": str(settings.embeddings_dir(model.name))})
-        bar = tqdm(total=len(todo), desc="embed (ray)", unit="img", disable=not progress, dynamic_ncols=True)
-        start = time.perf_counter()
-        failures: list[tuple[int, str, str]] = []
+    resources = ray.cluster_resources()
+    if not resources.get("GPU") and resources.get("CPU", 0) < 2:  # an embed actor and a decode task: else a hang
+        raise RayWorkersLost(f"the Ray cluster has {resources.get('CPU', 0):g} CPU and no GPU ({_alive_nodes()} "
+                             "node(s) alive): an embed actor and the decode tasks need 2 CPUs; add a node, then "
+                             "run the same command again to resume from the committed shards")
+    actors, gpus = embed_actor_count(settings, resources)
+    batch = max(1, min(settings.embed_flush_every, MAX_RAY_BATCH))
+    config = read_config(model.path)
+    items = [{"id": int(i), "uri": u} for i, u in zip(todo, uris, strict=True)]
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch + 1, 4 * actors)))
+    # SPREAD: decode on every node's CPUs. With the actors' explicit DEFAULT it also keeps Ray from fusing
+    # decoding into the embed actors (operators with different remote args are not fused), so decoding runs
+    # in its own tasks, overlapping the forward passes.
+    decoded = dataset.map_batches(_decode_batch, batch_size=batch, batch_format="numpy", num_cpus=1,
+                                  scheduling_strategy="SPREAD",
+                                  fn_kwargs={"config": config, "max_bytes": settings.max_upload_bytes,
+                                             "max_pixels": settings.max_image_pixels})
+    # max_restarts=0: Ray Data's default restarts a lost actor forever; restarted on a surviving node it can
+    # take the last CPU the decode tasks need and the build then waits forever (measured: two 2-CPU nodes, one
+    # killed). A lost actor instead fails the pass, and the next pass is sized to the nodes alive.
+    embedded = decoded.map_batches(
+        _EmbedActor, batch_size=batch, batch_format="numpy", num_cpus=0 if gpus else 1, num_gpus=gpus,
+        compute=ray.data.ActorPoolStrategy(size=actors), scheduling_strategy="DEFAULT", max_restarts=0,
+        fn_constructor_kwargs={"settings": settings, "model_path": str(model.path),
+                               "store": str(settings.embeddings_dir(model.name))})
+    bar = tqdm(total=len(todo), desc="embed (ray)", unit="img", disable=not progress, dynamic_ncols=True)
+    start, embedded_before = time.perf_counter(), report.embedded
+    try:
         for out in embedded.select_columns(["id", "uri", "error", "embedded"]).iter_batches(batch_format="numpy",
                                                                                               batch_size=None):
             report.embedded += int(out["embedded"].sum())
-            failures.extend((int(i), str(u), str(e)) for i, u, e, ok in
-                            zip(out["id"], out["uri"], out["error"], out["embedded"], strict=True) if not ok)
+            mark_failed(url, [(int(i), str(u), str(e)) for i, u, e, ok in
+                              zip(out["id"], out["uri"], out["error"], out["embedded"], strict=True) if not ok],
+                        report)
             bar.update(len(out["id"]))
             elapsed = time.perf_counter() - start
-            bar.set_postfix_str(f"{report.embedded / elapsed:.1f} img/s" if elapsed > 0 else "")
+            bar.set_postfix_str(f"{(report.embedded - embedded_before) / elapsed:.1f} img/s" if elapsed > 0 else "")
+    finally:
         bar.close()
-        mark_failed(url, failures, report)
-        elapsed = time.perf_counter() - start
-        report.images_per_second = report.embedded / elapsed if elapsed > 0 else 0.0
-        if progress:
-            nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-            print(f"embedded {report.embedded} images on Ray ({nodes} nodes, {actors} embed actors"
-                  f"{', 1 GPU each' if gpus else ''}) in {elapsed:.1f}s: {report.images_per_second:.1f} images/s")
+    return actors, gpus

@@ -9,6 +9,10 @@ class EmptySource(ValueError):
     """The source holds no image file: nothing to register, and nothing is published."""
 
 
+class RayWorkersLost(RuntimeError):
+    """A Ray build kept losing nodes or actors: the committed embedding shards stay, the same command resumes."""
+
+
 @dataclass
 class BuildReport:
     """What a run did. seen: image files the source listed; added: rows registered by this run (a file that
