@@ -14,7 +14,7 @@ from pathlib import Path
 from app.cli_train import _add_set_option, add_train_eval_cli
 from app.db.models import Job
 from app.jobs import JOB_KINDS
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 
 
 def _shard(value: str) -> tuple[int, int]:
@@ -125,9 +125,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     host = args.host or settings.host
     port = args.port or settings.port
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=args.workers,
-                log_level=args.log_level, timeout_graceful_shutdown=10)
+    workers = args.workers or settings.api_workers
+    if workers > 1:
+        share_the_machine_between_workers(settings, workers)
+    try:
+        uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers,
+                    log_level=args.log_level, timeout_graceful_shutdown=10)
+    finally:
+        if workers > 1:
+            import shutil
+
+            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     return 0
+
+
+def share_the_machine_between_workers(settings: Settings, workers: int) -> None:
+    """Before uvicorn starts `workers` processes (they inherit this environment): each gets its share of the
+    cores for its inference runtime and torch unless RETRIEVAL_INFERENCE_THREADS says otherwise (N runtimes each
+    using every core oversubscribe them), and /metrics adds up every worker's series (prometheus_client's
+    multiprocess mode, in a fresh directory: stale files of an earlier run would be counted)."""
+    import shutil
+
+    from models.runtime import default_threads
+
+    os.environ["RETRIEVAL_API_WORKERS"] = str(workers)
+    if settings.inference_threads == 0:
+        os.environ["RETRIEVAL_INFERENCE_THREADS"] = str(max(1, default_threads() // workers))
+    metrics_dir = settings.data_dir / "tmp" / f"metrics-{os.getpid()}"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -277,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_serve_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", help="bind address (RETRIEVAL_HOST, default 127.0.0.1)")
         p.add_argument("--port", type=int, help="port (RETRIEVAL_PORT, default 8000)")
-        p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+        p.add_argument("--workers", type=int, help="worker processes (RETRIEVAL_API_WORKERS, default 1)")
         p.add_argument("--log-level", default="info")
 
     serve = sub.add_parser("serve", help="serve the REST API and the query page")

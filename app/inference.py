@@ -66,6 +66,10 @@ def load_runner(settings: Settings, checkpoint_dir: str | Path) -> Runner:
     from models.runtime import select_runner
 
     device = resolve_device(settings.device)
+    if settings.inference_threads > 0:  # torch's share too (preprocessing, the torch runtime, heatmaps)
+        import torch
+
+        torch.set_num_threads(settings.inference_threads)
     embedder = load_checkpoint(checkpoint_dir, device=device)
     try:
         exports: Path | None = export_dir(checkpoint_dir)

@@ -1,14 +1,18 @@
 """Prometheus metrics: per-stage latency histograms, request/batch/queue counters, and the /metrics endpoint.
 
-Metrics live in the default registry of the process (one uvicorn worker = one process = one set of series).
+Metrics live in the default registry of the process. Under several workers (`retrieval serve --workers N`,
+RETRIEVAL_API_WORKERS) every worker writes its series to PROMETHEUS_MULTIPROC_DIR, which `retrieval serve` sets,
+and /metrics, whichever worker answers it, adds them up (prometheus_client's multiprocess mode).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Stages of one query: decode -> preprocess -> forward (the batched pass) -> search -> metadata (SQL join).
@@ -21,12 +25,12 @@ REQUEST_SECONDS = Histogram("retrieval_http_request_seconds", "HTTP request late
                             buckets=_LATENCY_BUCKETS)
 REQUESTS = Counter("retrieval_http_requests", "HTTP requests answered.", ["method", "route", "status"])
 BATCH_SIZE = Histogram("retrieval_batch_size", "Queries per forward pass.", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-QUEUE_DEPTH = Gauge("retrieval_queue_depth", "Queries waiting for a forward pass.")
+QUEUE_DEPTH = Gauge("retrieval_queue_depth", "Queries waiting for a forward pass.", multiprocess_mode="livesum")
 REJECTED = Counter("retrieval_rejected", "Queries refused with 503 because the queue was full.")
 SWAPS = Counter("retrieval_swaps", "Hot swaps of the model + index pair.", ["result"])
 IMAGES_WRITTEN = Counter("retrieval_images_written", "Images added, updated or deleted through the API.",
                          ["action"])
-INDEX_VECTORS = Gauge("retrieval_index_vectors", "Live vectors in the serving index.")
+INDEX_VECTORS = Gauge("retrieval_index_vectors", "Live vectors in the serving index.", multiprocess_mode="livemax")
 
 for _stage in STAGES:
     STAGE_SECONDS.labels(_stage)  # export every stage from the start, even before its first observation
@@ -36,7 +40,11 @@ router = APIRouter(tags=["health"])
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 def metrics() -> Response:
-    """Prometheus text exposition."""
+    """Prometheus text exposition (every worker's series added up when there are several)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -59,3 +59,48 @@ def test_two_replicas_on_one_postgres_converge_on_add_and_delete(tmp_path: Path,
     finally:
         first.stop()
         second.stop()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0").strip() or 0) == pid:
+            found.append(int(status.parent.name))
+    return found
+
+
+def test_one_server_with_two_workers_converges_and_counts_every_request(tmp_path: Path, request) -> None:
+    """`RETRIEVAL_API_WORKERS=2` on the embedded default (SQLite): two worker processes behind one port; an add
+    through either is found by every search within RETRIEVAL_SWAP_POLL_S, and /metrics counts both workers'
+    requests, whichever answers it."""
+    settings = build_served_corpus(tmp_path, migrated_url("sqlite", request, tmp_path))
+    server = start_server(settings, tmp_path / "server.log", swap_poll_s=POLL_S, api_workers=2)
+    try:
+        base = server.base_url
+        workers = [pid for pid in _children(server.proc.pid)
+                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 2, workers
+
+        image = jpeg_bytes(class_image("yellow", seed=4343))
+        created = upload(base, image, path="/v1/images", label="yellow")
+        assert created.status_code == 201, created.text
+        new_id = created.json()["id"]
+
+        def every_worker_finds_it() -> bool:  # ten searches in a row land on both workers
+            return all((hits := upload(base, image, k=1).json()["results"]) and hits[0]["id"] == new_id
+                       for _ in range(10))
+
+        _first_time(every_worker_finds_it, POLL_S + SLACK_S)
+
+        for _ in range(12):
+            assert httpx.get(f"{base}/healthz").status_code == 200
+        exposition = httpx.get(f"{base}/metrics").text
+        line = next(x for x in exposition.splitlines()
+                    if x.startswith("retrieval_http_requests_total{") and 'route="/healthz"' in x)
+        assert float(line.rsplit(" ", 1)[1]) == 12, line
+    finally:
+        server.stop()
