@@ -21,17 +21,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import DateTime, Engine, create_engine, insert, select, text
 
-from app.db import migrate
+from app.db import leases, migrate
 from app.db.models import Base, IndexVersion, ModelVersion
 from app.db.session import get_engine
+from app.indexing.compact import LEASE, LEASE_TTL_S
 from app.settings import Settings
 from index import versions
 
@@ -116,20 +122,45 @@ def _inside(path: str, root: Path) -> Path | None:
         return None
 
 
+def _copy_dirs(data_dir: Path, files: Path, names: list[str]) -> int:
+    return sum(_copy_live_dir(data_dir / d, files / d) for d in names if (data_dir / d).is_dir())
+
+
+@contextmanager
+def _compaction_lease(url: str, wait_s: float = LEASE_TTL_S) -> Iterator[None]:
+    """Hold the compaction lease (app.indexing.compact), waiting up to `wait_s` for a running compaction."""
+    owner = f"backup-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    deadline = time.monotonic() + wait_s
+    while not leases.acquire(url, LEASE, owner, LEASE_TTL_S):
+        if time.monotonic() > deadline:
+            raise BackupError(f"a compaction has held its lease for over {wait_s:.0f} s; retry the backup")
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        leases.release(url, LEASE, owner)
+
+
 def backup(settings: Settings, target: Path) -> dict[str, Any]:
     """Write a snapshot to `target` (which must not exist yet); it appears there only once complete."""
     target = Path(target)
     if target.exists():
         raise BackupError(f"{target} already exists; back up into a new directory")
     data_dir = settings.data_dir.resolve()
-    revision = migrate.current(settings.resolved_database_url)
-    tables = _sql_snapshot(settings)
+    url = settings.resolved_database_url
+    revision = migrate.current(url)
     work = target.with_name(f".{target.name}.partial-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     files = work / "files"
     files.mkdir(parents=True)
     try:
-        copied = sum(_copy_live_dir(data_dir / d, files / d) for d in COPIED_DIRS if (data_dir / d).is_dir())
+        # The SQL snapshot and the embeddings copy under the compaction lease: a fold in between could drop the
+        # vector of an image deleted after the snapshot, which the restored database says is live.
+        # Images only gain files after the snapshot (extra files are harmless), so they are copied after the lease.
+        with _compaction_lease(url):
+            tables = _sql_snapshot(settings)
+            copied = _copy_dirs(data_dir, files, ["embeddings"])
+        copied += _copy_dirs(data_dir, files, [d for d in COPIED_DIRS if d != "embeddings"])
         version_rows = tables["model_versions"] + [r for r in tables["index_versions"] if r["status"] == "active"]
         for row in version_rows:
             relative = _inside(row["path"], data_dir)

@@ -144,17 +144,15 @@ def share_the_machine_between_workers(settings: Settings, workers: int) -> None:
     cores for its inference runtime and torch unless RETRIEVAL_INFERENCE_THREADS says otherwise (N runtimes each
     using every core oversubscribe them), and /metrics adds up every worker's series (prometheus_client's
     multiprocess mode, in a fresh directory: stale files of an earlier run would be counted)."""
-    import shutil
+    import tempfile
 
     from models.runtime import default_threads
 
     os.environ["RETRIEVAL_API_WORKERS"] = str(workers)
     if settings.inference_threads == 0:
         os.environ["RETRIEVAL_INFERENCE_THREADS"] = str(max(1, default_threads() // workers))
-    metrics_dir = settings.data_dir / "tmp" / f"metrics-{os.getpid()}"
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    # A fresh directory of this server's own (never shared with another replica on the same volume).
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="retrieval-metrics-")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.deployment = None
+        metrics.forget_dead_workers()
         try:
             app.state.deployment = await run_in_threadpool(load_active, settings, app.state.serving)
         except Exception as exc:  # serve /healthz and report in /readyz instead of dying

@@ -12,7 +12,7 @@ import time
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Stages of one query: decode -> preprocess -> forward (the batched pass) -> search -> metadata (SQL join).
@@ -46,6 +46,23 @@ def metrics() -> Response:
         MultiProcessCollector(registry)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def forget_dead_workers() -> None:
+    """Under several workers: drop the live gauges of workers that died (uvicorn starts a new one in their place;
+    without this a dead worker's last queue depth and vector count would be reported for ever)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory or not os.path.isdir(directory):
+        return
+    pids = {int(name.rsplit("_", 1)[1].split(".")[0]) for name in os.listdir(directory)
+            if name.startswith("gauge_live") and name.rsplit("_", 1)[-1].split(".")[0].isdigit()}
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            mark_process_dead(pid, directory)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 class RequestMetrics:

@@ -190,8 +190,11 @@ def fold_shards(directory: str | Path, sources: list[str], stem: str,
         return 0
     ids, vectors = _last_per_id(np.concatenate(ids_parts), np.concatenate(vec_parts))
     manifest = json.dumps(sorted(sources)).encode()  # first: whatever a kill leaves, remove_replaced finds
+    # Each rename durable before the next: after a power loss the commit (ids) never exists without the others.
     _save_atomic(directory / f"{stem}{SOURCES_SUFFIX}", lambda handle: handle.write(manifest))
+    _fsync_dir(directory)
     _save_npy_atomic(directory / f"{stem}{VEC_SUFFIX}", vectors)
+    _fsync_dir(directory)
     _save_npy_atomic(directory / f"{stem}{IDS_SUFFIX}", ids)  # the commit: from here on the sources are skipped
     _fsync_dir(directory)
     remove_replaced(directory)
@@ -208,7 +211,7 @@ def remove_replaced(directory: str | Path) -> int:
     doomed: list[str] = []
     for manifest in sorted(n for n in names if n.endswith(SOURCES_SUFFIX)):
         stem = manifest[: -len(SOURCES_SUFFIX)]
-        if f"{stem}{IDS_SUFFIX}" in names:  # committed: its sources go
+        if f"{stem}{IDS_SUFFIX}" in names and f"{stem}{VEC_SUFFIX}" in names:  # committed (as shard_stems counts)
             doomed += [f"{source}{suffix}" for source in _merged_sources(directory, stem) for suffix in SHARD_SUFFIXES]
         else:  # never committed: the merge's own partial files go, its sources stay
             doomed += [f"{stem}{VEC_SUFFIX}", manifest]
@@ -223,17 +226,31 @@ def remove_replaced(directory: str | Path) -> int:
 
 
 def link_shards(source: str | Path, target: str | Path) -> int:
-    """Hard-link (or copy across filesystems) every complete shard of `source` into `target`."""
+    """Hard-link (or copy across filesystems) every complete shard of `source` into `target`.
+
+    A fold may run meanwhile (a publish does not hold the compaction lease). It commits its merged shard, which
+    names the shards it replaces, before deleting any of them, so a pass that finds a listed file gone lists again
+    and links the merged shard: `target` then reads the same rows as `source`."""
     source, target = Path(source), Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for stem in shard_stems(source):
-        for suffix in (VEC_SUFFIX, SOURCES_SUFFIX, IDS_SUFFIX):
-            src, dst = source / f"{stem}{suffix}", target / f"{stem}{suffix}"
-            if src.exists() and not dst.exists():
-                link_or_copy(src, dst)
-        count += 1
-    return count
+    for _ in range(FOLD_RETRIES + 1):
+        stems = shard_stems(source)
+        if all(_link_shard(source, target, stem) for stem in stems):
+            return len(stems)
+    raise RuntimeError(f"embedding shards in {source} kept vanishing while being linked; run it again")
+
+
+def _link_shard(source: Path, target: Path, stem: str) -> bool:
+    """Link one shard's files (its manifest when it has one, its commit last); False when one vanished."""
+    for suffix in (VEC_SUFFIX, SOURCES_SUFFIX, IDS_SUFFIX):
+        src, dst = source / f"{stem}{suffix}", target / f"{stem}{suffix}"
+        if dst.exists() or (suffix == SOURCES_SUFFIX and not src.exists()):
+            continue
+        try:
+            link_or_copy(src, dst)
+        except FileNotFoundError:
+            return False
+    return True
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -237,6 +237,42 @@ def test_fold_keeps_the_latest_row_and_drops_what_it_is_told(tmp_path: Path) -> 
     np.testing.assert_allclose(versions.load_embeddings(store, keep=[1])[1][0], vectors[2], atol=2e-3)
 
 
+def test_linking_shards_while_a_fold_deletes_them_links_the_same_rows(tmp_path: Path, monkeypatch) -> None:
+    """A publish links the store while the service's compaction folds it: the version gets every row."""
+    store, target = tmp_path / "emb", tmp_path / "published"
+    _many_small_shards(store, 5)
+    before_ids, before = versions.load_embeddings(store)
+    real_link, folded = versions.link_or_copy, []
+
+    def fold_first(src: Path, dst: Path) -> None:  # the fold lands after the listing, before the first link
+        if not folded:
+            folded.append(versions.fold_shards(store, [s for s in versions.shard_stems(store)
+                                                       if s.startswith("api-")], "api-000000000000-merged-1"))
+        real_link(src, dst)
+
+    monkeypatch.setattr(versions, "link_or_copy", fold_first)
+    versions.link_shards(store, target)
+    assert folded == [5]
+    ids, loaded = versions.load_embeddings(target)
+    assert np.array_equal(ids, before_ids) and np.array_equal(loaded, before)
+
+
+def test_a_merged_shard_missing_its_vectors_does_not_replace_its_sources(tmp_path: Path) -> None:
+    """After a power loss the merged shard's commit (ids) may exist without its vectors file: readers keep the
+    sources, and the next fold must not delete them."""
+    store = tmp_path / "emb"
+    _many_small_shards(store, 3)
+    sources = [s for s in versions.shard_stems(store) if s.startswith("api-")]
+    before_ids, before = versions.load_embeddings(store)
+    versions.fold_shards(store, sources, "api-000000000000-merged-1")
+    # Recreate the sources (as if never deleted) and lose the merged shard's vectors file.
+    _many_small_shards(store, 3)
+    (store / f"api-000000000000-merged-1{versions.VEC_SUFFIX}").unlink()
+    assert versions.remove_replaced(store) >= 0
+    ids, loaded = versions.load_embeddings(store)
+    assert np.array_equal(ids, before_ids) and np.array_equal(loaded, before)
+
+
 def test_shard_lookup_opens_only_the_shards_it_needs(tmp_path: Path, monkeypatch) -> None:
     from index.shard_lookup import ShardLookup
 

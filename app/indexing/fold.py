@@ -36,7 +36,9 @@ def fold_api_shards(url: str, store: Path) -> int:
     """Fold the API shards of one model's store into one (the caller holds the compaction lease). Returns how many
     shards were folded (0 when there are fewer than two)."""
     versions.remove_replaced(store)  # finish a fold a kill interrupted
-    sources = api_shards(store)
+    # Earlier merged shards stay as they are: folding them again would rewrite every API-added vector at each
+    # compaction (work growing with the square of the adds). One merged shard per compaction is few files.
+    sources = [stem for stem in api_shards(store) if not stem.startswith(MERGED_PREFIX)]
     if len(sources) < 2:
         return 0
     with session_scope(url) as session:

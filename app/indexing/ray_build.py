@@ -166,9 +166,12 @@ def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildRepo
                 report.embedded = pass_start + committed
                 left = missing_embeddings(settings, model, None)
                 reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else "no detail"
-                lost = (f"the Ray cluster lost a worker mid-build ({type(exc).__name__}: {reason}; "
-                        f"{_alive_nodes()} node(s) alive now); the {committed} images of this pass with committed "
-                        "embeddings are kept")
+                try:
+                    alive = f"{_alive_nodes()} node(s) alive now"
+                except Exception:  # the head itself may be gone; the message below still says what to do
+                    alive = "the cluster does not answer"
+                lost = (f"the Ray cluster lost a worker mid-build ({type(exc).__name__}: {reason}; {alive}); the "
+                        f"{committed} images of this pass with committed embeddings are kept")
                 if attempt == RAY_PASSES:
                     raise RayWorkersLost(f"{lost}. Gave up after {RAY_PASSES} passes: run the same command again "
                                          "to resume from the committed shards") from exc
