@@ -90,7 +90,11 @@ COPY --from=builder /opt/venv /opt/venv
 # torch makes its compile cache dir ($TMPDIR/torchinductor_<user>) when it is imported, and ONNX Runtime's telemetry
 # library writes a session file (.ses) to $TMPDIR when it is imported: keep both in /data, so that nothing outside
 # /data is written (and a read-only root file system works). A /data without tmp/ (a bind mount) gets no .ses.
+# MALLOC_ARENA_MAX=2: glibc's default of 8 malloc arenas per core each keep the memory their threads freed, and RSS
+# crept up under load with the bytes in use flat; 2 arenas plus the service's periodic malloc_trim keep it flat
+# (docs/reliability.md, "Soak").
 ENV PATH=/opt/venv/bin:${PATH} \
+    MALLOC_ARENA_MAX=2 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \

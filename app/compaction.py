@@ -4,6 +4,7 @@ Every `swap_poll_s` the loop looks for a new active version in SQL (deployment.c
 once `compact_every` online changes are pending or the oldest has waited `compact_after_s`, it publishes a
 compacted version (app.indexing.compact: one replica at a time, decided in SQL) and swaps it in at once, reusing
 the loaded model. Requests keep being served throughout: the compaction reads files and SQL, not the live index.
+Every `malloc_trim_s` it also hands the memory malloc holds free back to the OS (app/memory.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi import FastAPI
 
 from app.deployment import ServingState, check_for_new_version, converge_with_peers
 from app.indexing.compact import compact_index
+from app.memory import release_free_heap
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ async def compact_now(app: FastAPI, settings: Settings) -> dict:
 
 async def maintain(app: FastAPI, settings: Settings) -> None:
     """Background task: poll SQL for a newly promoted version and hot-swap it in, else converge with the other
-    replicas' writes; compact when due."""
+    replicas' writes; compact when due; every `malloc_trim_s` return malloc's free memory to the OS."""
+    last_trim = time.monotonic()
     while True:
         await asyncio.sleep(settings.swap_poll_s)
         try:
@@ -60,6 +63,9 @@ async def maintain(app: FastAPI, settings: Settings) -> None:
                 await asyncio.to_thread(converge_with_peers, app, settings)
             if app.state.deployment is not None and compaction_due(app.state.serving, settings):
                 await compact_now(app, settings)
+            if settings.malloc_trim_s > 0 and time.monotonic() - last_trim >= settings.malloc_trim_s:
+                await asyncio.to_thread(release_free_heap)
+                last_trim = time.monotonic()
         except asyncio.CancelledError:
             raise
         except Exception:  # e.g. the database is briefly unreachable; try again next tick

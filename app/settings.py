@@ -80,6 +80,10 @@ class Settings(BaseSettings):
 
     # Hot swap: how often the service polls SQL for a newly promoted model + index version.
     swap_poll_s: float = Field(5.0, description="Seconds between checks for a new active index version.")
+    malloc_trim_s: float = Field(
+        60.0, ge=0, description="Seconds between handing the memory glibc malloc holds free back to the OS "
+                                "(malloc_trim; keeps RSS from creeping under load, docs/reliability.md; 0: never)."
+    )
     catchup_max_embed: int = Field(
         1000, description="At load, live images with no stored embedding are embedded when at most this many."
     )

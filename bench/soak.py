@@ -10,12 +10,21 @@ adds and deletes, compactions (RETRIEVAL_COMPACT_EVERY) and a forced hot swap (`
    images not in the corpus), 5% deletes (of images this run added); every `--swap-every` seconds a forced
    `index rebuild` publishes a new version that the server hot-swaps to.
 4. Prints one row per `--interval`: requests, errors (non-2xx other than the 409 of a re-add), p50/p99 latency,
-   the server's RSS and open file handles, vectors served. Flat RSS, handles and p99 over time = no leak.
+   the server's RSS (and its anonymous part: heap, not mapped files) and open file handles, vectors served; at
+   the end the RSS slope (least squares over the rows after the first) in MB per 10 minutes. Flat RSS, handles
+   and p99 over time = no leak.
+
+Isolating what grows RSS: `--mix search` sends searches only; `--swap-every 0` never forces a rebuild;
+`--compact-every 0` (with RETRIEVAL_COMPACT_AFTER_S=0 in the environment) never compacts. The server inherits
+this process's environment, so `MALLOC_ARENA_MAX=2 .venv/bin/python bench/soak.py ...` runs it with 2 malloc
+arenas. `--probe` loads bench/soak_probe/ into the server and adds glibc malloc's bytes in use, bytes held free
+and arena count to each row (native heap vs allocator retention).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -64,10 +73,29 @@ def link_corpus(files: list[Path], root: Path) -> Path:
     return corpus
 
 
-def process_stats(pid: int) -> tuple[float, int]:
-    rss_kb = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                  if line.startswith("VmRSS:"))
-    return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+def process_stats(pid: int) -> tuple[float, float, int]:
+    """RSS MB, its anonymous part (heap and other private memory, not mapped files) MB, open file handles."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["RssAnon"].split()[0]) / 1024,
+            len(os.listdir(f"/proc/{pid}/fd")))
+
+
+def probe_columns(path: Path, pid: int) -> str:
+    """The newest bench/soak_probe sample of the server process, as table cells."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    mine = [sample for sample in lines if sample["pid"] == pid]
+    if not mine:
+        return " - | - | - |"
+    last = mine[-1]
+    return f" {last['in_use_mb']:>6.0f} | {last['free_mb']:>6.0f} | {last['arenas']:>3} |"
+
+
+def slope_per_10_min(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, MB) points, in MB per 10 minutes (0 with fewer than 2 points)."""
+    if len(points) < 2:
+        return 0.0
+    t, mb = np.array(points).T
+    return float(np.polyfit(t, mb, 1)[0] * 600)
 
 
 def measure_capacity(base: str, queries: list[bytes], seconds: float, clients: int = 8) -> float:
@@ -110,7 +138,7 @@ class Recorder:
 
 
 def client_loop(base: str, rate: float, queries: list[bytes], extras: list[Path], added: list[int],
-                recorder: Recorder, stop: threading.Event, seed: int) -> None:
+                recorder: Recorder, stop: threading.Event, seed: int, writes: bool = True) -> None:
     rng = random.Random(seed)
     with httpx.Client(base_url=base, timeout=60) as client:
         next_at = time.monotonic()
@@ -119,14 +147,14 @@ def client_loop(base: str, rate: float, queries: list[bytes], extras: list[Path]
             time.sleep(max(0.0, next_at - time.monotonic()))
             roll = rng.random()
             started = time.monotonic()
-            if roll < 0.10 and extras:
+            if writes and roll < 0.10 and extras:
                 path = extras[rng.randrange(len(extras))]
                 response = client.post("/v1/images", files={"file": ("a.jpg", path.read_bytes())},
                                        data={"label": path.parent.name})
                 if response.status_code == 201:
                     added.append(response.json()["id"])
                 kind = "add"
-            elif roll < 0.15 and added:
+            elif writes and roll < 0.15 and added:
                 victim = added.pop(rng.randrange(len(added)))
                 response = client.delete(f"/v1/images/{victim}")
                 kind = "delete"
@@ -146,7 +174,10 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--capacity-s", type=float, default=20)
     parser.add_argument("--swap-every", type=float, default=300)
-    parser.add_argument("--compact-every", type=int, default=100)
+    parser.add_argument("--compact-every", type=int, default=100, help="0: never (with RETRIEVAL_COMPACT_AFTER_S=0)")
+    parser.add_argument("--mix", choices=("full", "search"), default="full",
+                        help="full: 85%% searches, 10%% adds, 5%% deletes; search: searches only")
+    parser.add_argument("--probe", action="store_true", help="malloc in use / free / arenas columns (see above)")
     args = parser.parse_args()
 
     from app.db import migrate
@@ -162,6 +193,10 @@ def main() -> int:
         build_index(settings, link_corpus(files, root), progress=False)
         env = dict(os.environ) | {"RETRIEVAL_DATA_DIR": str(settings.data_dir), "RETRIEVAL_SWAP_POLL_S": "2",
                                   "RETRIEVAL_COMPACT_EVERY": str(args.compact_every)}
+        probe_log = root / "probe.jsonl"
+        if args.probe:
+            env |= {"PYTHONPATH": str(REPO / "bench" / "soak_probe"), "SOAK_PROBE_LOG": str(probe_log),
+                    "SOAK_PROBE_S": str(min(10.0, args.interval / 2))}
         server = LiveServer(env, root / "server.log").start()
         assert server.proc is not None
         try:
@@ -170,35 +205,44 @@ def main() -> int:
             rate = args.load * capacity
             print(f"capacity {capacity:.1f} searches/s (8 closed-loop clients); soak at {rate:.1f} req/s "
                   f"({args.load:.0%}) for {args.seconds:.0f} s, {args.clients} clients, corpus {len(files)}, "
-                  f"hot swap every {args.swap_every:.0f} s, compaction every {args.compact_every} changes")
+                  f"hot swap every {args.swap_every:.0f} s, compaction every {args.compact_every} changes, "
+                  f"mix {args.mix}, MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset')}")
+            probe_head = " malloc in use MB | malloc free MB | arenas |" if args.probe else ""
             print(f"| {'t (s)':>6} | {'requests':>8} | {'p50 ms':>7} | {'p99 ms':>7} | errors | {'RSS MB':>7} | "
-                  f"{'fds':>4} | {'vectors':>7} | index version |")
-            print("|---:|---:|---:|---:|---|---:|---:|---:|---|")
+                  f"anon MB |{probe_head} {'fds':>4} | {'vectors':>7} | index version |")
+            print("|---:|---:|---:|---:|---|---:|---:|" + "---:|---:|---:|" * args.probe + "---:|---:|---|")
             recorder, stop, added = Recorder(), threading.Event(), []
             threads = [threading.Thread(target=client_loop, args=(server.base_url, rate / args.clients, queries,
-                                                                  extras, added, recorder, stop, n))
+                                                                  extras, added, recorder, stop, n,
+                                                                  args.mix == "full"))
                        for n in range(args.clients)]
             for t in threads:
                 t.start()
             started = last_swap = time.monotonic()
             total_errors = 0
+            rss_points: list[tuple[float, float]] = []
             while time.monotonic() - started < args.seconds:
                 time.sleep(min(args.interval, max(0.1, args.seconds - (time.monotonic() - started))))
-                if time.monotonic() - last_swap >= args.swap_every:
+                if args.swap_every > 0 and time.monotonic() - last_swap >= args.swap_every:
                     rebuild_index(settings, progress=False)  # a new version: the server hot-swaps to it
                     last_swap = time.monotonic()
                 count, latencies, errors = recorder.take()
                 total_errors += sum(errors.values())
-                rss, fds = process_stats(server.proc.pid)
+                rss, anon, fds = process_stats(server.proc.pid)
+                elapsed = time.monotonic() - started
+                rss_points.append((elapsed, rss))
+                probe = probe_columns(probe_log, server.proc.pid) if args.probe else ""
                 ready = httpx.get(f"{server.base_url}/readyz", timeout=30).json()["detail"]
                 p50, p99 = (np.percentile(latencies, [50, 99]) if latencies else (0.0, 0.0))
-                print(f"| {time.monotonic() - started:>6.0f} | {count:>8} | {p50:>7.0f} | {p99:>7.0f} | "
-                      f"{errors or 0} | {rss:>7.0f} | {fds:>4} | {ready.get('vectors', '-'):>7} | "
+                print(f"| {elapsed:>6.0f} | {count:>8} | {p50:>7.0f} | {p99:>7.0f} | "
+                      f"{errors or 0} | {rss:>7.0f} | {anon:>7.0f} |{probe} {fds:>4} | "
+                      f"{ready.get('vectors', '-'):>7} | "
                       f"{ready.get('index_version', '-')} |", flush=True)
             stop.set()
             for t in threads:
                 t.join()
-            print(f"errors in total: {total_errors}")
+            print(f"errors in total: {total_errors}; RSS slope after the first row: "
+                  f"{slope_per_10_min(rss_points[1:]):+.1f} MB per 10 minutes")
         finally:
             server.stop()
     return 0
