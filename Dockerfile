@@ -72,7 +72,8 @@ RUN HF_HUB_OFFLINE=1 python -c "import sys; \
 sys.addaudithook(lambda event, args: event in ('socket.getaddrinfo', 'socket.connect') \
     and sys.exit(f'network access in the offline build step: {event} {args}')); \
 from models.zoo import create_embedder; import faiss, app.main, app.cli; \
-e = create_embedder('efficientnet_lite0'); print('default embedder dim', e.dim, 'faiss', faiss.__version__)"
+from app.settings import Settings; \
+e = create_embedder(Settings().embedder); print('default embedder dim', e.dim, 'faiss', faiss.__version__)"
 
 # --- runtime: the final image -----------------------------------------------------------------------------------
 # hadolint ignore=DL3006

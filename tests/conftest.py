@@ -62,7 +62,10 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def make_settings(data_dir: Path, database_url: str, **overrides):
     from app.settings import Settings
 
-    values = {"data_dir": data_dir, "database_url": database_url, "num_workers": 0, "batch_size": 16}
+    # Lite0 unless a test names another: a third of the default three-trunk preset's compute, and the model is
+    # not what these tests are about.
+    values = {"data_dir": data_dir, "database_url": database_url, "num_workers": 0, "batch_size": 16,
+              "embedder": "efficientnet_lite0"}
     values.update(overrides)
     return Settings(**values)
 
