@@ -24,10 +24,7 @@ import shutil
 import socket
 import sqlite3
 import tempfile
-import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -126,21 +123,6 @@ def _copy_dirs(data_dir: Path, files: Path, names: list[str]) -> int:
     return sum(_copy_live_dir(data_dir / d, files / d) for d in names if (data_dir / d).is_dir())
 
 
-@contextmanager
-def _compaction_lease(url: str, wait_s: float = LEASE_TTL_S) -> Iterator[None]:
-    """Hold the compaction lease (app.indexing.compact), waiting up to `wait_s` for a running compaction."""
-    owner = f"backup-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    deadline = time.monotonic() + wait_s
-    while not leases.acquire(url, LEASE, owner, LEASE_TTL_S):
-        if time.monotonic() > deadline:
-            raise BackupError(f"a compaction has held its lease for over {wait_s:.0f} s; retry the backup")
-        time.sleep(0.5)
-    try:
-        yield
-    finally:
-        leases.release(url, LEASE, owner)
-
-
 def backup(settings: Settings, target: Path) -> dict[str, Any]:
     """Write a snapshot to `target` (which must not exist yet); it appears there only once complete."""
     target = Path(target)
@@ -157,7 +139,10 @@ def backup(settings: Settings, target: Path) -> dict[str, Any]:
         # The SQL snapshot and the embeddings copy under the compaction lease: a fold in between could drop the
         # vector of an image deleted after the snapshot, which the restored database says is live.
         # Images only gain files after the snapshot (extra files are harmless), so they are copied after the lease.
-        with _compaction_lease(url):
+        owner = f"backup-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        with leases.holding(url, LEASE, owner, LEASE_TTL_S, wait_s=LEASE_TTL_S) as taken:
+            if not taken:
+                raise BackupError(f"a compaction has held its lease for over {LEASE_TTL_S:.0f} s; retry the backup")
             tables = _sql_snapshot(settings)
             copied = _copy_dirs(data_dir, files, ["embeddings"])
         copied += _copy_dirs(data_dir, files, [d for d in COPIED_DIRS if d != "embeddings"])

@@ -7,6 +7,9 @@ its row, and a concurrent insert loses on the primary key. A holder that dies le
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import insert, or_, update
@@ -42,3 +45,19 @@ def release(url: str, name: str, owner: str) -> None:
     with get_engine(url).begin() as conn:
         conn.execute(update(Lease).where(Lease.name == name, Lease.owner == owner)
                      .values(owner=None, expires_at=None))
+
+
+@contextmanager
+def holding(url: str, name: str, owner: str, ttl_s: float, wait_s: float = 0.0) -> Iterator[bool]:
+    """Hold lease `name` for the block, waiting up to `wait_s` for it; yields whether it was taken (when not, the
+    block runs holding nothing, and says what to do)."""
+    deadline = time.monotonic() + wait_s
+    taken = acquire(url, name, owner, ttl_s)
+    while not taken and time.monotonic() < deadline:
+        time.sleep(0.5)
+        taken = acquire(url, name, owner, ttl_s)
+    try:
+        yield taken
+    finally:
+        if taken:
+            release(url, name, owner)

@@ -57,12 +57,10 @@ def compact_index(settings: Settings, owner: str) -> CompactReport:
     """Publish the active version + online adds - deletes as a new version, unless there is nothing to fold in."""
     url = settings.resolved_database_url
     start = time.perf_counter()
-    if not leases.acquire(url, LEASE, owner, LEASE_TTL_S):
-        return CompactReport(message="another process is compacting; skipped")
-    try:
+    with leases.holding(url, LEASE, owner, LEASE_TTL_S) as taken:
+        if not taken:
+            return CompactReport(message="another process is compacting; skipped")
         report = _compact(settings, url)
-    finally:
-        leases.release(url, LEASE, owner)
     report.seconds = time.perf_counter() - start
     return report
 

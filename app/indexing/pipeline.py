@@ -91,8 +91,6 @@ def rebuild_index(settings: Settings, *, factory: str | None = None, progress: b
 def _fold_unless_compacting(settings: Settings, model_name: str) -> None:
     """Fold the API embedding shards under the compaction lease; a compaction holding it folds them itself."""
     url, owner = settings.resolved_database_url, f"rebuild-{os.getpid()}"
-    if leases.acquire(url, LEASE, owner, LEASE_TTL_S):
-        try:
+    with leases.holding(url, LEASE, owner, LEASE_TTL_S) as taken:
+        if taken:
             fold_api_shards(url, settings.embeddings_dir(model_name))
-        finally:
-            leases.release(url, LEASE, owner)
