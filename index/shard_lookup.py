@@ -84,10 +84,8 @@ class ShardLookup:
             ids = np.concatenate(parts)
             shard = np.concatenate([np.full(len(p), n, dtype=np.int32) for n, p in enumerate(parts)])
             row = np.concatenate([np.arange(len(p), dtype=np.int64) for p in parts])
-            # The latest shard (by name, as load_embeddings) wins: first occurrence in the reversed arrays.
-            unique, first = np.unique(ids[::-1], return_index=True)
-            pick = len(ids) - 1 - first
-            self._ids, self._shard, self._row = unique, shard[pick], row[pick]
+            pick = versions.latest_rows(ids)  # the latest shard (by name) wins, as in load_embeddings
+            self._ids, self._shard, self._row = ids[pick], shard[pick], row[pick]
         else:
             self._ids = np.zeros(0, dtype=np.int64)
             self._shard, self._row = np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)

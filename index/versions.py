@@ -160,10 +160,15 @@ def load_embeddings(directory: str | Path, keep: np.ndarray | None = None) -> tu
     return _last_per_id(np.concatenate(ids_parts), np.concatenate(vec_parts))
 
 
-def _last_per_id(ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One row per id, the last occurrence (a re-embedded image), sorted by id."""
+def latest_rows(ids: np.ndarray) -> np.ndarray:
+    """Positions of one row per id, its last occurrence (a re-embedded image), in id order."""
     _, last = np.unique(ids[::-1], return_index=True)
-    pick = len(ids) - 1 - last
+    return len(ids) - 1 - last
+
+
+def _last_per_id(ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One row per id, the last occurrence, sorted by id."""
+    pick = latest_rows(ids)
     return ids[pick], vectors[pick]
 
 
