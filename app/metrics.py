@@ -54,8 +54,9 @@ def forget_dead_workers() -> None:
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory or not os.path.isdir(directory):
         return
-    pids = {int(name.rsplit("_", 1)[1].split(".")[0]) for name in os.listdir(directory)
-            if name.startswith("gauge_live") and name.rsplit("_", 1)[-1].split(".")[0].isdigit()}
+    suffixes = (name.removesuffix(".db").rpartition("_")[2] for name in os.listdir(directory)
+                if name.startswith("gauge_live"))  # gauge_livesum_<pid>.db
+    pids = {int(suffix) for suffix in suffixes if suffix.isdigit()}
     for pid in pids:
         try:
             os.kill(pid, 0)
