@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -140,20 +141,9 @@ def _compile_on_a_throwaway_thread(core: Any, onnx_path: Path, properties: dict[
     frame (Python installs its handlers with SA_ONSTACK). Compiled on the main thread and released on another, that
     killed the test suite (docs/benchmarks.md). A thread that has ended holds no signal stack, so no living
     thread is left with a dangling one."""
-    result: dict[str, Any] = {}
-
-    def compile_model() -> None:
-        try:
-            result["compiled"] = core.compile_model(str(onnx_path), "CPU", properties)
-        except BaseException as exc:  # re-raised on the caller's thread
-            result["error"] = exc
-
-    thread = threading.Thread(target=compile_model, name="openvino-compile")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["compiled"]
+    # Leaving the block joins the pool's one thread; an error is raised here, on the caller's thread.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="openvino-compile") as pool:
+        return pool.submit(core.compile_model, str(onnx_path), "CPU", properties).result()
 
 
 class OpenVinoRunner:
