@@ -148,7 +148,6 @@ def share_the_machine_between_workers(settings: Settings, workers: int) -> None:
 
     from models.runtime import default_threads
 
-    os.environ["RETRIEVAL_API_WORKERS"] = str(workers)
     if settings.inference_threads == 0:
         os.environ["RETRIEVAL_INFERENCE_THREADS"] = str(max(1, default_threads() // workers))
     # A fresh directory of this server's own (never shared with another replica on the same volume).
