@@ -1,12 +1,12 @@
 """The CPU Docker image, built from the Dockerfile as it is and run for real: `make test-image`.
 
 There is no Docker engine on these machines, so the image is built and run with Debian's buildah (daemonless, as
-root, `vfs` storage, `chroot` isolation, host network). Docker Hub cannot be reached either, so the Dockerfile's
-CPU base is replaced through its `CPU_BASE` build argument by a local Debian 12 image: a `debootstrap --variant=
-minbase bookworm` root file system with python3 (3.11, as in python:3.11-slim-bookworm), python3-venv and
-ca-certificates, cached in buildah's storage between runs. pip inside the build uses this machine's own pip
-settings (index, wheel folders, constraints, certificate), passed in as one pip.conf plus read-only mounts of the
-files and folders it names.
+root, `overlay` storage (`vfs` where the kernel refuses an overlay mount), `chroot` isolation, host network). Docker
+Hub cannot be reached either, so the Dockerfile's CPU base is replaced through its `CPU_BASE` build argument by a
+local Debian 12 image: a `debootstrap --variant= minbase bookworm` root file system with python3 (3.11, as in
+python:3.11-slim-bookworm), python3-venv and ca-certificates, cached in buildah's storage between runs. pip inside
+the build uses this machine's own pip settings (index, wheel folders, constraints, certificate), passed in as one
+pip.conf plus read-only mounts of the files and folders it names.
 
 Then, in containers of the built image, with the image's own user, environment and entry point:
 `retrieval db upgrade` against a real PostgreSQL server on loopback, `retrieval index build` of a small folder
@@ -41,8 +41,12 @@ from tests.postgres import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI") == "true"
-# buildah's storage (the cached base image lives here between runs) and scratch space; vfs needs a few GB per layer.
+# buildah's storage (the cached base image lives here between runs) and scratch space.
 WORK = Path(os.environ.get("RETRIEVAL_IMAGE_TEST_DIR", "/var/tmp/retrieval-image-test"))
+# Free disk the run needs at its peak under WORK, measured (docs/deployment.md): while the final stage is committed,
+# the builder's venv, the runtime stage's copy of it, the layer's tar blob and the layer it unpacks to (about 6 GB
+# each) all exist at once, with either storage driver.
+NEEDED_GB = 31
 MIRROR = os.environ.get("RETRIEVAL_IMAGE_TEST_MIRROR", "http://deb.debian.org/debian")
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 # Tagged by its package list, so a changed list makes a new base instead of reusing the cached one.
@@ -63,12 +67,30 @@ def unavailable(reason: str) -> None:
     pytest.skip(f"cannot build or run the image here: {reason}")
 
 
-class Buildah:
-    """buildah with its own storage under WORK, so nothing is shared with other users of buildah on the machine."""
+def storage_driver() -> str:
+    """overlay where the kernel mounts one here (root with overlayfs), else vfs; RETRIEVAL_IMAGE_TEST_STORAGE picks."""
+    chosen = os.environ.get("RETRIEVAL_IMAGE_TEST_STORAGE")
+    if chosen:
+        return chosen
+    with tempfile.TemporaryDirectory(dir=WORK, prefix="overlay-probe-") as probe:
+        for name in ("lower", "upper", "work", "merged"):
+            Path(probe, name).mkdir()
+        options = f"lowerdir={probe}/lower,upperdir={probe}/upper,workdir={probe}/work"
+        mounted = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, f"{probe}/merged"],
+                                 capture_output=True, timeout=30).returncode == 0
+        if mounted:
+            subprocess.run(["umount", f"{probe}/merged"], check=True, timeout=30)
+    return "overlay" if mounted else "vfs"
 
-    def __init__(self, executable: str) -> None:
-        self.prefix = [executable, "--root", str(WORK / "storage"), "--runroot", str(WORK / "run"),
-                       "--storage-driver", "vfs"]
+
+class Buildah:
+    """buildah with its own storage under WORK, so nothing is shared with other users of buildah on the machine
+    (one storage folder per driver: containers/storage refuses a folder made by another driver)."""
+
+    def __init__(self, executable: str, driver: str) -> None:
+        self.driver = driver
+        self.prefix = [executable, "--root", str(WORK / f"storage-{driver}"), "--runroot", str(WORK / "run"),
+                       "--storage-driver", driver]
 
     def argv(self, *args: str) -> list[str]:
         return [*self.prefix, *args]
@@ -94,9 +116,17 @@ def buildah() -> Buildah:
     if shutil.which("debootstrap") is None:
         unavailable("debootstrap is not installed (scripts/setup.sh --image installs it)")
     if os.geteuid() != 0:
-        unavailable("buildah with chroot isolation and vfs storage needs root here")
+        unavailable("buildah with chroot isolation needs root here")
     WORK.mkdir(parents=True, exist_ok=True)
-    tool = Buildah(executable)
+    driver = storage_driver()
+    free_gb = shutil.disk_usage(WORK).free / 1e9
+    if free_gb < NEEDED_GB:
+        # Not a missing tool but a machine too full today: a build that fills the disk half-way proves nothing about
+        # the Dockerfile and leaves the machine without space, so this skips (with the figures) even under CI.
+        pytest.skip(f"the image build needs about {NEEDED_GB} GB free under {WORK}; {free_gb:.1f} GB are "
+                    "(RETRIEVAL_IMAGE_TEST_DIR picks another disk)")
+    print(f"\nbuildah storage: {driver} under {WORK}, {free_gb:.1f} GB free", flush=True)
+    tool = Buildah(executable, driver)
     tool("info", timeout=60)
     return tool
 
@@ -209,7 +239,7 @@ def image(buildah: Buildah, request: pytest.FixtureRequest,
 @pytest.fixture(scope="module")
 def container(buildah: Buildah, image: str) -> str:
     """One working container for every role, as compose runs them all from this image (vfs copies the whole image
-    for each container: minutes for this one). /dev/shm as big as compose's `shm_size`, for DataLoader workers."""
+    for each container: a minute or more). /dev/shm as big as compose's `shm_size`, for DataLoader workers."""
     started = time.monotonic()
     container = buildah("from", "--pull=never", "--shm-size", "1g", image, timeout=900).strip()
     print(f"\nworking container: made in {time.monotonic() - started:.0f} s", flush=True)
