@@ -3,7 +3,7 @@
 There is no Docker engine on these machines, so the image is built and run with Debian's buildah (daemonless, as
 root, `overlay` storage (`vfs` where the kernel refuses an overlay mount), `chroot` isolation, host network). Docker
 Hub cannot be reached either, so the Dockerfile's CPU base is replaced through its `CPU_BASE` build argument by a
-local Debian 12 image: a `debootstrap --variant= minbase bookworm` root file system with python3 (3.11, as in
+local Debian 12 image: a `debootstrap --variant=minbase bookworm` root file system with python3 (3.11, as in
 python:3.11-slim-bookworm), python3-venv and ca-certificates, cached in buildah's storage between runs. pip inside
 the build uses this machine's own pip settings (index, wheel folders, constraints, certificate), passed in as one
 pip.conf plus read-only mounts of the files and folders it names.
