@@ -40,7 +40,10 @@ class Settings(BaseSettings):
                             "'auto': 'reduced' on CUDA, 'fp32' on CPU (CPU bf16 misses the parity floor on real "
                             "photos); 'fp32' forces fp32."
     )
-    inference_threads: int = Field(0, description="Threads the inference runtime may use (0: all cores).")
+    inference_threads: int = Field(
+        0, ge=0, description="Threads the inference runtime (and torch) may use. 0: in the API, each worker's share of "
+                             "the cores less one for request handling (at least 1); in builds and the worker, all "
+                             "cores.")
     demo_source: Path | None = Field(
         None, description="Folder or CSV manifest `retrieval demo` indexes instead of exporting Fashion-MNIST."
     )

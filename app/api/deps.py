@@ -28,7 +28,7 @@ def get_session(request: Request) -> Iterator[Session]:
     """The request's SQL session: committed when the route returns, before the response is sent (scope
     "function" below), rolled back when it raises. Writes that must be durable at a precise moment (under the
     write lock) commit explicitly."""
-    with session_scope(request.app.state.settings.resolved_database_url) as session:
+    with session_scope(request.app.state.database_url) as session:
         yield session
 
 

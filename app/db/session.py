@@ -34,6 +34,7 @@ def get_engine(url: str) -> Engine:
                          connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
 
 
+@lru_cache(maxsize=8)
 def session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(url), expire_on_commit=False)
 
