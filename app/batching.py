@@ -33,6 +33,14 @@ class Forward(Protocol):
     def forward_batch(self, pixels: torch.Tensor) -> np.ndarray: ...
 
 
+def default_max_batch_size(device_type: str) -> int:
+    """The batch cap when RETRIEVAL_MAX_BATCH_SIZE is 0. CPU: 4. With the serving thread budget the runtime gains
+    nothing per image from bigger batches (OpenVINO fp32, Lite0, 1 thread: 227 / 222 / 201 / 199 img/s at b = 1 /
+    4 / 8 / 16), so they only make the queries that fill them wait: at 32 clients on 2 cores, 4 served more
+    queries/s than 16 with a lower p99 (docs/benchmarks.md). CUDA: 32, where a bigger batch fills the device."""
+    return 32 if device_type == "cuda" else 4
+
+
 class QueueFull(Exception):
     """The bounded queue is full: the caller should answer 503 with Retry-After."""
 

@@ -21,13 +21,14 @@ from starlette.concurrency import run_in_threadpool
 
 from app import metrics
 from app.api import duplicates, health, images, jobs, recommend, search, versions
-from app.batching import AdmissionGate, MicroBatcher
+from app.batching import AdmissionGate, MicroBatcher, default_max_batch_size
 from app.compaction import maintain
 from app.deployment import ServingState, load_active
 from app.errors import install_error_handlers
 from app.inference import serving_threads
 from app.limits import BodySizeLimit
 from app.settings import Settings, get_settings
+from models.embedder import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.database_url = settings.resolved_database_url  # resolved once (a path resolve per request showed)
     app.state.serving = ServingState()
     app.state.deployment = None
-    app.state.batcher = MicroBatcher(settings.max_batch_size, settings.max_batch_wait_ms, settings.max_queue)
+    batch_cap = settings.max_batch_size or default_max_batch_size(resolve_device(settings.device).type)
+    app.state.batcher = MicroBatcher(batch_cap, settings.max_batch_wait_ms, settings.max_queue)
     # Heatmaps bypass the batcher (torch passes of their own): the same overload answer, with a limit of their own.
     app.state.explain_gate = AdmissionGate(settings.explain_max_concurrent, settings.explain_max_queue,
                                            "explain requests")

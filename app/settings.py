@@ -69,7 +69,9 @@ class Settings(BaseSettings):
     num_workers: int = Field(2, description="DataLoader decode workers for the index build.")
 
     # Micro-batching of concurrent queries onto the device.
-    max_batch_size: int = Field(16, description="Most concurrent queries coalesced into one forward pass.")
+    max_batch_size: int = Field(
+        0, ge=0, description="Most concurrent queries coalesced into one forward pass. 0: 4 on CPU (the serving "
+                             "runtime's img/s is flat or falling past 4), 32 on CUDA.")
     max_batch_wait_ms: float = Field(
         0.0, description="How long a query waits for others to join its batch (0: none; queries that arrive while a "
                          "forward pass runs still share the next one)."
