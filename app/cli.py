@@ -146,10 +146,10 @@ def share_the_machine_between_workers(settings: Settings, workers: int) -> None:
     multiprocess mode, in a fresh directory: stale files of an earlier run would be counted)."""
     import tempfile
 
-    from app.inference import serving_threads
+    from models.runtime import default_threads
 
     if settings.inference_threads == 0:
-        os.environ["RETRIEVAL_INFERENCE_THREADS"] = str(serving_threads(workers))
+        os.environ["RETRIEVAL_INFERENCE_THREADS"] = str(max(1, default_threads() // workers))
     # A fresh directory of this server's own (never shared with another replica on the same volume).
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="retrieval-metrics-")
 

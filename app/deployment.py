@@ -216,7 +216,7 @@ def _embed_from_files(settings: Settings, deployment: Deployment, ids: np.ndarra
 def load_deployment(settings: Settings, index_row: IndexVersion, model_row: ModelVersion,
                     runner: Runner | None = None, index: VectorIndex | None = None) -> Deployment:
     """Load a pair (reusing `runner` when the model is the one already served, e.g. after a compaction)."""
-    runner = runner or load_runner(settings, model_row.path)
+    runner = runner or load_runner(settings, model_row.path, serving=True)
     index = index if index is not None else VectorIndex.load(index_row.path)
     if index.ntotal == 0 and (index.dim != runner.dim or not index.is_trained):
         # An empty corpus is a normal state: serve an empty exact index of the model's dimension, which API adds
@@ -258,7 +258,7 @@ def load_active(settings: Settings, state: ServingState | None = None) -> Deploy
             raise
         problem = f"index {index_row.name} cannot be loaded ({exc.__class__.__name__}: {exc})"
     log.error("%s; falling back", problem)
-    runner = load_runner(settings, model_row.path)
+    runner = load_runner(settings, model_row.path, serving=True)
     for older in _earlier_versions(settings, index_row):
         try:
             index = VectorIndex.load(older.path)

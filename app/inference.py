@@ -10,6 +10,7 @@ promotes it; or the service) and reused by the rest.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,15 +30,20 @@ if TYPE_CHECKING:  # torch loads lazily: the CLI's SQL-only commands start fast
 log = logging.getLogger(__name__)
 
 
-def serving_threads(workers: int) -> int:
-    """The inference runtime's threads in each of `workers` API processes when RETRIEVAL_INFERENCE_THREADS is 0:
-    the process's share of the cores less one, for the request handling (HTTP, decoding, the SQL join) that runs
-    beside the forward pass; at least 1. A runtime given every core spins its thread pool against the request
-    threads: on 2 cores, 1 thread served 8-17% more queries/s with 18% less CPU per query (docs/benchmarks.md).
-    Builds and the worker, which do nothing else while they embed, keep every core."""
-    from models.runtime import default_threads
+# A forward pass cheaper than this per image (all cores, batch 4) leaves the API's runtime one core short (below).
+CHEAP_FORWARD_MS = 5.0
 
-    return max(1, default_threads() // max(1, workers) - 1)
+
+def forward_ms_per_image(runner: Runner, probe: torch.Tensor) -> float:
+    """The runner's best of 3 timed passes over 4 probe images, in ms per image (after one warm-up pass)."""
+    batch = probe[:4].cpu()
+    runner.run(batch)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        runner.run(batch)
+        best = min(best, time.perf_counter() - started)
+    return best * 1000 / len(batch)
 
 PROBE_IMAGES = 8
 
@@ -69,8 +75,14 @@ def probe_batch(settings: Settings, config: EmbedderConfig, count: int = PROBE_I
     return torch.stack(tensors)
 
 
-def load_runner(settings: Settings, checkpoint_dir: str | Path) -> Runner:
-    """The checkpoint's embedder on the configured device and runtime (RETRIEVAL_RUNTIME), checked for parity."""
+def load_runner(settings: Settings, checkpoint_dir: str | Path, serving: bool = False) -> Runner:
+    """The checkpoint's embedder on the configured device and runtime (RETRIEVAL_RUNTIME), checked for parity.
+
+    `serving` (the API): with RETRIEVAL_INFERENCE_THREADS=0 on a CPU runtime whose forward pass is cheap (under
+    CHEAP_FORWARD_MS per image on all cores), the runtime gets one core less, left for the request handling that
+    runs beside it. Given every core, its thread pool spins against the request threads: Lite0 (2.8 ms) served
+    8-17% more queries/s on 2 cores with 1 thread than with 2. A costly forward pass is worth every core: the
+    three-trunk default (~10 ms) served 56 q/s with 1 thread against 69-76 with 2 (docs/benchmarks.md)."""
     from models.checkpoint import load_checkpoint
     from models.embedder import resolve_device
     from models.export import export_dir
@@ -87,6 +99,20 @@ def load_runner(settings: Settings, checkpoint_dir: str | Path) -> Runner:
     except OSError as exc:
         log.warning("cannot read checkpoint %s to key its export (%s): serving with torch", checkpoint_dir, exc)
         exports = None
-    return select_runner(embedder, device, probe_batch(settings, embedder.config), exports,
-                         requested=settings.runtime, precision=settings.inference_precision,
-                         threads=settings.inference_threads)
+    from models.runtime import default_threads
+
+    probe = probe_batch(settings, embedder.config)
+    runner = select_runner(embedder, device, probe, exports, requested=settings.runtime,
+                           precision=settings.inference_precision, threads=settings.inference_threads)
+    cores = default_threads()
+    if not (serving and settings.inference_threads == 0 and device.type == "cpu" and cores > 1
+            and runner.info.runtime != "torch"):
+        return runner
+    per_image = forward_ms_per_image(runner, probe)
+    if per_image >= CHEAP_FORWARD_MS:
+        log.info("inference runtime keeps all %d cores: %.1f ms per image", cores, per_image)
+        return runner
+    log.info("inference runtime gets %d of %d cores (%.1f ms per image: one core is left for request handling)",
+             cores - 1, cores, per_image)
+    return select_runner(embedder, device, probe, exports, requested=settings.runtime,
+                         precision=settings.inference_precision, threads=cores - 1)

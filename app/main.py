@@ -25,7 +25,6 @@ from app.batching import AdmissionGate, MicroBatcher, default_max_batch_size
 from app.compaction import maintain
 from app.deployment import ServingState, load_active
 from app.errors import install_error_handlers
-from app.inference import serving_threads
 from app.limits import BodySizeLimit
 from app.settings import Settings, get_settings
 from models.embedder import resolve_device
@@ -39,8 +38,6 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    if settings.inference_threads == 0:
-        settings = settings.model_copy(update={"inference_threads": serving_threads(settings.api_workers)})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

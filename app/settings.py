@@ -41,19 +41,19 @@ class Settings(BaseSettings):
                             "photos); 'fp32' forces fp32."
     )
     inference_threads: int = Field(
-        0, ge=0, description="Threads the inference runtime (and torch) may use. 0: in the API, each worker's share of "
-                             "the cores less one for request handling (at least 1); in builds and the worker, all "
-                             "cores.")
+        0, ge=0, description="Threads the inference runtime (and torch) may use. 0: all cores, except in an API "
+                             "process whose CPU runtime needs under 5 ms per image: one core less, for request "
+                             "handling (API workers > 1: each its share of the cores).")
     demo_source: Path | None = Field(
         None, description="Folder or CSV manifest `retrieval demo` indexes instead of exporting Fashion-MNIST."
     )
     host: str = Field("127.0.0.1", description="Address `retrieval serve` binds to.")
     port: int = Field(8000, description="Port `retrieval serve` listens on.")
     api_workers: int = Field(
-        1, ge=1, description="Worker processes `retrieval serve` runs (uvicorn --workers). More use more cores for "
-                             "the Python half of a query (2 on 2 cores: 2.3x the queries/s, docs/benchmarks.md); each "
-                             "holds its own model and index, and sees the others' adds and deletes within "
-                             "RETRIEVAL_SWAP_POLL_S.")
+        1, ge=1, description="Worker processes `retrieval serve` runs (uvicorn --workers). More run more event loops "
+                             "for the Python half of a query, for hosts with cores to spare (on 2 cores: 207 against "
+                             "200 q/s, docs/benchmarks.md); each holds its own model and index, and sees the others' "
+                             "adds and deletes within RETRIEVAL_SWAP_POLL_S.")
 
     # Limits on what a client may send.
     max_upload_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted upload, checked while streaming.")

@@ -254,7 +254,10 @@ def test_two_node_cluster_on_loopback(tmp_path: Path, tiny_embedder: Path, ray_t
         output = log.read_text(errors="replace")
         replanned = [line for line in output.splitlines() if "lost a worker mid-build" in line]
         print(f"first run: exit {first.returncode} {time.monotonic() - killed_at:.1f}s after the node kill", *replanned)
-        assert "Traceback" not in output, output[-4000:]
+        # Ray Data logs the failed pass's actor error with its traceback; after our "lost a worker" line (the new
+        # pass) nothing may end in one: the command itself never dies of an uncaught exception.
+        after_last_plan = output.rsplit("lost a worker mid-build", 1)[-1]
+        assert "Traceback" not in after_last_plan, output[-4000:]
         if first.returncode == 0:  # Ray Data dropped the lost actor, or a new pass ran on the head
             assert "published index" in output, output[-3000:]
         else:  # or a message that says what to do, not a traceback

@@ -201,3 +201,25 @@ def test_auto_serves_fp32_on_cpu_and_reduced_precision_only_when_asked() -> None
     assert candidates("auto", cpu, "reduced")[:2] == [("openvino", "reduced"), ("openvino", "fp32")]
     assert candidates("auto", cuda, "auto") == [("torch", "reduced"), ("torch", "fp32")]
     assert candidates("auto", cuda, "fp32") == [("torch", "fp32")]
+
+
+@pytest.mark.parametrize(("cheap_below_ms", "expected"), [(float("inf"), "one core less"), (0.0, "all cores")])
+def test_the_api_leaves_a_core_for_request_handling_only_when_the_forward_pass_is_cheap(
+        checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cheap_below_ms: float,
+        expected: str) -> None:
+    """The serving rule's decision, not its timing: the threshold is pinned either side of any real measurement."""
+    import app.inference
+    from models.runtime import default_threads
+
+    if default_threads() < 2:
+        pytest.skip("one core: nothing to leave for request handling")
+    settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'db.sqlite'}", runtime="openvino")
+    from app.db.migrate import upgrade
+
+    upgrade(settings.resolved_database_url)
+    monkeypatch.setattr(app.inference, "CHEAP_FORWARD_MS", cheap_below_ms)
+    served = load_runner(settings, checkpoint, serving=True)
+    threads = served.compiled.get_property("INFERENCE_NUM_THREADS")
+    assert threads == (default_threads() - 1 if expected == "one core less" else default_threads())
+    # Builds and the worker (serving=False) never time it: every core.
+    assert load_runner(settings, checkpoint).compiled.get_property("INFERENCE_NUM_THREADS") == default_threads()

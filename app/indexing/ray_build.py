@@ -32,6 +32,8 @@ from index.vector_index import VectorIndex
 MAX_RAY_BATCH = 128
 # Embed passes in one command: a pass that loses a node (or actor) is planned again over what is still missing.
 RAY_PASSES = 3
+# How long a re-planned pass waits for the cluster to drop a node that died (Ray: 5 missed 3 s health checks).
+RAY_NODE_LOSS_WAIT_S = 30.0
 
 
 def _decode_batch(batch: dict[str, np.ndarray], config: Any, max_bytes: int, max_pixels: int) -> dict[str, Any]:
@@ -142,6 +144,35 @@ def _alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
+def _alive_resources() -> dict[str, float]:
+    """CPUs and GPUs of the nodes the cluster's control store counts as alive (ray.cluster_resources() still
+    counts a node for a while after it died: a pass planned on it put two actors on a head with two CPUs, and the
+    decode tasks waited forever for a CPU)."""
+    import ray
+
+    totals: dict[str, float] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for name in ("CPU", "GPU"):
+                totals[name] = totals.get(name, 0.0) + float(node.get("Resources", {}).get(name, 0.0))
+    return totals
+
+
+def _await_node_loss(nodes_before: int) -> None:
+    """After a lost worker: wait (at most RAY_NODE_LOSS_WAIT_S) for the control store to drop a node that died,
+    so the next pass is planned on the nodes really alive. Ray notices a dead node by missed health checks (15 s
+    by default), later than the driver sees its actor die; a worker process that crashed on a live node costs
+    the whole wait."""
+    deadline = time.monotonic() + RAY_NODE_LOSS_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            if _alive_nodes() < nodes_before:
+                return
+        except Exception:  # the head itself gone: the next pass fails and says so
+            return
+        time.sleep(0.5)
+
+
 def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildReport, progress: bool,
                       address: str | None = None) -> None:
     """Embed every live image with no committed shard for `model` on a Ray cluster (see the module docstring).
@@ -157,6 +188,7 @@ def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildRepo
         actors, gpus = 0, 0.0  # as the last pass planned them
         for attempt in range(1, RAY_PASSES + 1):
             pass_start = report.embedded
+            nodes_before = _alive_nodes()
             try:
                 actors, gpus = _embed_pass(settings, model, todo, report, progress)
                 break
@@ -177,6 +209,7 @@ def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildRepo
                                          "to resume from the committed shards") from exc
                 print(f"{lost}; embedding the {len(left)} left on the nodes alive "
                       f"(pass {attempt + 1} of {RAY_PASSES})", file=sys.stderr, flush=True)
+                _await_node_loss(nodes_before)
                 todo = left
                 if len(todo) == 0:
                     break
@@ -200,7 +233,7 @@ def _embed_pass(settings: Settings, model: ModelVersion, todo: np.ndarray, repor
     url = settings.resolved_database_url
     with session_scope(url) as session:
         uris = [u.decode("utf-8") for u in file_uris(session, todo)]
-    resources = ray.cluster_resources()
+    resources = _alive_resources()
     if not resources.get("GPU") and resources.get("CPU", 0) < 2:  # an embed actor and a decode task: else a hang
         raise RayWorkersLost(f"the Ray cluster has {resources.get('CPU', 0):g} CPU and no GPU ({_alive_nodes()} "
                              "node(s) alive): an embed actor and the decode tasks need 2 CPUs; add a node, then "
