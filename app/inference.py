@@ -78,11 +78,13 @@ def probe_batch(settings: Settings, config: EmbedderConfig, count: int = PROBE_I
 def load_runner(settings: Settings, checkpoint_dir: str | Path, serving: bool = False) -> Runner:
     """The checkpoint's embedder on the configured device and runtime (RETRIEVAL_RUNTIME), checked for parity.
 
-    `serving` (the API): with RETRIEVAL_INFERENCE_THREADS=0 on a CPU runtime whose forward pass is cheap (under
-    CHEAP_FORWARD_MS per image on all cores), the runtime gets one core less, left for the request handling that
-    runs beside it. Given every core, its thread pool spins against the request threads: Lite0 (2.8 ms) served
-    8-17% more queries/s on 2 cores with 1 thread than with 2. A costly forward pass is worth every core: the
-    three-trunk default (~10 ms) served 56 q/s with 1 thread against 69-76 with 2 (docs/benchmarks.md)."""
+    `serving` (the API): with RETRIEVAL_INFERENCE_THREADS=0 and OpenVINO (the CPU default) whose forward pass is
+    cheap (under CHEAP_FORWARD_MS per image on all its threads), the runtime gets one thread less, a core left for
+    the request handling that runs beside it. Given every core, its thread pool spins against the request threads:
+    Lite0 (2.6 ms) served 8-17% more queries/s on 2 cores with 1 thread than with 2. A costly forward pass is worth
+    every core: the three-trunk default (~10 ms) served 56 q/s with 1 thread against 69-76 with 2
+    (docs/benchmarks.md). The timing is taken at each load, so a version hot-swapped in while the server is busy
+    may measure slow and keep every thread."""
     from models.checkpoint import load_checkpoint
     from models.embedder import resolve_device
     from models.export import export_dir
@@ -99,20 +101,20 @@ def load_runner(settings: Settings, checkpoint_dir: str | Path, serving: bool = 
     except OSError as exc:
         log.warning("cannot read checkpoint %s to key its export (%s): serving with torch", checkpoint_dir, exc)
         exports = None
-    from models.runtime import default_threads
-
     probe = probe_batch(settings, embedder.config)
     runner = select_runner(embedder, device, probe, exports, requested=settings.runtime,
                            precision=settings.inference_precision, threads=settings.inference_threads)
-    cores = default_threads()
-    if not (serving and settings.inference_threads == 0 and device.type == "cpu" and cores > 1
-            and runner.info.runtime != "torch"):
+    if not (serving and settings.inference_threads == 0 and runner.info.runtime == "openvino"):
+        return runner
+    # OpenVINO's own count (physical cores; on a hyper-threaded host fewer than the logical CPUs).
+    threads = int(runner.compiled.get_property("INFERENCE_NUM_THREADS"))
+    if threads < 2:
         return runner
     per_image = forward_ms_per_image(runner, probe)
     if per_image >= CHEAP_FORWARD_MS:
-        log.info("inference runtime keeps all %d cores: %.1f ms per image", cores, per_image)
+        log.info("inference runtime keeps all %d threads: %.1f ms per image", threads, per_image)
         return runner
-    log.info("inference runtime gets %d of %d cores (%.1f ms per image: one core is left for request handling)",
-             cores - 1, cores, per_image)
+    log.info("inference runtime gets %d of %d threads (%.1f ms per image: a core is left for request handling)",
+             threads - 1, threads, per_image)
     return select_runner(embedder, device, probe, exports, requested=settings.runtime,
-                         precision=settings.inference_precision, threads=cores - 1)
+                         precision=settings.inference_precision, threads=threads - 1)

@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             await app.state.batcher.stop()
+            gc.unfreeze()  # this app's objects become collectable again (a test process starts many apps)
 
     app = FastAPI(
         title="Image retrieval",
@@ -79,7 +80,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.database_url = settings.resolved_database_url  # resolved once (a path resolve per request showed)
     app.state.serving = ServingState()
     app.state.deployment = None
-    batch_cap = settings.max_batch_size or default_max_batch_size(resolve_device(settings.device).type)
+    try:
+        device_type = resolve_device(settings.device).type
+    except RuntimeError:  # an unknown RETRIEVAL_DEVICE: loading the model reports it in /readyz
+        device_type = "cpu"
+    batch_cap = settings.max_batch_size or default_max_batch_size(device_type)
     app.state.batcher = MicroBatcher(batch_cap, settings.max_batch_wait_ms, settings.max_queue)
     # Heatmaps bypass the batcher (torch passes of their own): the same overload answer, with a limit of their own.
     app.state.explain_gate = AdmissionGate(settings.explain_max_concurrent, settings.explain_max_queue,

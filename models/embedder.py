@@ -89,7 +89,9 @@ class EvalTransform:
         self.shift = -torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1) / std
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = TF.pil_to_tensor(image)  # uint8 [C, H, W]; the decoder (app.images) gives RGB
+        if image.mode != "RGB":  # the decoder (app.images) gives RGB; a caller's own grey or RGBA image may not be
+            image = image.convert("RGB")
+        pixels = TF.pil_to_tensor(image)  # uint8 [3, H, W]
         pixels = TF.resize(pixels, self.resize_size, antialias=True)
         pixels = TF.center_crop(pixels, self.image_size)
         return pixels.to(torch.float32).mul_(self.scale).add_(self.shift)

@@ -34,9 +34,14 @@ def get_engine(url: str) -> Engine:
                          connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
 
 
-@lru_cache(maxsize=8)
 def session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+    return _sessionmaker_for(get_engine(url))
+
+
+@lru_cache(maxsize=8)
+def _sessionmaker_for(engine: Engine) -> sessionmaker[Session]:
+    """One per engine (made per request it showed in the service's profile), so it follows get_engine's cache."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
 
 
 @contextmanager

@@ -188,7 +188,10 @@ def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildRepo
         actors, gpus = 0, 0.0  # as the last pass planned them
         for attempt in range(1, RAY_PASSES + 1):
             pass_start = report.embedded
-            nodes_before = _alive_nodes()
+            try:
+                nodes_before = _alive_nodes()
+            except Exception:  # the head is gone: the pass below fails on it and says so
+                nodes_before = 0
             try:
                 actors, gpus = _embed_pass(settings, model, todo, report, progress)
                 break
