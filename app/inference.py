@@ -29,23 +29,9 @@ if TYPE_CHECKING:  # torch loads lazily: the CLI's SQL-only commands start fast
 
 log = logging.getLogger(__name__)
 
-
-# A forward pass cheaper than this per image (all cores, batch 4) leaves the API's runtime one core short (below).
-CHEAP_FORWARD_MS = 5.0
-
-
-def forward_ms_per_image(runner: Runner, probe: torch.Tensor) -> float:
-    """The runner's best of 3 timed passes over 4 probe images, in ms per image (after one warm-up pass)."""
-    batch = probe[:4].cpu()
-    runner.run(batch)
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        runner.run(batch)
-        best = min(best, time.perf_counter() - started)
-    return best * 1000 / len(batch)
-
 PROBE_IMAGES = 8
+# A forward pass cheaper than this per image (all its threads, batch 4) leaves the API's runtime one thread short.
+CHEAP_FORWARD_MS = 5.0
 
 
 def probe_batch(settings: Settings, config: EmbedderConfig, count: int = PROBE_IMAGES) -> torch.Tensor:
@@ -73,6 +59,18 @@ def probe_batch(settings: Settings, config: EmbedderConfig, count: int = PROBE_I
         log.info("fewer than 2 stored images to check the inference runtime on: adding synthetic ones")
         return torch.cat([torch.stack(tensors), synthetic_probe(config, 4)]) if tensors else synthetic_probe(config, 4)
     return torch.stack(tensors)
+
+
+def forward_ms_per_image(runner: Runner, probe: torch.Tensor) -> float:
+    """The runner's best of 3 timed passes over 4 probe images, in ms per image (after one warm-up pass)."""
+    batch = probe[:4].cpu()
+    runner.run(batch)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        runner.run(batch)
+        best = min(best, time.perf_counter() - started)
+    return best * 1000 / len(batch)
 
 
 def load_runner(settings: Settings, checkpoint_dir: str | Path, serving: bool = False) -> Runner:

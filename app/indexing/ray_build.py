@@ -144,6 +144,14 @@ def _alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
+def _alive_nodes_if_answering() -> int | None:
+    """_alive_nodes(), or None when the cluster does not answer (its head died with the lost worker)."""
+    try:
+        return _alive_nodes()
+    except Exception:
+        return None
+
+
 def _alive_resources() -> dict[str, float]:
     """CPUs and GPUs of the nodes the cluster's control store counts as alive (ray.cluster_resources() still
     counts a node for a while after it died: a pass planned on it put two actors on a head with two CPUs, and the
@@ -165,10 +173,8 @@ def _await_node_loss(nodes_before: int) -> None:
     the whole wait."""
     deadline = time.monotonic() + RAY_NODE_LOSS_WAIT_S
     while time.monotonic() < deadline:
-        try:
-            if _alive_nodes() < nodes_before:
-                return
-        except Exception:  # the head itself gone: the next pass fails and says so
+        alive = _alive_nodes_if_answering()
+        if alive is None or alive < nodes_before:  # no answer: the next pass fails on it and says so
             return
         time.sleep(0.5)
 
@@ -188,10 +194,7 @@ def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildRepo
         actors, gpus = 0, 0.0  # as the last pass planned them
         for attempt in range(1, RAY_PASSES + 1):
             pass_start = report.embedded
-            try:
-                nodes_before = _alive_nodes()
-            except Exception:  # the head is gone: the pass below fails on it and says so
-                nodes_before = 0
+            nodes_before = _alive_nodes_if_answering() or 0  # no answer: the pass below fails on it
             try:
                 actors, gpus = _embed_pass(settings, model, todo, report, progress)
                 break
@@ -201,10 +204,8 @@ def ray_embed_missing(settings: Settings, model: ModelVersion, report: BuildRepo
                 report.embedded = pass_start + committed
                 left = missing_embeddings(settings, model, None)
                 reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else "no detail"
-                try:
-                    alive = f"{_alive_nodes()} node(s) alive now"
-                except Exception:  # the head itself may be gone; the message below still says what to do
-                    alive = "the cluster does not answer"
+                nodes = _alive_nodes_if_answering()
+                alive = "the cluster does not answer" if nodes is None else f"{nodes} node(s) alive now"
                 lost = (f"the Ray cluster lost a worker mid-build ({type(exc).__name__}: {reason}; {alive}); the "
                         f"{committed} images of this pass with committed embeddings are kept")
                 if attempt == RAY_PASSES:
