@@ -99,8 +99,10 @@ def decode_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: in
                 image.seek(0)  # animated GIF / WebP / APNG: the first frame
             image.load()
             # Upright full size, whatever draft decoded: EXIF orientations 5-8 turn the picture by 90 degrees.
-            full_size = (height, width) if image.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8) else (width, height)
-            image = ImageOps.exif_transpose(image) or image
+            orientation = image.getexif().get(ORIENTATION_TAG)
+            full_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+            if orientation in (2, 3, 4, 5, 6, 7, 8):  # else exif_transpose would only copy the pixels
+                image = ImageOps.exif_transpose(image) or image
             rgb = _to_rgb(image)
             rgb.load()
             rgb.info["full_size"] = full_size

@@ -67,7 +67,9 @@ class Settings(BaseSettings):
 
     # Batch job.
     batch_size: int = Field(32, description="Images per forward pass in the index build.")
-    num_workers: int = Field(2, description="DataLoader decode workers for the index build.")
+    num_workers: int = Field(2, description=(
+        "Decode workers for the index build: on CPU, threads (at least one per core) that decode each batch before "
+        "its forward pass; on a GPU, DataLoader processes that decode ahead of it. 0: the calling thread."))
 
     # Micro-batching of concurrent queries onto the device.
     max_batch_size: int = Field(

@@ -5,7 +5,11 @@ Not a test. Each build starts from an empty data dir and SQLite database, so all
 and publish the same images. The Ray builds run on one local Ray cluster started here (Ray's own start-up is not
 counted: it is paid once per cluster, not per build). Run:
 
-    .venv/bin/python bench/build_bench.py [--source DIR] [--limit 256] [--embedder efficientnet_lite0]
+    .venv/bin/python bench/build_bench.py [--source DIR] [--limit 256] [--embedder efficientnet_lite0] \
+        [--repeat 1] [--no-ray]
+
+--repeat N measures the model-only bound and the one-process build N times, alternating, so the ratio holds on a
+noisy machine.
 
 Default source: the first --limit images of ../shared/data/cub100/images (skipped with a message when absent).
 """
@@ -14,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 import tempfile
 import time
@@ -85,37 +88,48 @@ def main() -> int:
     parser.add_argument("--source", type=Path, default=CUB)
     parser.add_argument("--limit", type=int, default=256)
     parser.add_argument("--embedder", default="efficientnet_lite0")
+    parser.add_argument("--repeat", type=int, default=1, help="model-only and one-process rows, alternating")
+    parser.add_argument("--no-ray", action="store_true", help="only the model-only bound and the one-process build")
     args = parser.parse_args()
     if not args.source.exists():
         print(f"skipped: {args.source} is not here (../shared holds cub100 on the team's machines)")
         return 0
-    import ray
-
     from app.settings import Settings
+    from models.embedder import resolve_device
+    from models.runtime import default_threads
 
-    batch_size = Settings().batch_size
+    settings = Settings()
+    batch_size, cpus = settings.batch_size, default_threads()
+    on_gpu = resolve_device(settings.device).type == "cuda"
+    decode = (f"{settings.num_workers} DataLoader decode workers" if on_gpu
+              else f"{max(settings.num_workers, cpus)} decode threads, then the forward pass")
     with tempfile.TemporaryDirectory(prefix="buildbench") as tmp:
         tmp_path = Path(tmp)
         source = manifest(args.source, args.limit, tmp_path)
-        rows = [(f"model only (forward pass, b={batch_size})",
-                 {"embed_ips": model_only(args.embedder, tmp_path / "model", batch_size)})]
-        rows.append((f"single process (DataLoader, {Settings().num_workers} decode workers)",
-                     one_build(source, tmp_path / "single", args.embedder, None)))
-        cpus = os.cpu_count() or 2
-        # Logical CPUs: each embed actor holds one and decoding needs one, so 2 actors need 3 even on 2 cores.
-        ray.init(num_cpus=max(3, cpus), include_dashboard=False, log_to_driver=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-        try:
-            for actors in (1, 2):
-                rows.append((f"Ray, {actors} embed actor{'s' if actors > 1 else ''}",
-                             one_build(source, tmp_path / f"ray{actors}", args.embedder, "", actors)))
-        finally:
-            ray.shutdown()
-    base = rows[0][1]["embed_ips"]
+        rows = []
+        for n in range(args.repeat):
+            rows.append((f"model only (forward pass, b={batch_size})",
+                         {"embed_ips": model_only(args.embedder, tmp_path / f"model{n}", batch_size)}))
+            rows.append((f"single process ({decode})", one_build(source, tmp_path / f"single{n}", args.embedder, None)))
+        if not args.no_ray:
+            import ray
+
+            # Logical CPUs: each embed actor holds one and decoding needs one, so 2 actors need 3 even on 2 cores.
+            ray.init(num_cpus=max(3, cpus), include_dashboard=False, log_to_driver=False,
+                     _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+            try:
+                for actors in (1, 2):
+                    rows.append((f"Ray, {actors} embed actor{'s' if actors > 1 else ''}",
+                                 one_build(source, tmp_path / f"ray{actors}", args.embedder, "", actors)))
+            finally:
+                ray.shutdown()
+    base = rows[0][1]["embed_ips"]  # each one-process row is read against the model-only row just before it
     print(f"\n{args.limit} images of {args.source}, embedder {args.embedder}, {cpus} CPUs\n")
     print("| run | embed img/s | end-to-end img/s | x model-only |")
     print("|---|---|---|---|")
     for name, row in rows:
+        if name.startswith("model only"):
+            base = row["embed_ips"]
         wall = f"{row['wall_ips']:.1f}" if "wall_ips" in row else "-"
         print(f"| {name} | {row['embed_ips']:.1f} | {wall} | {row['embed_ips'] / base:.2f} |")
     return 0

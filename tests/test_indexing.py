@@ -67,6 +67,35 @@ def test_folder_build_is_idempotent_and_reports_bad_files(database_url: str, tmp
     assert verify_index(settings).ok
 
 
+def test_decode_threads_embed_exactly_as_the_calling_thread(tmp_path: Path, tiny_embedder: Path,
+                                                           request: pytest.FixtureRequest) -> None:
+    """On CPU a build decodes each batch on a thread per core, then embeds it; the vectors and the reported bad
+    files are the same as decoding on one thread, with batches that straddle the bad files."""
+    from app.db.models import Image
+    from app.db.session import session_scope
+    from app.indexing import build_index
+    from app.registry import active_model
+    from index import versions
+
+    corpus = make_corpus(tmp_path / "corpus", per_class=4)
+    text, truncated = plant_bad_files(corpus)
+    stored = {}
+    for workers in (0, 3):
+        (tmp_path / f"db{workers}").mkdir()
+        url = migrated_url("sqlite", request, tmp_path / f"db{workers}")
+        settings = make_settings(tmp_path / f"data{workers}", url, embedder=str(tiny_embedder), batch_size=5,
+                                 num_workers=workers)
+        report = build_index(settings, corpus, progress=False)
+        assert report.embedded == 16 and set(dict(report.failed)) == {str(text), str(truncated)}
+        with session_scope(url) as session:
+            uris = dict(session.execute(select(Image.id, Image.uri)).tuples().all())
+            ids, vectors = versions.load_embeddings(settings.embeddings_dir(active_model(session).name))
+        stored[workers] = {uris[int(i)]: v for i, v in zip(ids, vectors, strict=True)}
+    assert stored[0].keys() == stored[3].keys() and len(stored[0]) == 16
+    for uri, vector in stored[0].items():
+        np.testing.assert_array_equal(vector, stored[3][uri], err_msg=uri)
+
+
 def test_csv_manifest_with_metadata(database_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
     from app.db.models import Image
     from app.db.session import session_scope

@@ -1,5 +1,6 @@
 """Step 2, embed: every live image (or a given slice) with no stored embedding for a model is decoded by
-app.images in DataLoader workers and embedded in batches. Embeddings are appended to
+app.images and embedded in batches (on CPU a batch is decoded on every core, then embedded on every core; on a GPU,
+DataLoader processes decode ahead of the forward pass). Embeddings are appended to
 <data_dir>/embeddings/<model version>/ as float16 shards, flushed every few thousand images. A file that fails to
 decode is reported and its row soft-deleted with the reason in metadata["decode_error"]."""
 
@@ -7,7 +8,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,12 +30,12 @@ if TYPE_CHECKING:  # torch loads lazily: the CLI's SQL-only commands start fast
 
 
 class _DecodeDataset:
-    """Map-style dataset over (id, uri) arrays; returns (id, preprocessed tensor or None, failure reason)."""
+    """Map-style dataset over (id, uri) arrays; returns (id, uint8 crop or None, failure reason, uri)."""
 
-    def __init__(self, ids: np.ndarray, uris: np.ndarray, transform: Any, max_bytes: int,
+    def __init__(self, ids: np.ndarray, uris: np.ndarray, crop: Callable[[Any], Any], max_bytes: int,
                  max_pixels: int, min_side: int) -> None:
         # numpy arrays, not Python lists: forked workers then share the pages instead of copying them.
-        self.ids, self.uris, self.transform = ids, uris, transform
+        self.ids, self.uris, self.crop = ids, uris, crop
         self.max_bytes, self.max_pixels, self.min_side = max_bytes, max_pixels, min_side
 
     def __len__(self) -> int:
@@ -41,17 +43,18 @@ class _DecodeDataset:
 
     def __getitem__(self, i: int) -> tuple[int, Any, str, str]:
         uri = self.uris[i].decode("utf-8")
-        pixels, reason = decode_for_embedding(uri, self.transform, self.max_bytes, self.max_pixels, self.min_side)
+        pixels, reason = decode_for_embedding(uri, self.crop, self.max_bytes, self.max_pixels, self.min_side)
         return int(self.ids[i]), pixels, reason, uri
 
 
-def decode_for_embedding(uri: str, transform: Any, max_bytes: int, max_pixels: int,
+def decode_for_embedding(uri: str, crop: Callable[[Any], Any], max_bytes: int, max_pixels: int,
                          min_side: int) -> tuple[Any, str]:
-    """(preprocessed tensor, "") or (None, why the file does not decode): the one decoder, then the model's
-    eval transform. Shared by the DataLoader workers here and the Ray decode tasks (app/indexing/ray_build.py)."""
+    """(uint8 crop, "") or (None, why the file does not decode): the one decoder, then the first half of the
+    model's eval transform (`EvalTransform.crop`; the batch is normalised where it is embedded). Shared by the
+    build here and the Ray decode tasks (app/indexing/ray_build.py)."""
     try:
         image = read_image_file(uri, max_bytes=max_bytes, max_pixels=max_pixels, min_side=min_side)
-        return transform(image), ""
+        return crop(image), ""
     except ImageError as exc:
         return None, exc.message
     except OSError as exc:
@@ -66,6 +69,34 @@ def _collate(items: list[tuple[int, Any, str, str]]) -> tuple[np.ndarray, Any, l
     ids = np.asarray([i for i, _ in ok], dtype=np.int64)
     batch = torch.stack([t for _, t in ok]) if ok else None
     return ids, batch, failed
+
+
+def _decoded_batches(dataset: _DecodeDataset, batch_size: int, num_workers: int,
+                     device: str) -> Iterator[tuple[np.ndarray, Any, list[tuple[int, str, str]]]]:
+    """(ids, uint8 batch or None, failures) per batch of `dataset`, in order.
+
+    On a GPU, `num_workers` DataLoader processes decode the next batches while the device runs this one. On CPU
+    the two take turns: a batch is decoded by a thread per core, then the forward pass gets every core. Decoding
+    beside the forward pass (the DataLoader's way) preempted the runtime's threads mid-layer and left the others
+    waiting at its barriers: Lite0 built cub100 at 0.68x of its model-only img/s that way (docs/benchmarks.md).
+    `num_workers=0` decodes on the calling thread (the service's catch-up, which must not take every core)."""
+    if device.startswith("cuda") and num_workers > 0:
+        import torch
+
+        yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                               collate_fn=_collate, pin_memory=True)
+        return
+    batches = (range(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size))
+    if num_workers == 0:
+        for rows in batches:
+            yield _collate([dataset[i] for i in rows])
+        return
+    from models.runtime import default_threads
+
+    # Pillow's decoder and torch's resize release the GIL, so threads decode in parallel without pickling.
+    with ThreadPoolExecutor(max(num_workers, default_threads()), thread_name_prefix="decode") as pool:
+        for rows in batches:
+            yield _collate(list(pool.map(dataset.__getitem__, rows)))
 
 
 def file_uris(session: Session, ids: np.ndarray) -> np.ndarray:
@@ -108,7 +139,6 @@ def embed_into_store(settings: Settings, runner: Runner, store: Path, ids: np.nd
     `embed_flush_every` images (so a kill loses at most that much). A file that does not decode soft-deletes
     its row with the reason (BuildReport.failed). `on_stored(ids, vectors)` sees each shard once it is on disk.
     Used by index builds and by the service's catch-up at load."""
-    import torch
     from tqdm import tqdm
 
     from models.embedder import eval_transform
@@ -117,10 +147,10 @@ def embed_into_store(settings: Settings, runner: Runner, store: Path, ids: np.nd
     with session_scope(url) as session:
         uris = file_uris(session, ids)
     config = runner.config
-    dataset = _DecodeDataset(ids, uris, eval_transform(config), settings.max_upload_bytes,
-                             settings.max_image_pixels, min_side=config.resize_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=num_workers,
-                                         collate_fn=_collate, pin_memory=runner.info.device.startswith("cuda"))
+    transform = eval_transform(config)
+    dataset = _DecodeDataset(ids, uris, transform.crop, settings.max_upload_bytes, settings.max_image_pixels,
+                             min_side=config.resize_size)
+    batches = _decoded_batches(dataset, settings.batch_size, num_workers, runner.info.device)
     buf_ids: list[np.ndarray] = []
     buf_vecs: list[np.ndarray] = []
     tag = run_tag(stem_prefix)
@@ -140,9 +170,9 @@ def embed_into_store(settings: Settings, runner: Runner, store: Path, ids: np.nd
     start = time.perf_counter()
     bar = tqdm(total=len(ids), desc="embed", unit="img", disable=not progress, dynamic_ncols=True)
     pending_failures: list[tuple[int, str, str]] = []
-    for batch_ids, batch, failed in loader:
+    for batch_ids, batch, failed in batches:
         if batch is not None:
-            vectors = runner.run(batch)
+            vectors = runner.run(transform.normalize(batch))
             buf_ids.append(batch_ids)
             buf_vecs.append(vectors)
             report.embedded += len(batch_ids)

@@ -28,7 +28,7 @@ from index import versions
 from index.vector_index import VectorIndex
 
 # Images per Ray block handed from decode tasks to embed actors, and per shard an actor writes: bounded so a
-# block of preprocessed float32 pixels stays small in the object store (128 x 3 x 224 x 224 x 4 B = 77 MB).
+# block of uint8 crops stays small in the object store (128 x 3 x 224 x 224 B = 19 MB).
 MAX_RAY_BATCH = 128
 # Embed passes in one command: a pass that loses a node (or actor) is planned again over what is still missing.
 RAY_PASSES = 3
@@ -37,17 +37,18 @@ RAY_NODE_LOSS_WAIT_S = 30.0
 
 
 def _decode_batch(batch: dict[str, np.ndarray], config: Any, max_bytes: int, max_pixels: int) -> dict[str, Any]:
-    """Ray CPU task: decode + preprocess each file; failed rows keep zero pixels and their reason."""
+    """Ray CPU task: decode + crop each file (uint8; the actor normalises); failed rows keep zero pixels and
+    their reason."""
     from models.embedder import eval_transform
 
-    transform = eval_transform(config)
+    crop = eval_transform(config).crop
     pixels, errors = [], []
     for uri in batch["uri"]:
-        tensor, reason = decode_for_embedding(str(uri), transform, max_bytes, max_pixels, config.resize_size)
+        tensor, reason = decode_for_embedding(str(uri), crop, max_bytes, max_pixels, config.resize_size)
         pixels.append(None if tensor is None else tensor.numpy())
         errors.append(reason)
     shape = next((p.shape for p in pixels if p is not None), (3, config.image_size, config.image_size))
-    stacked = np.stack([p if p is not None else np.zeros(shape, np.float32) for p in pixels])
+    stacked = np.stack([p if p is not None else np.zeros(shape, np.uint8) for p in pixels])
     return {"id": batch["id"], "uri": batch["uri"], "error": np.asarray(errors, dtype=object), "pixels": stacked}
 
 
@@ -56,9 +57,11 @@ class _EmbedActor:
 
     def __init__(self, settings: Settings, model_path: str, store: str) -> None:
         from app.inference import load_runner
+        from models.embedder import eval_transform
 
         self.settings, self.store = settings, store
         self.runner = load_runner(settings, model_path)
+        self.normalize = eval_transform(self.runner.config).normalize
         self.tag = run_tag("ray")
         self.shard_no = 0
 
@@ -70,7 +73,8 @@ class _EmbedActor:
         if len(ids):
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
             step = self.settings.batch_size
-            vectors = np.concatenate([self.runner.run(pixels[i:i + step]) for i in range(0, len(ids), step)])
+            vectors = np.concatenate([self.runner.run(self.normalize(pixels[i:i + step]))
+                                      for i in range(0, len(ids), step)])
             versions.write_embedding_shard(self.store, f"{self.tag}-{self.shard_no:05d}", ids, vectors)
             self.shard_no += 1
         return {"id": batch["id"], "uri": batch["uri"], "error": batch["error"], "embedded": ok}
