@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, description="Images per forward pass in the index build.")
     num_workers: int = Field(2, description=(
         "Decode workers for the index build: on CPU, threads (at least one per core) that decode each batch before "
-        "its forward pass; on a GPU, DataLoader processes that decode ahead of it. 0: the calling thread."))
+        "its forward pass; on a GPU, DataLoader processes (at least one per core but one) that decode ahead of it. "
+        "0: the calling thread."))
 
     # Micro-batching of concurrent queries onto the device.
     max_batch_size: int = Field(

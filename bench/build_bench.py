@@ -101,7 +101,7 @@ def main() -> int:
     settings = Settings()
     batch_size, cpus = settings.batch_size, default_threads()
     on_gpu = resolve_device(settings.device).type == "cuda"
-    decode = (f"{settings.num_workers} DataLoader decode workers" if on_gpu
+    decode = (f"{max(settings.num_workers, cpus - 1)} DataLoader decode processes" if on_gpu
               else f"{max(settings.num_workers, cpus)} decode threads, then the forward pass")
     with tempfile.TemporaryDirectory(prefix="buildbench") as tmp:
         tmp_path = Path(tmp)

@@ -4,7 +4,7 @@ FastAPI + timm (the same checkpoint the service serves, loaded as a plain torch 
 per request in FastAPI's threadpool, Pillow's full decode, a faiss Flat index over the service's own stored
 embeddings and the same SQLite rows for the join. Started by the bench:
 
-    RETRIEVAL_DATA_DIR=... NAIVE_MODEL_DIR=... uvicorn bench.naive_server:app --port P
+    RETRIEVAL_DATA_DIR=... NAIVE_MODEL_DIR=... [NAIVE_DEVICE=cuda] uvicorn bench.naive_server:app --port P
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from models.embedder import eval_transform
 
 DATA_DIR = Path(os.environ["RETRIEVAL_DATA_DIR"])
 MODEL_DIR = Path(os.environ["NAIVE_MODEL_DIR"])
+DEVICE = torch.device(os.environ.get("NAIVE_DEVICE", "cpu"))
 
-model = load_checkpoint(MODEL_DIR).eval()
+model = load_checkpoint(MODEL_DIR, device=DEVICE).eval()
 transform = eval_transform(model.config)
 ids, vectors = load_embeddings(DATA_DIR / "embeddings" / MODEL_DIR.name)
 index = faiss.IndexIDMap(faiss.IndexFlatIP(vectors.shape[1]))
@@ -40,7 +41,7 @@ app = FastAPI()
 def search(file: UploadFile = File(...), k: int = Form(10)) -> dict:
     image = Image.open(io.BytesIO(file.file.read())).convert("RGB")
     with torch.inference_mode():
-        vector = model(transform(image)[None]).numpy()
+        vector = model(transform(image)[None].to(DEVICE)).cpu().numpy()
     scores, hits = index.search(vector, k)
     wanted = [int(i) for i in hits[0] if i >= 0]
     with sqlite3.connect(DB) as db:

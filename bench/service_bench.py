@@ -15,6 +15,11 @@ when the last is answered), so the client costs the 2-core machine little. The c
 
     .venv/bin/python bench/service_bench.py                           # Lite0 on CPU, ~12 min
     .venv/bin/python bench/service_bench.py --embedder efficientnet_lite012_gem --seconds 10
+    python3 bench/service_bench.py --device cuda --clients 32,128,256 --variant workers=8   # on a GPU machine
+
+On CUDA the model-only rows are eager torch fp32 NCHW, the service's torch runner (bf16 autocast, channels_last)
+and ONNX Runtime (its CUDA provider when onnxruntime-gpu is installed), at batch 1 / 8 / 32 / 128; the naive
+server runs its forward pass on the GPU too.
 
 Not a test: it prints Markdown tables (and --json writes every row).
 """
@@ -132,32 +137,41 @@ def prepare_images(root: Path, corpus_size: int, small: int, photos: int) -> tup
     return corpus, small_files, photo_files, origin
 
 
-RUNTIME_LABELS = ["torch fp32 NCHW", "torch fp32 channels_last", "onnxruntime fp32", "openvino fp32",
-                  "openvino default precision"]
+RUNTIME_LABELS = {"cpu": ["torch fp32 NCHW", "torch fp32 channels_last", "onnxruntime fp32", "openvino fp32",
+                          "openvino default precision"],
+                  "cuda": ["torch fp32 NCHW", "torch autocast channels_last", "onnxruntime fp32"]}
+BATCHES = {"cpu": [1, 8, 32], "cuda": [1, 8, 32, 128]}
 
 
-def model_only(checkpoint: Path, label: str, batch_sizes: list[int], seconds: float, threads: int) -> dict:
-    """img/s of one runtime (`label`) on the checkpoint's weights, at each batch size; run in a child process."""
+def model_only(checkpoint: Path, label: str, batch_sizes: list[int], seconds: float, threads: int,
+               device_name: str = "cpu") -> dict:
+    """img/s of one runtime (`label`) on the checkpoint's weights, at each batch size; run in a child process.
+    Inputs start in host memory, as a server's do, and every pass ends with its embeddings back on the host."""
     import torch
 
     from models.checkpoint import load_checkpoint
     from models.export import ensure_onnx, export_dir
     from models.runtime import OnnxRuntimeRunner, OpenVinoRunner, TorchRunner, synthetic_probe
 
+    device = torch.device(device_name)
     embedder = load_checkpoint(checkpoint).eval()
     config = embedder.config
 
     class EagerNCHW:  # what the naive server (and this service before the runtime layer) runs
         info = type("Info", (), {"precision": "fp32"})()
 
+        def __init__(self) -> None:
+            self.model = load_checkpoint(checkpoint, device=device).eval()
+
         def run(self, pixels: torch.Tensor) -> np.ndarray:
             with torch.inference_mode():
-                return embedder(pixels).numpy()
+                return self.model(pixels.to(device)).cpu().numpy()
 
     makers = {"torch fp32 NCHW": EagerNCHW,
-              "torch fp32 channels_last": lambda: TorchRunner(embedder, torch.device("cpu")),
+              "torch fp32 channels_last": lambda: TorchRunner(embedder, device),
+              "torch autocast channels_last": lambda: TorchRunner(embedder, device),
               "onnxruntime fp32": lambda: OnnxRuntimeRunner(ensure_onnx(embedder, export_dir(checkpoint)), config,
-                                                            torch.device("cpu"), threads),
+                                                            device, threads),
               "openvino fp32": lambda: OpenVinoRunner(ensure_onnx(embedder, export_dir(checkpoint)), config, "fp32",
                                                       threads),
               "openvino default precision": lambda: OpenVinoRunner(ensure_onnx(embedder, export_dir(checkpoint)),
@@ -166,7 +180,7 @@ def model_only(checkpoint: Path, label: str, batch_sizes: list[int], seconds: fl
         runner = makers[label]()
     except ImportError as exc:
         return {"runtime": label, "missing": str(exc)}
-    row: dict = {"runtime": label, "precision": runner.info.precision}
+    row: dict = {"runtime": label, "precision": runner.info.precision, "batches": batch_sizes}
     for b in batch_sizes:
         pixels = synthetic_probe(config, b, seed=b)
         runner.run(pixels)  # warm-up
@@ -188,9 +202,10 @@ def run_wrk(url: str, files: list[Path], clients: int, seconds: float, script: P
             "p99_ms": result["p99_us"] / 1000, "errors": result["errors"], "requests": result["requests"]}
 
 
-def start_naive(data_dir: Path, checkpoint: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_naive(data_dir: Path, checkpoint: Path, log: Path, device: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = dict(os.environ) | {"RETRIEVAL_DATA_DIR": str(data_dir), "NAIVE_MODEL_DIR": str(checkpoint)}
+    env = dict(os.environ) | {"RETRIEVAL_DATA_DIR": str(data_dir), "NAIVE_MODEL_DIR": str(checkpoint),
+                              "NAIVE_DEVICE": device}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--port", str(port),
                              "--log-level", "warning"], cwd=REPO, env=env, stdout=log.open("ab"),
                             stderr=subprocess.STDOUT)
@@ -215,6 +230,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20, help="seconds of load per level")
     parser.add_argument("--corpus", type=int, default=1000, help="images in the index")
     parser.add_argument("--embedder", default="efficientnet_lite0", help="preset name or checkpoint dir")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the service, the build, the naive server and the model-only runs compute")
     parser.add_argument("--model-seconds", type=float, default=3, help="seconds per model-only measurement")
     parser.add_argument("--sets", default="small,12mp", help="query sets to run")
     parser.add_argument("--skip-naive", action="store_true")
@@ -228,8 +245,8 @@ def main() -> int:
     parser.add_argument("--runtime-label", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model_only:
-        row = model_only(Path(args.model_only), args.runtime_label, [1, 8, 32], args.model_seconds,
-                         len(os.sched_getaffinity(0)))
+        row = model_only(Path(args.model_only), args.runtime_label, BATCHES[args.device], args.model_seconds,
+                         len(os.sched_getaffinity(0)), args.device)
         print("MODEL " + json.dumps(row), flush=True)
         return 0
     if shutil.which("wrk") is None:
@@ -247,11 +264,11 @@ def main() -> int:
     print(f"corpus: {args.corpus} images from {origin}; queries: {len(small)} small JPEGs, {len(photos)} "
           f"12-MP photos (mean {np.mean([p.stat().st_size for p in photos]) / 1e6:.1f} MB)", flush=True)
     data_dir = root / "data"
-    settings = Settings(data_dir=data_dir, embedder=args.embedder, device="cpu")
+    settings = Settings(data_dir=data_dir, embedder=args.embedder, device=args.device)
     data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
     env = dict(os.environ) | {"RETRIEVAL_DATA_DIR": str(data_dir), "RETRIEVAL_EMBEDDER": args.embedder,
-                              "RETRIEVAL_DEVICE": "cpu"}
+                              "RETRIEVAL_DEVICE": args.device}
     env |= dict(item.split("=", 1) for item in args.server_env)
     # Runtimes run in child processes only (the build, the model-only runs, the servers): this one just measures.
     build = subprocess.run([sys.executable, "-m", "app.cli", "index", "build", str(corpus)], cwd=REPO, env=env,
@@ -265,10 +282,11 @@ def main() -> int:
 
     print("model-only img/s:", flush=True)
     model_rows = []
-    for label in RUNTIME_LABELS:
+    batches = BATCHES[args.device]
+    for label in RUNTIME_LABELS[args.device]:
         child = subprocess.run([sys.executable, __file__, "--model-only", str(checkpoint), "--runtime-label", label,
-                                "--model-seconds", str(args.model_seconds)], cwd=REPO, capture_output=True,
-                               text=True)
+                                "--model-seconds", str(args.model_seconds), "--device", args.device], cwd=REPO,
+                               capture_output=True, text=True)
         line = next((x for x in child.stdout.splitlines() if x.startswith("MODEL ")), None)
         if line is None:
             print(f"  {label}: failed\n{child.stderr[-2000:]}", flush=True)
@@ -278,8 +296,8 @@ def main() -> int:
             print(f"  {label}: not installed ({row['missing']})", flush=True)
             continue
         model_rows.append(row)
-        print(f"  {label:<30} " + "  ".join(f"b={b}: {row[f'b{b}']:6.1f}" for b in (1, 8, 32)), flush=True)
-    best = max((max(r["b1"], r["b8"], r["b32"]), r["runtime"]) for r in model_rows)
+        print(f"  {label:<30} " + "  ".join(f"b={b}: {row[f'b{b}']:6.1f}" for b in batches), flush=True)
+    best = max((max(r[f"b{b}"] for b in batches), r["runtime"]) for r in model_rows)
 
     script = root / "search.lua"
     script.write_text(WRK_SCRIPT)
@@ -294,9 +312,9 @@ def main() -> int:
     for server_name, overrides in servers:
         log = root / f"{len(rows)}-{server_name.split()[0]}.log"
         if server_name == "naive":
-            proc, url = start_naive(data_dir, checkpoint, log)
+            proc, url = start_naive(data_dir, checkpoint, log, args.device)
             stop = proc.terminate
-            served = "torch fp32 NCHW"
+            served = f"torch fp32 NCHW ({args.device})"
         else:
             workers = overrides.pop("workers", "1")
             live = LiveServer(env | overrides, log, ["--log-level", "warning", "--workers", workers]).start(
@@ -317,12 +335,12 @@ def main() -> int:
         finally:
             stop()
 
-    print(f"\nmodel {args.embedder}, {args.corpus}-image corpus, CPU ({threads} cores), wrk closed loop, "
-          f"{args.seconds:.0f} s per level\n")
-    print("| runtime | precision | b=1 | b=8 | b=32 |")
-    print("|---|---|--:|--:|--:|")
+    print(f"\nmodel {args.embedder}, {args.corpus}-image corpus, {args.device} ({threads} CPU cores), wrk closed "
+          f"loop, {args.seconds:.0f} s per level\n")
+    print("| runtime | precision | " + " | ".join(f"b={b}" for b in batches) + " |")
+    print("|---|---|" + "--:|" * len(batches))
     for r in model_rows:
-        print(f"| {r['runtime']} | {r['precision']} | {r['b1']:.0f} | {r['b8']:.0f} | {r['b32']:.0f} |")
+        print(f"| {r['runtime']} | {r['precision']} | " + " | ".join(f"{r[f'b{b}']:.0f}" for b in batches) + " |")
     print(f"\nbuild: {build_line}\n")
     print("| query set | clients | server | runtime | queries/s | p50 ms | p99 ms | errors | x naive | "
           "x best model-only |")

@@ -75,15 +75,19 @@ def _decoded_batches(dataset: _DecodeDataset, batch_size: int, num_workers: int,
                      device: str) -> Iterator[tuple[np.ndarray, Any, list[tuple[int, str, str]]]]:
     """(ids, uint8 batch or None, failures) per batch of `dataset`, in order.
 
-    On a GPU, `num_workers` DataLoader processes decode the next batches while the device runs this one. On CPU
-    the two take turns: a batch is decoded by a thread per core, then the forward pass gets every core. Decoding
+    On a GPU, DataLoader processes (`num_workers`, at least one per core but one: the GPU embeds faster than a
+    few cores decode) decode the next batches while the device runs this one. On CPU the two take turns: a batch
+    is decoded by a thread per core (`num_workers` at least), then the forward pass gets every core. Decoding
     beside the forward pass (the DataLoader's way) preempted the runtime's threads mid-layer and left the others
     waiting at its barriers: Lite0 built cub100 at 0.68x of its model-only img/s that way (docs/benchmarks.md).
     `num_workers=0` decodes on the calling thread (the service's catch-up, which must not take every core)."""
+    from models.runtime import default_threads
+
     if device.startswith("cuda") and num_workers > 0:
         import torch
 
-        yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+        yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                               num_workers=max(num_workers, default_threads() - 1),
                                                collate_fn=_collate, pin_memory=True)
         return
     batches = (range(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size))
@@ -91,8 +95,6 @@ def _decoded_batches(dataset: _DecodeDataset, batch_size: int, num_workers: int,
         for rows in batches:
             yield _collate([dataset[i] for i in rows])
         return
-    from models.runtime import default_threads
-
     # Pillow's decoder and torch's resize release the GIL, so threads decode in parallel without pickling.
     with ThreadPoolExecutor(max(num_workers, default_threads()), thread_name_prefix="decode") as pool:
         for rows in batches:
