@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import io
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,7 +23,8 @@ if TYPE_CHECKING:
 
 # Truncated files must fail, not come back half grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-# Our own pixel limit is checked first; Pillow's stays as a second fence for formats that lie in headers.
+# Our own pixel limit (max_pixels, from the header, before any pixel is decoded) replaces Pillow's, which reads
+# the same header: with it off Pillow raises no DecompressionBombWarning, so no thread changes the warning filters.
 Image.MAX_IMAGE_PIXELS = None
 
 ORIENTATION_TAG = 0x0112
@@ -91,21 +91,19 @@ def decode_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: in
             413, f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels"
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if min_side is not None and image.format == "JPEG":
-                image.draft(image.mode, (min_side, min_side))
-            if getattr(image, "is_animated", False):
-                image.seek(0)  # animated GIF / WebP / APNG: the first frame
-            image.load()
-            # Upright full size, whatever draft decoded: EXIF orientations 5-8 turn the picture by 90 degrees.
-            orientation = image.getexif().get(ORIENTATION_TAG)
-            full_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-            if orientation in (2, 3, 4, 5, 6, 7, 8):  # else exif_transpose would only copy the pixels
-                image = ImageOps.exif_transpose(image) or image
-            rgb = _to_rgb(image)
-            rgb.load()
-            rgb.info["full_size"] = full_size
+        if min_side is not None and image.format == "JPEG":
+            image.draft(image.mode, (min_side, min_side))
+        if getattr(image, "is_animated", False):
+            image.seek(0)  # animated GIF / WebP / APNG: the first frame
+        image.load()
+        # Upright full size, whatever draft decoded: EXIF orientations 5-8 turn the picture by 90 degrees.
+        orientation = image.getexif().get(ORIENTATION_TAG)
+        full_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        if orientation in (2, 3, 4, 5, 6, 7, 8):  # else exif_transpose would only copy the pixels
+            image = ImageOps.exif_transpose(image) or image
+        rgb = _to_rgb(image)
+        rgb.load()
+        rgb.info["full_size"] = full_size
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

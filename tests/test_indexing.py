@@ -84,7 +84,7 @@ def test_decode_threads_embed_exactly_as_the_calling_thread(tmp_path: Path, tiny
         (tmp_path / f"db{workers}").mkdir()
         url = migrated_url("sqlite", request, tmp_path / f"db{workers}")
         settings = make_settings(tmp_path / f"data{workers}", url, embedder=str(tiny_embedder), batch_size=5,
-                                 num_workers=workers)
+                                 num_workers=workers, device="cpu")
         report = build_index(settings, corpus, progress=False)
         assert report.embedded == 16 and set(dict(report.failed)) == {str(text), str(truncated)}
         with session_scope(url) as session:

@@ -6,6 +6,7 @@ decode is reported and its row soft-deleted with the reason in metadata["decode_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -72,7 +73,7 @@ def _collate(items: list[tuple[int, Any, str, str]]) -> tuple[np.ndarray, Any, l
 
 
 def _decoded_batches(dataset: _DecodeDataset, batch_size: int, num_workers: int,
-                     device: str) -> Iterator[tuple[np.ndarray, Any, list[tuple[int, str, str]]]]:
+                     on_gpu: bool) -> Iterator[tuple[np.ndarray, Any, list[tuple[int, str, str]]]]:
     """(ids, uint8 batch or None, failures) per batch of `dataset`, in order.
 
     On a GPU, DataLoader processes (`num_workers`, at least one per core but one: the GPU embeds faster than a
@@ -83,7 +84,7 @@ def _decoded_batches(dataset: _DecodeDataset, batch_size: int, num_workers: int,
     `num_workers=0` decodes on the calling thread (the service's catch-up, which must not take every core)."""
     from models.runtime import default_threads
 
-    if device.startswith("cuda") and num_workers > 0:
+    if on_gpu and num_workers > 0:
         import torch
 
         yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size,
@@ -144,6 +145,7 @@ def embed_into_store(settings: Settings, runner: Runner, store: Path, ids: np.nd
     from tqdm import tqdm
 
     from models.embedder import eval_transform
+    from models.runtime import TorchRunner
 
     url = settings.resolved_database_url
     with session_scope(url) as session:
@@ -152,7 +154,11 @@ def embed_into_store(settings: Settings, runner: Runner, store: Path, ids: np.nd
     transform = eval_transform(config)
     dataset = _DecodeDataset(ids, uris, transform.crop, settings.max_upload_bytes, settings.max_image_pixels,
                              min_side=config.resize_size)
-    batches = _decoded_batches(dataset, settings.batch_size, num_workers, runner.info.device)
+    # ONNX Runtime asked for CUDA without its CUDA provider runs on the CPU ("cuda (cpu)"): it takes turns too.
+    on_gpu = runner.info.device.startswith("cuda") and not runner.info.device.endswith("(cpu)")
+    # The torch runner takes device tensors: its uint8 batch crosses to the GPU, a quarter of the float bytes,
+    # and is normalised there.
+    to_device = runner.device if on_gpu and isinstance(runner, TorchRunner) else None
     buf_ids: list[np.ndarray] = []
     buf_vecs: list[np.ndarray] = []
     tag = run_tag(stem_prefix)
@@ -172,17 +178,21 @@ def embed_into_store(settings: Settings, runner: Runner, store: Path, ids: np.nd
     start = time.perf_counter()
     bar = tqdm(total=len(ids), desc="embed", unit="img", disable=not progress, dynamic_ncols=True)
     pending_failures: list[tuple[int, str, str]] = []
-    for batch_ids, batch, failed in batches:
-        if batch is not None:
-            vectors = runner.run(transform.normalize(batch))
-            buf_ids.append(batch_ids)
-            buf_vecs.append(vectors)
-            report.embedded += len(batch_ids)
-        pending_failures.extend(failed)
-        bar.update(len(batch_ids) + len(failed))
-        if sum(len(b) for b in buf_ids) >= settings.embed_flush_every:
-            flush()
-            mark_failed(url, pending_failures, report)
+    # closing(): a runner or flush that raises must not leave the decode threads (or processes) waiting.
+    with contextlib.closing(_decoded_batches(dataset, settings.batch_size, num_workers, on_gpu)) as batches:
+        for batch_ids, batch, failed in batches:
+            if batch is not None:
+                if to_device is not None:
+                    batch = batch.to(to_device, non_blocking=True)
+                vectors = runner.run(transform.normalize(batch))
+                buf_ids.append(batch_ids)
+                buf_vecs.append(vectors)
+                report.embedded += len(batch_ids)
+            pending_failures.extend(failed)
+            bar.update(len(batch_ids) + len(failed))
+            if sum(len(b) for b in buf_ids) >= settings.embed_flush_every:
+                flush()
+                mark_failed(url, pending_failures, report)
     flush()
     mark_failed(url, pending_failures, report)
     bar.close()
