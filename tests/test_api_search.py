@@ -86,3 +86,24 @@ def test_search_round_trip_and_bad_input(served: TestClient) -> None:
 
     # The server is still healthy and answering after all of that.
     assert search(served, valid, k=1).json()["results"][0]["label"] == "red"
+
+
+def test_a_phone_sized_photo_is_searched_without_touching_the_disk(request: pytest.FixtureRequest, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uploads stay in memory up to the body limit: a 3-MB photo is answered even where no temporary file can be
+    made (a full disk, a read-only /tmp). Starlette's default spooled anything past 1 MB to a file."""
+    import numpy as np
+
+    from tests.test_api_helpers import build_served_corpus
+
+    settings = build_served_corpus(tmp_path, migrated_url("sqlite", request, tmp_path), per_class=2)
+    noise = np.random.default_rng(0).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "JPEG", quality=95)
+    photo = buf.getvalue()
+    assert len(photo) > 2_000_000
+    with app_client(settings) as client:
+        monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "no-such-folder"))
+        response = search(client, photo, k=3)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 3
