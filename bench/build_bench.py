@@ -94,6 +94,7 @@ def main() -> int:
     if not args.source.exists():
         print(f"skipped: {args.source} is not here (../shared holds cub100 on the team's machines)")
         return 0
+    from app.indexing.embed import decode_workers
     from app.settings import Settings
     from models.embedder import resolve_device
     from models.runtime import default_threads
@@ -101,8 +102,9 @@ def main() -> int:
     settings = Settings()
     batch_size, cpus = settings.batch_size, default_threads()
     on_gpu = resolve_device(settings.device).type == "cuda"
-    decode = (f"{max(settings.num_workers, cpus - 1)} DataLoader decode processes" if on_gpu
-              else f"{max(settings.num_workers, cpus)} decode threads, then the forward pass")
+    workers = decode_workers(settings.num_workers, on_gpu)
+    decode = (f"{workers} DataLoader decode processes" if on_gpu
+              else f"{workers} decode threads, then the forward pass")
     with tempfile.TemporaryDirectory(prefix="buildbench") as tmp:
         tmp_path = Path(tmp)
         source = manifest(args.source, args.limit, tmp_path)

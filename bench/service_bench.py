@@ -137,9 +137,10 @@ def prepare_images(root: Path, corpus_size: int, small: int, photos: int) -> tup
     return corpus, small_files, photo_files, origin
 
 
-RUNTIME_LABELS = {"cpu": ["torch fp32 NCHW", "torch fp32 channels_last", "onnxruntime fp32", "openvino fp32",
+# "torch channels_last" is the service's torch runner: fp32 on CPU, bf16 autocast on CUDA (the precision column).
+RUNTIME_LABELS = {"cpu": ["torch fp32 NCHW", "torch channels_last", "onnxruntime fp32", "openvino fp32",
                           "openvino default precision"],
-                  "cuda": ["torch fp32 NCHW", "torch autocast channels_last", "onnxruntime fp32"]}
+                  "cuda": ["torch fp32 NCHW", "torch channels_last", "onnxruntime fp32"]}
 BATCHES = {"cpu": [1, 8, 32], "cuda": [1, 8, 32, 128]}
 
 
@@ -168,8 +169,7 @@ def model_only(checkpoint: Path, label: str, batch_sizes: list[int], seconds: fl
                 return self.model(pixels.to(device)).cpu().numpy()
 
     makers = {"torch fp32 NCHW": EagerNCHW,
-              "torch fp32 channels_last": lambda: TorchRunner(embedder, device),
-              "torch autocast channels_last": lambda: TorchRunner(embedder, device),
+              "torch channels_last": lambda: TorchRunner(embedder, device),
               "onnxruntime fp32": lambda: OnnxRuntimeRunner(ensure_onnx(embedder, export_dir(checkpoint)), config,
                                                             device, threads),
               "openvino fp32": lambda: OpenVinoRunner(ensure_onnx(embedder, export_dir(checkpoint)), config, "fp32",

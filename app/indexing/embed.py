@@ -72,6 +72,16 @@ def _collate(items: list[tuple[int, Any, str, str]]) -> tuple[np.ndarray, Any, l
     return ids, batch, failed
 
 
+def decode_workers(num_workers: int, on_gpu: bool) -> int:
+    """How many workers decode for a build (RETRIEVAL_NUM_WORKERS at least): on a GPU one process per core but one,
+    on CPU one thread per core; 0 stays 0 (the calling thread decodes)."""
+    from models.runtime import default_threads
+
+    if num_workers == 0:
+        return 0
+    return max(num_workers, default_threads() - 1 if on_gpu else default_threads())
+
+
 def _decoded_batches(dataset: _DecodeDataset, batch_size: int, num_workers: int,
                      on_gpu: bool) -> Iterator[tuple[np.ndarray, Any, list[tuple[int, str, str]]]]:
     """(ids, uint8 batch or None, failures) per batch of `dataset`, in order.
@@ -82,22 +92,20 @@ def _decoded_batches(dataset: _DecodeDataset, batch_size: int, num_workers: int,
     beside the forward pass (the DataLoader's way) preempted the runtime's threads mid-layer and left the others
     waiting at its barriers: Lite0 built cub100 at 0.68x of its model-only img/s that way (docs/benchmarks.md).
     `num_workers=0` decodes on the calling thread (the service's catch-up, which must not take every core)."""
-    from models.runtime import default_threads
-
-    if on_gpu and num_workers > 0:
+    workers = decode_workers(num_workers, on_gpu)
+    if on_gpu and workers > 0:
         import torch
 
-        yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size,
-                                               num_workers=max(num_workers, default_threads() - 1),
+        yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                                collate_fn=_collate, pin_memory=True)
         return
     batches = (range(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size))
-    if num_workers == 0:
+    if workers == 0:
         for rows in batches:
             yield _collate([dataset[i] for i in rows])
         return
     # Pillow's decoder and torch's resize release the GIL, so threads decode in parallel without pickling.
-    with ThreadPoolExecutor(max(num_workers, default_threads()), thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
         for rows in batches:
             yield _collate(list(pool.map(dataset.__getitem__, rows)))
 
