@@ -63,6 +63,7 @@ class Deployment:
     # Online changes this pair applied at load on top of its published version (see ServingState.pending).
     reconciled: dict[str, int] = field(default_factory=dict)
     checkpoint_dir: Path | None = None  # the model version's files: heatmaps load its torch embedder from them
+    index_device: str = "cpu"  # where searches run: "gpu", "cpu", or "cpu (why not the GPU)" (place_index)
     _torch_embedder: Embedder | None = field(default=None, repr=False)
     _torch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -229,7 +230,22 @@ def load_deployment(settings: Settings, index_row: IndexVersion, model_row: Mode
     deployment = Deployment(model_name=model_row.name, index_name=index_row.name, runner=runner, index=index,
                             store=settings.embeddings_dir(model_row.name), checkpoint_dir=Path(model_row.path))
     deployment.reconciled = reconcile(settings, deployment)
+    deployment.index_device = place_index(deployment.index, deployment.runner)
     return deployment
+
+
+def place_index(index: VectorIndex, runner: Runner) -> str:
+    """Search on the GPU when the model runs on one and FAISS can follow it there (faiss-gpu, the `gpu` extra:
+    the GPU image has it); else on the CPU, saying why when the model is on a GPU."""
+    if not runner.info.on_gpu:
+        return "cpu"
+    if index.to_gpu():
+        log.info("index searched on the GPU (%d vectors, %s)", len(index), index.factory)
+        return "gpu"
+    reason = ("HNSW has no GPU version" if index.kind == "hnsw"
+              else "this FAISS build has no GPU support; the `gpu` extra installs faiss-gpu-cu12")
+    log.warning("the model runs on %s but the index is searched on the CPU: %s", runner.info.device, reason)
+    return f"cpu ({reason})"
 
 
 def _active_rows(settings: Settings) -> tuple[IndexVersion, ModelVersion] | None:

@@ -30,13 +30,21 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from index.search_params import can_escalate, check_effort, faiss_range_search, faiss_search, search_params
+from index.search_params import (
+    can_escalate,
+    check_effort,
+    faiss_range_search,
+    faiss_search,
+    knob,
+    search_params,
+)
 
 INDEX_FILE = "index.faiss"
 PARAMS_FILE = "index.json"
@@ -45,6 +53,11 @@ TOMBSTONES_FILE = "tombstones.npy"
 DEFAULT_RECALL_TARGET = 0.95
 # HNSW searches filtered to at most this many ids score them exactly instead of walking the graph.
 EXACT_FILTER_MAX = 20_000
+# A write makes the GPU copy stale; it is made again on a later search, at most this often (a copy of a large
+# index takes a while, and a stream of API adds should not cost one per search). Meanwhile the CPU index serves.
+GPU_RECOPY_INTERVAL_S = 5.0
+# faiss-gpu's k-selection handles k up to 2048 (GPU_MAX_SELECTION_K); excluded ids are over-fetched within it.
+GPU_MAX_K = 2048
 
 
 def _as_float32(vectors: np.ndarray) -> np.ndarray:
@@ -62,6 +75,12 @@ def gpu_available() -> bool:
     """True when this FAISS build (faiss-gpu, the `gpu` extra) sees a GPU."""
     get_num_gpus = getattr(faiss, "get_num_gpus", None)
     return bool(get_num_gpus and get_num_gpus() > 0)
+
+
+def _copy_to_gpus(index: faiss.Index) -> faiss.Index:
+    options = faiss.GpuMultipleClonerOptions()
+    options.useFloat16 = True  # halves GPU memory; scores move by ~1e-3, "exact" effort stays on the CPU
+    return faiss.index_cpu_to_all_gpus(index, co=options)
 
 
 def _cap_opq_training(index: faiss.Index) -> None:
@@ -94,6 +113,8 @@ class VectorIndex:
         self._ids_cache: np.ndarray | None = None
         self._sorted_ids: np.ndarray | None = None
         self._gpu_index: faiss.Index | None = None
+        self._gpu_wanted = False
+        self._gpu_copied_at = 0.0
 
     # -- introspection --------------------------------------------------------------------------------
     @property
@@ -168,20 +189,33 @@ class VectorIndex:
 
     def _changed(self) -> None:
         self._ids_cache = self._sorted_ids = None
-        self._gpu_index = None  # a GPU copy is stale after a write; re-made on the next to_gpu()
+        self._gpu_index = None  # stale after a write: made again by a later search (_gpu_copy)
 
     def to_gpu(self) -> bool:
-        """Search unfiltered queries on all GPUs (faiss-gpu, the `gpu` extra) for Flat and IVF types.
+        """Search on all GPUs (faiss-gpu, the `gpu` extra) from now on, for Flat and IVF types.
 
-        HNSW has no GPU version and filtered searches (IDSelector) stay on the CPU index. False when this
-        FAISS build has no GPU or the type cannot move.
+        HNSW has no GPU version; filtered searches (allowed_ids), "exact" effort and range searches stay on the
+        CPU index, which stays the one written to. After a write the GPU copy is made again on a later search,
+        at most every GPU_RECOPY_INTERVAL_S. False when this FAISS build has no GPU or the type cannot move.
         """
         if not gpu_available() or self.kind == "hnsw":
             return False
-        options = faiss.GpuMultipleClonerOptions()
-        options.useFloat16 = True  # halves GPU memory; inner products of normalised vectors keep their order
-        self._gpu_index = faiss.index_cpu_to_all_gpus(self.index, co=options)
+        self._gpu_wanted = True
+        self._gpu_copy(force=True)
         return True
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether searches go to a GPU copy (to_gpu succeeded), whether or not a write has made it stale."""
+        return self._gpu_wanted
+
+    def _gpu_copy(self, force: bool = False) -> faiss.Index | None:
+        if self._gpu_index is None and self._gpu_wanted and self.index.ntotal:
+            now = time.monotonic()
+            if force or now - self._gpu_copied_at >= GPU_RECOPY_INTERVAL_S:
+                self._gpu_index = _copy_to_gpus(self.index)
+                self._gpu_copied_at = now
+        return self._gpu_index
 
     # -- writes ---------------------------------------------------------------------------------------
     def train(self, vectors: np.ndarray) -> None:
@@ -262,6 +296,10 @@ class VectorIndex:
         excluded = self.tombstones
         if exclude_ids is not None and len(exclude_ids):
             excluded = np.union1d(excluded, _as_ids(exclude_ids))
+        if allowed_ids is None and effort != "exact" and self._gpu_wanted:
+            found = self._search_gpu(queries, k, excluded, effort)
+            if found is not None:
+                return found
         selector: faiss.IDSelector | None = None
         keep: list[Any] = []  # SWIG selectors do not own their children: keep them alive here
         if allowed_ids is not None:
@@ -284,12 +322,6 @@ class VectorIndex:
         wanted = min(k, available)
         if effort == "exact" and self.hnsw is not None:
             return self._scan_hnsw_storage(queries, k, selector)
-        if selector is None and self._gpu_index is not None and effort == "balanced":
-            if self.ivf is not None:
-                faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe",
-                                                              int(self.params.get("nprobe", 1)))
-            scores, ids = self._gpu_index.search(queries, k)
-            return np.where(ids >= 0, scores, -np.inf).astype(np.float32), ids
         scale = 1
         while True:
             scores, ids = faiss_search(self.index, queries, k, search_params(self, selector, scale, effort))
@@ -299,6 +331,29 @@ class VectorIndex:
             scale *= 4  # a restrictive filter starves nprobe/efSearch: widen until k results come back
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return scores, ids
+
+    def _search_gpu(self, queries: np.ndarray, k: int, excluded: np.ndarray,
+                    effort: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Top-k on the GPU copy; excluded ids are over-fetched and dropped here (faiss-gpu takes no IDSelector).
+        None when the copy is stale or k plus the excluded ids held exceed what the GPU can select."""
+        held_excluded = int(self._contains(excluded).sum()) if len(excluded) else 0
+        fetch = k + held_excluded
+        if fetch > GPU_MAX_K:
+            return None
+        gpu_index = self._gpu_copy()
+        if gpu_index is None:
+            return None
+        if self.ivf is not None:
+            faiss.GpuParameterSpace().set_index_parameter(gpu_index, "nprobe", min(self.ivf.nlist, knob(self, effort)))
+        scores, ids = gpu_index.search(queries, fetch)
+        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+        if held_excluded:
+            dropped = np.isin(ids, excluded)
+            # Stable sort moves dropped entries to the end of each row, keeping the others in rank order.
+            order = np.argsort(dropped, axis=1, kind="stable")
+            ids = np.where(dropped, -1, ids)[np.arange(len(ids))[:, None], order]
+            scores = np.where(dropped, -np.inf, scores)[np.arange(len(ids))[:, None], order]
+        return scores[:, :k], ids[:, :k]
 
     def _scan_hnsw_storage(self, queries: np.ndarray, k: int,
                            selector: faiss.IDSelector | None) -> tuple[np.ndarray, np.ndarray]:

@@ -54,6 +54,12 @@ class RuntimeInfo:
     probe_images: int = 0
     refused: list[str] = field(default_factory=list)  # why earlier choices did not serve
 
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the forward pass runs on a GPU: ONNX Runtime asked for CUDA without its CUDA provider reports
+        "cuda:0 (cpu)" and runs on the CPU."""
+        return self.device.startswith("cuda") and not self.device.endswith("(cpu)")
+
     def as_dict(self) -> dict[str, Any]:
         return {"runtime": self.runtime, "precision": self.precision, "device": self.device,
                 "parity_min_cosine": self.parity_min_cosine, "probe_images": self.probe_images,

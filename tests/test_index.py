@@ -306,8 +306,55 @@ def test_gpu_path_is_optional(data) -> None:
 
     ids, vectors = data
     index = built("HNSW16", ids[:50], vectors[:50])
-    assert index.to_gpu() is False  # HNSW has no GPU version, whatever the FAISS build
+    assert index.to_gpu() is False and not index.on_gpu  # HNSW has no GPU version, whatever the FAISS build
     flat = built("Flat", ids[:50], vectors[:50])
     assert flat.to_gpu() is gpu_available()
     _, found = flat.search(vectors[:3], 1)
     assert found[:, 0].tolist() == ids[:3].tolist()
+
+
+def test_searches_on_the_gpu_copy_match_the_cpu_index_through_writes(data, monkeypatch) -> None:
+    """The GPU branch's own logic (excluded ids over-fetched and dropped, a stale copy after a write, the copy
+    made again later). faiss-gpu cannot run here, so a CPU clone of the index stands in for the GPU copy."""
+    import index.vector_index as vector_index
+
+    copies: list[faiss.Index] = []
+
+    def copy_on_cpu(index: faiss.Index) -> faiss.Index:
+        copies.append(faiss.clone_index(index))
+        return copies[-1]
+
+    monkeypatch.setattr(vector_index, "gpu_available", lambda: True)
+    monkeypatch.setattr(vector_index, "_copy_to_gpus", copy_on_cpu)
+    ids, vectors = data
+    on_gpu, on_cpu = built("Flat", ids[:500], vectors[:500]), built("Flat", ids[:500], vectors[:500])
+    assert on_gpu.to_gpu() and on_gpu.on_gpu and len(copies) == 1
+
+    def same(queries: np.ndarray, k: int, **kwargs) -> np.ndarray:
+        got, want = on_gpu.search(queries, k, **kwargs), on_cpu.search(queries, k, **kwargs)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        return got[1]
+
+    found = same(vectors[:20], 10)
+    assert found[:, 0].tolist() == ids[:20].tolist()
+    # Excluded ids never come back, and k results still do: the copy took no IDSelector.
+    found = same(vectors[:20], 10, exclude_ids=ids[:40])
+    assert not np.isin(found, ids[:40]).any() and (found >= 0).all()
+    assert len(copies) == 1  # both searches used the one copy
+
+    # A write makes the copy stale: the CPU index answers (with the new image) until the copy is made again.
+    for index in (on_gpu, on_cpu):
+        index.add(ids[500:501], vectors[500:501])
+    assert same(vectors[500:501], 1)[0, 0] == ids[500]
+    assert len(copies) == 1
+    monkeypatch.setattr(vector_index, "GPU_RECOPY_INTERVAL_S", 0.0)
+    assert same(vectors[500:501], 1)[0, 0] == ids[500]
+    assert len(copies) == 2 and copies[-1].ntotal == 501
+    for index in (on_gpu, on_cpu):
+        index.remove(ids[500:501])
+    assert ids[500] not in same(vectors[500:501], 5)
+    # Filtered and exact searches stay on the CPU index.
+    same(vectors[:5], 3, allowed_ids=ids[100:200])
+    same(vectors[:5], 3, effort="exact")
+    assert len(copies) == 3

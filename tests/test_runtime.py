@@ -175,7 +175,7 @@ def test_the_service_reports_its_runtime_and_the_build_uses_the_same(tmp_path: P
     build_index(settings, make_corpus(tmp_path / "corpus", 3), progress=False)
     with TestClient(create_app(settings)) as client:
         ready = client.get("/readyz").json()["detail"]
-        assert ready["runtime"] == "openvino" and ready["precision"] == "fp32"
+        assert ready["runtime"] == "openvino" and ready["precision"] == "fp32" and ready["index_device"] == "cpu"
         models = client.get("/v1/models").json()["items"]
         serving = models[0]["serving"]
         assert serving["runtime"] == "openvino" and serving["parity_min_cosine"] >= PARITY_MIN
@@ -191,6 +191,29 @@ def test_the_service_reports_its_runtime_and_the_build_uses_the_same(tmp_path: P
         assert (export_dir(model_path) / ONNX_FILE).is_file()  # exported by the build, reused by the service
     probe = probe_batch(settings, load_checkpoint(model_dir).config)
     assert len(probe) == 8
+
+
+def test_the_index_follows_a_gpu_model_only_where_faiss_can(caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from app.deployment import place_index
+    from index.vector_index import VectorIndex, gpu_available
+    from models.runtime import RuntimeInfo
+
+    def runner_on(device: str) -> SimpleNamespace:  # place_index reads only where the runner runs
+        return SimpleNamespace(info=RuntimeInfo("torch", "bf16", device))
+
+    flat = VectorIndex(8, "Flat")
+    assert place_index(flat, runner_on("cpu")) == "cpu"
+    assert place_index(flat, runner_on("cuda:0 (cpu)")) == "cpu"  # ONNX Runtime without its CUDA provider
+    with caplog.at_level(logging.WARNING, logger="app.deployment"):
+        placed = place_index(flat, runner_on("cuda:0"))
+    if gpu_available():
+        assert placed == "gpu" and flat.on_gpu
+    else:  # faiss-cpu, as here: said in /readyz and in the log, with what to install
+        assert placed == "cpu (this FAISS build has no GPU support; the `gpu` extra installs faiss-gpu-cu12)"
+        assert "searched on the CPU" in caplog.text and not flat.on_gpu
+    assert place_index(VectorIndex(8, "HNSW16"), runner_on("cuda:0")) == "cpu (HNSW has no GPU version)"
 
 
 def test_auto_serves_fp32_on_cpu_and_reduced_precision_only_when_asked() -> None:

@@ -43,7 +43,8 @@ async def readyz(request: Request) -> JSONResponse:
     else:
         detail.update(model_version=deployment.model_name, index_version=deployment.index_name,
                       vectors=len(deployment.index), device=deployment.device,
-                      runtime=deployment.runner.info.runtime, precision=deployment.runner.info.precision)
+                      runtime=deployment.runner.info.runtime, precision=deployment.runner.info.precision,
+                      index_device=deployment.index_device)
     detail["queue_depth"] = state.batcher.depth
     detail["near_duplicate_threshold"] = state.settings.near_duplicate_threshold  # the page's "near-duplicates"
     if serving.last_swap is not None:

@@ -162,8 +162,7 @@ def embed_into_store(settings: Settings, runner: Runner, store: Path, ids: np.nd
     transform = eval_transform(config)
     dataset = _DecodeDataset(ids, uris, transform.crop, settings.max_upload_bytes, settings.max_image_pixels,
                              min_side=config.resize_size)
-    # ONNX Runtime asked for CUDA without its CUDA provider runs on the CPU ("cuda (cpu)"): it takes turns too.
-    on_gpu = runner.info.device.startswith("cuda") and not runner.info.device.endswith("(cpu)")
+    on_gpu = runner.info.on_gpu  # ONNX Runtime asked for CUDA without its CUDA provider takes turns like CPU
     # The torch runner takes device tensors: its uint8 batch crosses to the GPU, a quarter of the float bytes,
     # and is normalised there.
     to_device = runner.device if on_gpu and isinstance(runner, TorchRunner) else None
