@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU half of the speed issue in one device call: the service and the naive server on CUDA (queries/s, p50,
 # p99 at 32 and 256 clients, one process and 8 worker processes), each runtime's model-only img/s on the GPU,
-# and the batch build against its model-only bound. Prepared here, run there:
+# the batch build against its model-only bound, and nvJPEG against the project's decoder. Prepared here, run
+# there:
 #
 #   scripts/gpu_kit.sh                                   # here: .whl/ with the wheels, wrk and its LuaJIT (~45 MB)
-#   device run: bash bench/gpu_check.sh   carry [".whl"]   timeout_s 560
+#   device run: bash bench/gpu_check.sh   carry [".whl"]   timeout_s 590
 #
 # Every table lands under $OUT (the device tool brings it back). ../shared does not travel, so the corpus is
-# synthetic JPEGs (said in the output). About 7 minutes on an H100. GPU_CHECK_DEVICE=cpu PYTHON=.venv/bin/python
+# synthetic JPEGs (said in the output). About 8 minutes on an H100. GPU_CHECK_DEVICE=cpu PYTHON=.venv/bin/python
 # dry-runs it here with the same steps.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -53,4 +54,9 @@ for i in range(2000):
 PY
 RETRIEVAL_DEVICE=$DEVICE timeout 150 "$PYTHON" bench/build_bench.py --source "$CORPUS" --limit 2000 --repeat 2 \
     --no-ray 2>&1 | grep -v "^embed:" | tee "$OUT/build.log"
+
+# 3. JPEG decoding for builds: the project decoder in a GPU build's worker processes against nvJPEG in batches
+#    (bench/decode_bench.py), on cub100-sized and 12-MP photos: the issue's "GPU decode if it measures faster".
+timeout 60 "$PYTHON" bench/decode_bench.py --device "$DEVICE" --seconds 3 --photos 16 --small 256 2>&1 \
+    | tee "$OUT/decode.log"
 echo "done: $(ls "$OUT")"
