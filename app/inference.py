@@ -86,7 +86,7 @@ def load_runner(settings: Settings, checkpoint_dir: str | Path, serving: bool = 
     from models.checkpoint import load_checkpoint
     from models.embedder import resolve_device
     from models.export import export_dir
-    from models.runtime import select_runner
+    from models.runtime import reference_embeddings, select_runner
 
     device = resolve_device(settings.device)
     if settings.inference_threads > 0:  # torch's share too (preprocessing, the torch runtime, heatmaps)
@@ -100,9 +100,13 @@ def load_runner(settings: Settings, checkpoint_dir: str | Path, serving: bool = 
         log.warning("cannot read checkpoint %s to key its export (%s): serving with torch", checkpoint_dir, exc)
         exports = None
     probe = probe_batch(settings, embedder.config)
+    may_rebuild = serving and settings.inference_threads == 0 and device.type == "cpu"
+    # The parity check's torch reference, computed once when the runtime may be built twice (below).
+    reference = reference_embeddings(embedder, probe) if may_rebuild else None
     runner = select_runner(embedder, device, probe, exports, requested=settings.runtime,
-                           precision=settings.inference_precision, threads=settings.inference_threads)
-    if not (serving and settings.inference_threads == 0 and runner.info.runtime == "openvino"):
+                           precision=settings.inference_precision, threads=settings.inference_threads,
+                           reference=reference)
+    if not (may_rebuild and runner.info.runtime == "openvino"):
         return runner
     # OpenVINO's own count (physical cores; on a hyper-threaded host fewer than the logical CPUs).
     threads = int(runner.compiled.get_property("INFERENCE_NUM_THREADS"))
@@ -115,4 +119,4 @@ def load_runner(settings: Settings, checkpoint_dir: str | Path, serving: bool = 
     log.info("inference runtime gets %d of %d threads (%.1f ms per image: a core is left for request handling)",
              threads - 1, threads, per_image)
     return select_runner(embedder, device, probe, exports, requested=settings.runtime,
-                         precision=settings.inference_precision, threads=threads - 1)
+                         precision=settings.inference_precision, threads=threads - 1, reference=reference)

@@ -237,13 +237,15 @@ def _build(name: str, precision: str, embedder: Embedder, device: torch.device, 
 
 
 def select_runner(embedder: Embedder, device: torch.device, probe: torch.Tensor, export_dir: Path | None,
-                  requested: str = "auto", precision: str = "auto", threads: int = 0) -> Runner:
+                  requested: str = "auto", precision: str = "auto", threads: int = 0,
+                  reference: np.ndarray | None = None) -> Runner:
     """The first runtime in `candidates` order that builds and passes the parity check on `probe`.
 
     `export_dir` is where this checkpoint's exports live (models.export.export_dir); None allows torch only.
-    `threads` caps the runtime's own thread pool (0: the runtime's default, all cores)."""
+    `threads` caps the runtime's own thread pool (0: the runtime's default, all cores). `reference`: the torch
+    fp32 embeddings of `probe` when the caller has them (`reference_embeddings`); else computed here, once, and
+    only if a runtime needs checking."""
     embedder = embedder.to(device).eval()
-    reference: np.ndarray | None = None  # computed once, and only if a runtime needs checking
     refused: list[str] = []
     missing: set[str] = set()
     for name, want in candidates(requested, device, precision):
