@@ -1,5 +1,6 @@
-"""`retrieval index build --ray`: on a real local Ray cluster the build equals the single-process one, resumes after
-SIGKILL of its driver, and runs across a two-node cluster started with `ray start` on loopback."""
+"""`retrieval index build --ray`: on a real local Ray cluster the build equals the single-process one, gives up
+with a message after three passes that each lost their actor, resumes after SIGKILL of its driver, and runs
+across a two-node cluster started with `ray start` on loopback."""
 
 from __future__ import annotations
 
@@ -156,6 +157,72 @@ def test_sigkill_of_the_driver_then_rerun_completes(tmp_path: Path, tiny_embedde
     with session_scope(url) as session:
         assert session.scalar(select(func.count(Image.id))) == 120
     assert np.array_equal(versions.embedded_ids(store), np.arange(1, 121))
+    assert verify_index(settings).ok
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            return False
+        if pid == ancestor:
+            return True
+    return False
+
+
+@contextmanager
+def killing_embed_actors() -> Iterator[list[int]]:
+    """SIGKILL every embed actor of this process's Ray cluster as soon as it appears (an OOM killer that never
+    lets one live); yields the pids killed so far."""
+    import threading
+
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for proc in Path("/proc").iterdir():
+                if not proc.name.isdigit() or int(proc.name) in killed:
+                    continue
+                try:
+                    title = (proc / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"_EmbedActor" in title and _descends_from(int(proc.name), os.getpid()):
+                    with suppress(ProcessLookupError):
+                        os.kill(int(proc.name), signal.SIGKILL)
+                        killed.append(int(proc.name))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def test_a_build_whose_actors_keep_dying_gives_up_after_three_passes_and_resumes(
+        tmp_path: Path, tiny_embedder: Path, local_ray: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.indexing.ray_build as ray_build
+    from app.db.migrate import upgrade
+    from app.indexing import RayWorkersLost, build_index, verify_index
+
+    monkeypatch.setattr(ray_build, "RAY_NODE_LOSS_WAIT_S", 1.0)  # no node dies here: nothing to wait for
+    url = f"sqlite:///{tmp_path / 'ray.db'}"
+    upgrade(url)
+    settings = make_settings(tmp_path / "data", url, embedder=str(tiny_embedder), embed_flush_every=4)
+    corpus = make_corpus(tmp_path / "corpus", per_class=5, size=48)  # 20 images
+    with killing_embed_actors() as killed, pytest.raises(RayWorkersLost) as lost:
+        build_index(settings, corpus, progress=False, ray_address="")
+    message = str(lost.value)
+    assert f"Gave up after {ray_build.RAY_PASSES} passes" in message and "run the same command again" in message
+    assert len(killed) >= ray_build.RAY_PASSES  # one pass per plan, each lost its actor
+    report = build_index(settings, corpus, progress=False, ray_address="")  # the same command, actors left alive
+    assert report.added == 0 and report.embedded + len(_committed_ids(settings)) >= 20
+    assert np.array_equal(_committed_ids(settings), np.arange(1, 21))
     assert verify_index(settings).ok
 
 
