@@ -1,7 +1,7 @@
 """Building a VectorIndex from vectors: pick the type, train on a sample, fill, tune the search knobs.
 
 Pure FAISS + numpy. `build` fills one index in memory; `build_ivf_ondisk` fills one copy of a trained IVF per
-part (e.g. per embedding shard) and merges their inverted lists on disk. Both train and tune with the same
+part (e.g. per slice of rows) and merges their inverted lists on disk. Both train and tune with the same
 constants, in `_train` and `_tune`; `tune` finds the smallest nprobe / efSearch reaching a recall target.
 """
 

@@ -117,14 +117,22 @@ def test_shards_then_merge_equal_one_build(database_url: str, tmp_path: Path, ti
     assert np.mean([a[key] == b[key] for key in a]) >= 0.5
     assert np.mean([a[key][:2] == b[key][:2] for key in a]) >= 0.9
 
-    # The IVF route: one filled IVF per embedding shard, merged with FAISS's on-disk merge.
+    # The IVF route: filled IVF copies merged with FAISS's on-disk merge.
     from app.indexing import verify_index
+    from index import versions
     from index.vector_index import VectorIndex
 
+    # Rows embedded twice (an actor that committed a shard after its driver died, then a rerun): the latest wins.
+    store = next(p for p in (sharded.data_dir / "embeddings").iterdir() if p.is_dir())
+    _, first_ids, first_vectors = next(versions.iter_embedding_shards(store))
+    versions.write_embedding_shard(store, "zz-embedded-again", first_ids, np.asarray(first_vectors))
     ivf = merge_shards(sharded, factory="IVF2,Flat", ondisk=True, progress=False)
     version = sharded.indexes_dir / ivf.index_version_name
     assert (version / "merged.ivfdata").exists() and not list(sharded.indexes_dir.glob(".ondisk-*"))
-    assert len(VectorIndex.load(version)) == 40 and verify_index(sharded).ok
+    merged = VectorIndex.load(version)
+    assert len(merged) == 40 and verify_index(sharded).ok
+    _, found = merged.search(np.asarray(first_vectors, dtype=np.float32), 10, effort="exact")
+    assert all(len(set(row[row >= 0])) == len(row[row >= 0]) for row in found)  # no image twice in a result
 
 
 def test_verify_catches_planted_inconsistencies(database_url: str, tmp_path: Path, tiny_embedder: Path,

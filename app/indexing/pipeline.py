@@ -32,7 +32,7 @@ def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int
     """Register `source`, embed what is missing, publish a new index version (not in shard mode).
 
     ray_address: embed on a Ray cluster instead of this process ('' starts a local one, 'auto' joins a running
-    one, or host:port); IVF types are then filled per embedding shard and merged with FAISS's on-disk merge.
+    one, or host:port); IVF types are then filled in slices of rows and merged with FAISS's on-disk merge.
     Raises EmptySource, before anything is published, when the source lists no image file.
     """
     start = time.perf_counter()
@@ -75,7 +75,7 @@ def merge_shards(settings: Settings, *, factory: str | None = None, ondisk: bool
                  progress: bool = True) -> BuildReport:
     """After sharded runs: embed any live image still missing, then build and publish one index.
 
-    ondisk=True (IVF factories): one filled IVF per embedding shard, merged with FAISS's on-disk merge.
+    ondisk=True (IVF factories): one filled IVF per 100,000 rows, merged with FAISS's on-disk merge.
     """
     return _republish(settings, factory=factory, ondisk=ondisk, force=False, progress=progress,
                       stem_prefix="merge")

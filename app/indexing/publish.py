@@ -24,6 +24,9 @@ from app.settings import Settings
 from index import versions
 from index.builders import build, build_ivf_ondisk, choose_factory, fill_parts
 
+# Rows per filled IVF copy of an on-disk build (a Ray build fills each copy in its own task).
+ONDISK_PART_ROWS = 100_000
+
 
 def published_ids(version_path: str | Path) -> np.ndarray | None:
     """The sorted live ids a published version holds (its ids.npy), or None for a version without one."""
@@ -68,11 +71,12 @@ def publish_index(settings: Settings, model: ModelVersion, report: BuildReport, 
     start = time.perf_counter()
     workdir: Path | None = None
     if ondisk and "IVF" in factory:
-        # One filled IVF per embedding shard, their lists merged on disk (FAISS's on-disk merge).
+        # One filled IVF per slice of the rows, their lists merged on disk (FAISS's on-disk merge). Slices of the
+        # rows loaded above, not the shards themselves: an id embedded twice (a rerun after a lost actor) is in
+        # two shards, and a fold may delete a shard while it is read; the loaded rows hold each id once.
         workdir = settings.indexes_dir / f".ondisk-{new_version_name('tmp')}"
-        parts = ((shard_ids[mask], np.asarray(shard_vecs[mask], dtype=np.float32))
-                 for _, shard_ids, shard_vecs in versions.iter_embedding_shards(store)
-                 if (mask := np.isin(shard_ids, live)).any())
+        parts = ((ids[start:start + ONDISK_PART_ROWS], vectors[start:start + ONDISK_PART_ROWS])
+                 for start in range(0, len(ids), ONDISK_PART_ROWS))
         index = build_ivf_ondisk(ids, vectors, parts, factory, workdir, settings.index_recall_target, fill=fill)
     else:
         index = build(ids, vectors, factory, budget, settings.index_recall_target)

@@ -111,7 +111,7 @@ def _fill_part(trained: np.ndarray, dim: int, factory: str, ids: np.ndarray, vec
 
 
 def ray_fill_parts(trained: VectorIndex, parts: Iterable[tuple[np.ndarray, np.ndarray]]) -> list[VectorIndex]:
-    """index.builders.fill_parts on the cluster: every shard's copy of the trained IVF filled by its own task
+    """index.builders.fill_parts on the cluster: every part's copy of the trained IVF filled by its own task
     (assigning vectors to lists is the costly part of adding), merged afterwards by FAISS's on-disk merge."""
     import faiss
     import ray
