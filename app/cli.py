@@ -369,7 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        # torch loads lazily (SQL-only commands start fast): a DeviceUnavailable means models.embedder is loaded.
+        embedder = sys.modules.get("models.embedder")
+        if embedder is None or not isinstance(exc, embedder.DeviceUnavailable):
+            raise
+        print(f"retrieval: {exc} (RETRIEVAL_DEVICE, or --device where a command takes it)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from app.deployment import ServingState, load_active
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.settings import Settings, get_settings
-from models.embedder import resolve_device
+from models.embedder import DeviceUnavailable, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.deployment = None
     try:
         device_type = resolve_device(settings.device).type
-    except RuntimeError:  # an unknown RETRIEVAL_DEVICE: loading the model reports it in /readyz
+    except DeviceUnavailable:  # loading the model reports it in /readyz
         device_type = "cpu"
     batch_cap = settings.max_batch_size or default_max_batch_size(device_type)
     app.state.batcher = MicroBatcher(batch_cap, settings.max_batch_wait_ms, settings.max_queue)

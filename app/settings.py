@@ -17,7 +17,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default is SQLite at <data_dir>/retrieval.db."
     )
-    device: str = Field("auto", description="'auto' picks CUDA when present, else 'cpu'; or 'cpu', 'cuda:0'.")
+    device: str = Field("auto", description="'auto' picks CUDA when present, else 'cpu'; or 'cpu', 'cuda', 'cuda:N' "
+                                            "(a GPU that is not there stops a build, and a service's load, with a "
+                                            "message saying so).")
     embedder: str = Field(
         "efficientnet_lite012_gem",
         description=(

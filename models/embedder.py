@@ -289,13 +289,33 @@ class TimmEmbedder(Embedder):
         return LocalFeatures(embedding, project_locations(fmap, self.projection))
 
 
+class DeviceUnavailable(ValueError):
+    """The device asked for does not exist here: a clear message instead of torch's error at the first tensor."""
+
+
 def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' (CUDA when present, else the CPU), 'cpu', 'cuda' or 'cuda:N'; DeviceUnavailable for a name torch does
+    not know or a GPU this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceUnavailable(f"device {name!r} is not one torch knows: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise DeviceUnavailable(
+                f"device {name!r} was asked for, but torch sees no CUDA GPU here (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda or 'none'}: no GPU, no NVIDIA driver, or none given to this "
+                "container): use auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise DeviceUnavailable(f"device {name!r} was asked for, but this machine has {count} CUDA GPU(s)")
+    return device
 
 
 __all__ = [
+    "DeviceUnavailable",
     "Embedder",
     "EmbedderConfig",
     "LocalFeatures",

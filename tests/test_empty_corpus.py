@@ -1,5 +1,6 @@
 """Sources and corpora a new user meets first: class folders that are symlinks, a folder with no image in it,
-and a service whose corpus is empty (it must be ready, answer searches with nothing, and take the first add).
+a service whose corpus is empty (it must be ready, answer searches with nothing, and take the first add), and a
+GPU asked for on a machine without one.
 The CLI and the app run in this process: what is tested is what they do with the files, not the process."""
 
 from __future__ import annotations
@@ -69,6 +70,33 @@ def test_a_source_without_images_is_an_error_and_keeps_the_active_index(settings
     with session_scope(settings.resolved_database_url) as session:
         assert active_index(session).name == before and active_index(session).ntotal == 8
         assert session.query(IndexVersion).count() == 1
+
+
+def test_a_gpu_this_machine_lacks_is_said_before_anything_is_registered_or_served(settings: Settings,
+                                                                                   tmp_path: Path,
+                                                                                   run_cli: Cli) -> None:
+    from app.db.models import Image
+    from app.db.session import session_scope
+    from models.embedder import DeviceUnavailable, resolve_device
+
+    with pytest.raises(DeviceUnavailable, match="is not one torch knows: use auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    corpus = make_corpus(tmp_path / "corpus", per_class=2)
+    absent = "cuda:99"  # no machine here has 100 GPUs; this one has none
+    build = run_cli(settings, "index", "build", str(corpus), "--no-progress", device=absent)
+    assert build.returncode == 2, build.stdout + build.stderr
+    assert f"device '{absent}' was asked for, but" in build.stderr and "RETRIEVAL_DEVICE" in build.stderr
+    assert "Traceback" not in build.stderr
+    with session_scope(settings.resolved_database_url) as session:
+        assert session.query(Image).count() == 0  # refused before registering
+
+    assert run_cli(settings, "index", "build", str(corpus), "--no-progress").returncode == 0
+    with app_client(settings, device=absent) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and f"device '{absent}' was asked for" in ready.json()["detail"]["index"]
+        search = upload(client, jpeg_bytes(class_image("red", 0)))
+        assert search.status_code == 503 and search.json()["error"] == "not_ready"
+        assert f"device '{absent}' was asked for" in search.json()["message"]  # not "build an index first"
 
 
 def test_an_empty_index_serves_and_the_first_add_starts_the_corpus(settings: Settings) -> None:

@@ -39,9 +39,16 @@ def get_deployment(request: Request) -> Deployment:
     """The pair this request runs on, taken once: a hot swap during the request does not change it."""
     deployment = getattr(request.app.state, "deployment", None)
     if deployment is None:
-        raise ApiError(503, "no index is active yet: build one with `retrieval index build SOURCE`",
-                       code="not_ready", headers={"Retry-After": "30"})
+        raise not_ready(request)
     return deployment
+
+
+def not_ready(request: Request) -> ApiError:
+    """503 while no pair serves: none built yet, or the active one failed to load (why, as /readyz says)."""
+    load_error = request.app.state.serving.load_error
+    message = (f"{load_error} (details in /readyz)" if load_error
+               else "no index is active yet: build one with `retrieval index build SOURCE`")
+    return ApiError(503, message, code="not_ready", headers={"Retry-After": "30"})
 
 
 def get_batcher(request: Request) -> MicroBatcher:

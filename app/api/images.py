@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app import metrics
-from app.api.deps import SessionDep, filters_dep, get_batcher, get_deployment
+from app.api.deps import SessionDep, filters_dep, get_batcher, get_deployment, not_ready
 from app.auth import require_read, require_write
 from app.db.models import Image
 from app.deployment import Deployment, ServingState, write_api_embedding
@@ -178,7 +178,7 @@ def _commit_new_image(request: Request, session: Session, started_on: Deployment
     with state.write_lock:
         deployment: Deployment | None = request.app.state.deployment
         if deployment is None:
-            raise ApiError(503, "no index is active yet", code="not_ready", headers={"Retry-After": "30"})
+            raise not_ready(request)
         if deployment is not started_on:  # swapped while we embedded: embed with the new model instead
             vector = deployment.forward_batch(deployment.preprocess(image)[None])[0]
         row = session.scalar(select(Image).where(Image.sha256 == sha256))

@@ -37,6 +37,10 @@ def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int
     """
     start = time.perf_counter()
     report = BuildReport()
+    if ray_address is None:  # this process embeds: a device it lacks is said before anything is registered
+        from models.embedder import resolve_device
+
+        resolve_device(settings.device)
     model = ensure_active_model(settings)
     slice_ids = register_source(settings, source, shard, report, progress)
     if report.seen == 0 and shard is None:
