@@ -43,7 +43,7 @@ from app.registry import active_index
 from app.settings import Settings
 from index import versions
 from index.shard_lookup import ShardLookup
-from index.vector_index import VectorIndex
+from index.vector_index import VectorIndex, gpu_unavailable_reason
 from models.checkpoint import load_checkpoint
 from models.embedder import Embedder, eval_transform
 from models.runtime import Runner, TorchRunner
@@ -239,11 +239,13 @@ def place_index(index: VectorIndex, runner: Runner) -> str:
     the GPU image has it); else on the CPU, saying why when the model is on a GPU."""
     if not runner.info.on_gpu:
         return "cpu"
-    if index.to_gpu():
-        log.info("index searched on the GPU (%d vectors, %s)", len(index), index.factory)
-        return "gpu"
-    reason = ("HNSW has no GPU version" if index.kind == "hnsw"
-              else "this FAISS build has no GPU support; the `gpu` extra installs faiss-gpu-cu12")
+    try:
+        if index.to_gpu():
+            log.info("index searched on the GPU (%d vectors, %s)", len(index), index.factory)
+            return "gpu"
+        reason = "HNSW has no GPU version" if index.kind == "hnsw" else gpu_unavailable_reason()
+    except Exception as exc:  # GPU memory, a layout faiss-gpu cannot hold: the CPU index serves
+        reason = f"copying it to the GPU failed: {exc.__class__.__name__}: {str(exc)[:200]}"
     log.warning("the model runs on %s but the index is searched on the CPU: %s", runner.info.device, reason)
     return f"cpu ({reason})"
 

@@ -100,7 +100,8 @@ def load_runner(settings: Settings, checkpoint_dir: str | Path, serving: bool = 
         log.warning("cannot read checkpoint %s to key its export (%s): serving with torch", checkpoint_dir, exc)
         exports = None
     probe = probe_batch(settings, embedder.config)
-    may_rebuild = serving and settings.inference_threads == 0 and device.type == "cpu"
+    may_rebuild = (serving and settings.inference_threads == 0 and device.type == "cpu"
+                   and settings.runtime in ("auto", "openvino"))
     # The parity check's torch reference, computed once when the runtime may be built twice (below).
     reference = reference_embeddings(embedder, probe) if may_rebuild else None
     runner = select_runner(embedder, device, probe, exports, requested=settings.runtime,

@@ -32,6 +32,7 @@ from torchvision.transforms.v2 import functional as TF
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.images import decode_image  # noqa: E402
 from app.indexing.embed import decode_workers  # noqa: E402
+from app.settings import Settings  # noqa: E402
 from bench.service_bench import CUB, photo_jpeg, synthetic_jpeg  # noqa: E402
 from models.embedder import EmbedderConfig, EvalTransform  # noqa: E402
 
@@ -119,7 +120,8 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(args.device)
     cores = os.cpu_count() or 1
-    build_workers = decode_workers(cores, on_gpu=device.type == "cuda")
+    # A GPU build's decode processes under the default RETRIEVAL_NUM_WORKERS (at least one per core but one).
+    build_workers = decode_workers(Settings().num_workers, on_gpu=device.type == "cuda")
     sets, origin = make_sets(args.photos, args.small)
     print(f"# JPEG decode to the model's uint8 crop, {cores} cores, device {device}, images from {origin}\n")
     print("| images | path | img/s | x project decoder | mean abs pixel diff | max |")

@@ -324,6 +324,8 @@ def main() -> int:
             url, stop = live.base_url, live.stop
             ready = httpx.get(f"{url}/readyz").json()["detail"]
             served = f"{ready['runtime']} {ready['precision']}"
+            print(f"  {server_name}: {served} on {ready['device']}, index searched on {ready['index_device']}",
+                  flush=True)
         try:
             for set_name in chosen_sets:
                 run_wrk(url, sets[set_name], 4, 3, script)  # warm-up, not measured

@@ -28,6 +28,7 @@ Effort per call (`effort=`: fast, balanced, exact) scales those knobs in the Sea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -56,8 +57,10 @@ EXACT_FILTER_MAX = 20_000
 # A write makes the GPU copy stale; it is made again on a later search, at most this often (a copy of a large
 # index takes a while, and a stream of API adds should not cost one per search). Meanwhile the CPU index serves.
 GPU_RECOPY_INTERVAL_S = 5.0
-# faiss-gpu's k-selection handles k up to 2048 (GPU_MAX_SELECTION_K); excluded ids are over-fetched within it.
+# faiss-gpu selects at most 2048 results (and probes at most 2048 IVF lists) per query: GPU_MAX_SELECTION_K.
 GPU_MAX_K = 2048
+
+log = logging.getLogger(__name__)
 
 
 def _as_float32(vectors: np.ndarray) -> np.ndarray:
@@ -73,14 +76,29 @@ def _as_ids(ids: np.ndarray | list[int]) -> np.ndarray:
 
 def gpu_available() -> bool:
     """True when this FAISS build (faiss-gpu, the `gpu` extra) sees a GPU."""
-    get_num_gpus = getattr(faiss, "get_num_gpus", None)
-    return bool(get_num_gpus and get_num_gpus() > 0)
+    return gpu_unavailable_reason() is None
+
+
+def gpu_unavailable_reason() -> str | None:
+    """Why this FAISS build cannot search on a GPU, or None when it can."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return "this FAISS build has no GPU support; the `gpu` extra installs faiss-gpu-cu12"
+    if faiss.get_num_gpus() == 0:
+        return "faiss-gpu sees no GPU (CUDA_VISIBLE_DEVICES, the driver, or a CUDA version it was not built for)"
+    return None
 
 
 def _copy_to_gpus(index: faiss.Index) -> faiss.Index:
     options = faiss.GpuMultipleClonerOptions()
-    options.useFloat16 = True  # halves GPU memory; scores move by ~1e-3, "exact" effort stays on the CPU
+    # Flat and IVF-Flat store float16 (half the GPU memory), IVF-PQ computes its lookup tables in float16:
+    # scores move by ~1e-3, so "exact" effort stays on the CPU index.
+    options.useFloat16 = True
     return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
+def _set_gpu_nprobe(index: faiss.Index, nprobe: int) -> None:
+    # On the shared GPU copy, not per call: safe because Deployment.index_lock serialises searches.
+    faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
 
 
 def _cap_opq_training(index: faiss.Index) -> None:
@@ -196,25 +214,37 @@ class VectorIndex:
 
         HNSW has no GPU version; filtered searches (allowed_ids), "exact" effort and range searches stay on the
         CPU index, which stays the one written to. After a write the GPU copy is made again on a later search,
-        at most every GPU_RECOPY_INTERVAL_S. False when this FAISS build has no GPU or the type cannot move.
+        at most every GPU_RECOPY_INTERVAL_S. False when this FAISS build has no GPU or the type cannot move;
+        the copy's own error (GPU memory, a layout faiss-gpu cannot hold) is raised, and the CPU index serves.
         """
         if not gpu_available() or self.kind == "hnsw":
             return False
         self._gpu_wanted = True
-        self._gpu_copy(force=True)
+        try:
+            self._gpu_copy(force=True)
+        except Exception:
+            self._gpu_wanted = False
+            raise
         return True
 
     @property
     def on_gpu(self) -> bool:
-        """Whether searches go to a GPU copy (to_gpu succeeded), whether or not a write has made it stale."""
+        """Whether to_gpu succeeded: unfiltered searches below "exact" effort go to a GPU copy (remade after
+        writes), the rest to the CPU index."""
         return self._gpu_wanted
 
     def _gpu_copy(self, force: bool = False) -> faiss.Index | None:
         if self._gpu_index is None and self._gpu_wanted and self.index.ntotal:
             now = time.monotonic()
             if force or now - self._gpu_copied_at >= GPU_RECOPY_INTERVAL_S:
-                self._gpu_index = _copy_to_gpus(self.index)
-                self._gpu_copied_at = now
+                self._gpu_copied_at = now  # a failed copy, too, is tried again only after the interval
+                try:
+                    self._gpu_index = _copy_to_gpus(self.index)
+                except Exception:
+                    if force:
+                        raise
+                    log.exception("copying the index to the GPU failed; the CPU index answers, next try in "
+                                  "%.0f s", GPU_RECOPY_INTERVAL_S)
         return self._gpu_index
 
     # -- writes ---------------------------------------------------------------------------------------
@@ -335,7 +365,8 @@ class VectorIndex:
     def _search_gpu(self, queries: np.ndarray, k: int, excluded: np.ndarray,
                     effort: str) -> tuple[np.ndarray, np.ndarray] | None:
         """Top-k on the GPU copy; excluded ids are over-fetched and dropped here (faiss-gpu takes no IDSelector).
-        None when the copy is stale or k plus the excluded ids held exceed what the GPU can select."""
+        None (the CPU index answers) when the copy is stale, when k plus the excluded ids held exceed what the GPU
+        can select, or when dropping them left a query short of results the CPU path would find."""
         held_excluded = int(self._contains(excluded).sum()) if len(excluded) else 0
         fetch = k + held_excluded
         if fetch > GPU_MAX_K:
@@ -344,15 +375,18 @@ class VectorIndex:
         if gpu_index is None:
             return None
         if self.ivf is not None:
-            faiss.GpuParameterSpace().set_index_parameter(gpu_index, "nprobe", min(self.ivf.nlist, knob(self, effort)))
+            _set_gpu_nprobe(gpu_index, min(self.ivf.nlist, knob(self, effort), GPU_MAX_K))
         scores, ids = gpu_index.search(queries, fetch)
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         if held_excluded:
             dropped = np.isin(ids, excluded)
             # Stable sort moves dropped entries to the end of each row, keeping the others in rank order.
+            rows = np.arange(len(ids))[:, None]
             order = np.argsort(dropped, axis=1, kind="stable")
-            ids = np.where(dropped, -1, ids)[np.arange(len(ids))[:, None], order]
-            scores = np.where(dropped, -np.inf, scores)[np.arange(len(ids))[:, None], order]
+            ids, scores = np.where(dropped, -1, ids)[rows, order], np.where(dropped, -np.inf, scores)[rows, order]
+            wanted = min(k, self.ntotal - held_excluded)
+            if ((ids[:, :k] >= 0).sum(axis=1) < wanted).any():
+                return None  # excluded ids filled the probed IVF lists: the CPU index widens nprobe instead
         return scores[:, :k], ids[:, :k]
 
     def _scan_hnsw_storage(self, queries: np.ndarray, k: int,

@@ -313,48 +313,79 @@ def test_gpu_path_is_optional(data) -> None:
     assert found[:, 0].tolist() == ids[:3].tolist()
 
 
-def test_searches_on_the_gpu_copy_match_the_cpu_index_through_writes(data, monkeypatch) -> None:
-    """The GPU branch's own logic (excluded ids over-fetched and dropped, a stale copy after a write, the copy
-    made again later). faiss-gpu cannot run here, so a CPU clone of the index stands in for the GPU copy."""
+class CopyOnCpu:
+    """Stands in for faiss-gpu's copy of an index (which cannot run here): a CPU clone that counts its searches."""
+
+    def __init__(self, index: faiss.Index) -> None:
+        self.index, self.searches = faiss.clone_index(index), 0
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        self.searches += 1
+        return self.index.search(queries, k)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
+def test_searches_on_the_gpu_copy_match_the_cpu_index_through_writes(factory: str, data, monkeypatch) -> None:
+    """The GPU branch's own logic: excluded ids over-fetched and dropped, a query they leave short answered by
+    the CPU index, a stale copy after a write, the copy made again later, a failed copy."""
     import index.vector_index as vector_index
 
-    copies: list[faiss.Index] = []
+    copies: list[CopyOnCpu] = []
 
-    def copy_on_cpu(index: faiss.Index) -> faiss.Index:
-        copies.append(faiss.clone_index(index))
+    def copy_on_cpu(index: faiss.Index) -> CopyOnCpu:
+        copies.append(CopyOnCpu(index))
         return copies[-1]
 
     monkeypatch.setattr(vector_index, "gpu_available", lambda: True)
     monkeypatch.setattr(vector_index, "_copy_to_gpus", copy_on_cpu)
+    monkeypatch.setattr(vector_index, "_set_gpu_nprobe",
+                        lambda copy, nprobe: faiss.ParameterSpace().set_index_parameter(copy.index, "nprobe", nprobe))
     ids, vectors = data
-    on_gpu, on_cpu = built("Flat", ids[:500], vectors[:500]), built("Flat", ids[:500], vectors[:500])
+    on_gpu, on_cpu = built(factory, ids[:500], vectors[:500]), built(factory, ids[:500], vectors[:500])
     assert on_gpu.to_gpu() and on_gpu.on_gpu and len(copies) == 1
 
-    def same(queries: np.ndarray, k: int, **kwargs) -> np.ndarray:
+    def same(queries: np.ndarray, k: int, *, gpu_searches: int, **kwargs) -> np.ndarray:
+        before = sum(c.searches for c in copies)
         got, want = on_gpu.search(queries, k, **kwargs), on_cpu.search(queries, k, **kwargs)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        assert sum(c.searches for c in copies) - before == gpu_searches
         return got[1]
 
-    found = same(vectors[:20], 10)
+    found = same(vectors[:20], 10, gpu_searches=1)
     assert found[:, 0].tolist() == ids[:20].tolist()
     # Excluded ids never come back, and k results still do: the copy took no IDSelector.
-    found = same(vectors[:20], 10, exclude_ids=ids[:40])
+    found = same(vectors[:20], 10, exclude_ids=ids[:40], gpu_searches=1)
     assert not np.isin(found, ids[:40]).any() and (found >= 0).all()
-    assert len(copies) == 1  # both searches used the one copy
+    if factory.startswith("IVF"):
+        # Excluding all but 30 vectors empties the one probed list: the copy comes back short, and the CPU index
+        # widens nprobe and finds 10 (the copy's short rows would fail both checks).
+        for index in (on_gpu, on_cpu):
+            index.params["nprobe"] = 1
+        found = same(vectors[:3], 10, exclude_ids=ids[30:500], gpu_searches=1)
+        assert (found >= 0).all()
+        for index in (on_gpu, on_cpu):
+            index.params["nprobe"] = 16
+    # Filtered and exact searches stay on the CPU index.
+    same(vectors[:5], 3, allowed_ids=ids[100:200], gpu_searches=0)
+    same(vectors[:5], 3, effort="exact", gpu_searches=0)
+    assert len(copies) == 1
 
     # A write makes the copy stale: the CPU index answers (with the new image) until the copy is made again.
     for index in (on_gpu, on_cpu):
         index.add(ids[500:501], vectors[500:501])
-    assert same(vectors[500:501], 1)[0, 0] == ids[500]
-    assert len(copies) == 1
+    assert same(vectors[500:501], 1, gpu_searches=0)[0, 0] == ids[500]
     monkeypatch.setattr(vector_index, "GPU_RECOPY_INTERVAL_S", 0.0)
-    assert same(vectors[500:501], 1)[0, 0] == ids[500]
-    assert len(copies) == 2 and copies[-1].ntotal == 501
+    assert same(vectors[500:501], 1, gpu_searches=1)[0, 0] == ids[500]
+    assert len(copies) == 2 and copies[-1].index.ntotal == 501
     for index in (on_gpu, on_cpu):
         index.remove(ids[500:501])
-    assert ids[500] not in same(vectors[500:501], 5)
-    # Filtered and exact searches stay on the CPU index.
-    same(vectors[:5], 3, allowed_ids=ids[100:200])
-    same(vectors[:5], 3, effort="exact")
-    assert len(copies) == 3
+
+    # A copy that fails (GPU memory) leaves the CPU index answering; to_gpu itself says why.
+    def out_of_memory(index: faiss.Index) -> CopyOnCpu:
+        raise RuntimeError("cudaMalloc error out of memory")
+
+    monkeypatch.setattr(vector_index, "_copy_to_gpus", out_of_memory)
+    assert ids[500] not in same(vectors[500:501], 5, gpu_searches=0)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        built(factory, ids[:50], vectors[:50]).to_gpu()

@@ -122,17 +122,22 @@ def test_shards_then_merge_equal_one_build(database_url: str, tmp_path: Path, ti
     from index import versions
     from index.vector_index import VectorIndex
 
-    # Rows embedded twice (an actor that committed a shard after its driver died, then a rerun): the latest wins.
+    # Rows embedded twice (an actor that committed a shard after its driver died, then a rerun), the second time
+    # with other numbers (another runtime, say): each image is indexed once, with the latest shard's vector.
     store = next(p for p in (sharded.data_dir / "embeddings").iterdir() if p.is_dir())
     _, first_ids, first_vectors = next(versions.iter_embedding_shards(store))
-    versions.write_embedding_shard(store, "zz-embedded-again", first_ids, np.asarray(first_vectors))
+    again = np.asarray(first_vectors, dtype=np.float32) + 0.3 * np.random.default_rng(0).standard_normal(
+        first_vectors.shape, dtype=np.float32)
+    again /= np.linalg.norm(again, axis=1, keepdims=True)
+    versions.write_embedding_shard(store, "zz-embedded-again", first_ids, again)
     ivf = merge_shards(sharded, factory="IVF2,Flat", ondisk=True, progress=False)
     version = sharded.indexes_dir / ivf.index_version_name
     assert (version / "merged.ivfdata").exists() and not list(sharded.indexes_dir.glob(".ondisk-*"))
     merged = VectorIndex.load(version)
     assert len(merged) == 40 and verify_index(sharded).ok
-    _, found = merged.search(np.asarray(first_vectors, dtype=np.float32), 10, effort="exact")
+    scores, found = merged.search(again, 10, effort="exact")
     assert all(len(set(row[row >= 0])) == len(row[row >= 0]) for row in found)  # no image twice in a result
+    assert found[:, 0].tolist() == first_ids.tolist() and scores[:, 0].min() > 0.999  # the latest vectors
 
 
 def test_verify_catches_planted_inconsistencies(database_url: str, tmp_path: Path, tiny_embedder: Path,

@@ -216,6 +216,26 @@ def test_the_index_follows_a_gpu_model_only_where_faiss_can(caplog: pytest.LogCa
     assert place_index(VectorIndex(8, "HNSW16"), runner_on("cuda:0")) == "cpu (HNSW has no GPU version)"
 
 
+def test_an_index_too_big_for_the_gpu_is_searched_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """faiss-gpu cannot run here: the GPU is said to be there and its copy fails as out of GPU memory would."""
+    from types import SimpleNamespace
+
+    import index.vector_index as vector_index
+    from app.deployment import place_index
+    from models.runtime import RuntimeInfo
+
+    def out_of_memory(index: object) -> None:
+        raise RuntimeError("Error in virtual void* faiss::gpu::StandardGpuResourcesImpl::allocMemory: out of memory")
+
+    monkeypatch.setattr(vector_index, "gpu_available", lambda: True)
+    monkeypatch.setattr(vector_index, "_copy_to_gpus", out_of_memory)
+    index = vector_index.VectorIndex(8, "Flat")
+    index.add([1, 2], np.eye(2, 8, dtype=np.float32))
+    placed = place_index(index, SimpleNamespace(info=RuntimeInfo("torch", "bf16", "cuda:0")))
+    assert placed.startswith("cpu (copying it to the GPU failed: RuntimeError: Error in virtual")
+    assert not index.on_gpu and index.search(np.eye(1, 8, dtype=np.float32), 1)[1][0, 0] == 1
+
+
 def test_auto_serves_fp32_on_cpu_and_reduced_precision_only_when_asked() -> None:
     from models.runtime import candidates
 
