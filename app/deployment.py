@@ -43,7 +43,7 @@ from app.registry import active_index
 from app.settings import Settings
 from index import versions
 from index.shard_lookup import ShardLookup
-from index.vector_index import VectorIndex, gpu_unavailable_reason
+from index.vector_index import VectorIndex
 from models.checkpoint import load_checkpoint
 from models.embedder import Embedder, eval_transform
 from models.runtime import Runner, TorchRunner
@@ -63,7 +63,6 @@ class Deployment:
     # Online changes this pair applied at load on top of its published version (see ServingState.pending).
     reconciled: dict[str, int] = field(default_factory=dict)
     checkpoint_dir: Path | None = None  # the model version's files: heatmaps load its torch embedder from them
-    index_device: str = "cpu"  # where searches run: "gpu", "cpu", or "cpu (why not the GPU)" (place_index)
     _torch_embedder: Embedder | None = field(default=None, repr=False)
     _torch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -75,6 +74,11 @@ class Deployment:
     @property
     def dim(self) -> int:
         return self.runner.dim
+
+    @property
+    def index_device(self) -> str:
+        """Where searches run now: "gpu", "cpu", or "cpu (why not the GPU)" (place_index, VectorIndex.placement)."""
+        return self.index.placement()
 
     @property
     def device(self) -> str:
@@ -230,24 +234,21 @@ def load_deployment(settings: Settings, index_row: IndexVersion, model_row: Mode
     deployment = Deployment(model_name=model_row.name, index_name=index_row.name, runner=runner, index=index,
                             store=settings.embeddings_dir(model_row.name), checkpoint_dir=Path(model_row.path))
     deployment.reconciled = reconcile(settings, deployment)
-    deployment.index_device = place_index(deployment.index, deployment.runner)
+    place_index(deployment.index, deployment.runner)
     return deployment
 
 
 def place_index(index: VectorIndex, runner: Runner) -> str:
     """Search on the GPU when the model runs on one and FAISS can follow it there (faiss-gpu, the `gpu` extra:
-    the GPU image has it); else on the CPU, saying why when the model is on a GPU."""
-    if not runner.info.on_gpu:
-        return "cpu"
-    try:
-        if index.to_gpu():
+    the GPU image has it); else on the CPU, logged with why when the model is on a GPU. Returns where."""
+    if runner.info.on_gpu:
+        index.to_gpu()
+        if index.placement() == "gpu":
             log.info("index searched on the GPU (%d vectors, %s)", len(index), index.factory)
-            return "gpu"
-        reason = "HNSW has no GPU version" if index.kind == "hnsw" else gpu_unavailable_reason()
-    except Exception as exc:  # GPU memory, a layout faiss-gpu cannot hold: the CPU index serves
-        reason = f"copying it to the GPU failed: {exc.__class__.__name__}: {str(exc)[:200]}"
-    log.warning("the model runs on %s but the index is searched on the CPU: %s", runner.info.device, reason)
-    return f"cpu ({reason})"
+        else:
+            log.warning("the model runs on %s but the index is searched on the %s", runner.info.device,
+                        index.placement())
+    return index.placement()
 
 
 def _active_rows(settings: Settings) -> tuple[IndexVersion, ModelVersion] | None:

@@ -133,6 +133,8 @@ class VectorIndex:
         self._gpu_index: faiss.Index | None = None
         self._gpu_wanted = False
         self._gpu_copied_at = 0.0
+        self._gpu_refused: str | None = None  # why to_gpu() could not move this index
+        self._gpu_error: str | None = None  # the last copy's failure, until a copy succeeds
 
     # -- introspection --------------------------------------------------------------------------------
     @property
@@ -214,24 +216,31 @@ class VectorIndex:
 
         HNSW has no GPU version; filtered searches (allowed_ids), "exact" effort and range searches stay on the
         CPU index, which stays the one written to. After a write the GPU copy is made again on a later search,
-        at most every GPU_RECOPY_INTERVAL_S. False when this FAISS build has no GPU or the type cannot move;
-        the copy's own error (GPU memory, a layout faiss-gpu cannot hold) is raised, and the CPU index serves.
+        at most every GPU_RECOPY_INTERVAL_S; so is a copy that failed (out of GPU memory while a hot swap holds
+        two versions, say), the CPU index answering meanwhile. False when this FAISS build has no GPU or the
+        type cannot move. `placement()` says where searches run now, and why.
         """
-        if not gpu_available() or self.kind == "hnsw":
+        self._gpu_refused = "HNSW has no GPU version" if self.kind == "hnsw" else gpu_unavailable_reason()
+        if self._gpu_refused is not None:
             return False
         self._gpu_wanted = True
-        try:
-            self._gpu_copy(force=True)
-        except Exception:
-            self._gpu_wanted = False
-            raise
+        self._gpu_copy(force=True)
         return True
 
     @property
     def on_gpu(self) -> bool:
         """Whether to_gpu succeeded: unfiltered searches below "exact" effort go to a GPU copy (remade after
-        writes), the rest to the CPU index."""
+        writes and failures), the rest to the CPU index."""
         return self._gpu_wanted
+
+    def placement(self) -> str:
+        """Where searches run, in words: "gpu", "cpu" (never asked to move), or "cpu (why not the GPU)"."""
+        if self._gpu_wanted and self._gpu_error is None:
+            return "gpu"
+        if self._gpu_wanted:
+            return (f"cpu (copying it to the GPU failed: {self._gpu_error}; tried again every "
+                    f"{GPU_RECOPY_INTERVAL_S:g} s)")
+        return "cpu" if self._gpu_refused is None else f"cpu ({self._gpu_refused})"
 
     def _gpu_copy(self, force: bool = False) -> faiss.Index | None:
         if self._gpu_index is None and self._gpu_wanted and self.index.ntotal:
@@ -240,11 +249,11 @@ class VectorIndex:
                 self._gpu_copied_at = now  # a failed copy, too, is tried again only after the interval
                 try:
                     self._gpu_index = _copy_to_gpus(self.index)
-                except Exception:
-                    if force:
-                        raise
-                    log.exception("copying the index to the GPU failed; the CPU index answers, next try in "
-                                  "%.0f s", GPU_RECOPY_INTERVAL_S)
+                    self._gpu_error = None
+                except Exception as exc:  # GPU memory, a layout faiss-gpu cannot hold: the CPU index answers
+                    self._gpu_error = f"{exc.__class__.__name__}: {str(exc)[:200]}"
+                    log.warning("copying the index to the GPU failed (%s); the CPU index answers, next try in "
+                                "%g s", self._gpu_error, GPU_RECOPY_INTERVAL_S)
         return self._gpu_index
 
     # -- writes ---------------------------------------------------------------------------------------

@@ -336,7 +336,7 @@ def test_searches_on_the_gpu_copy_match_the_cpu_index_through_writes(factory: st
         copies.append(CopyOnCpu(index))
         return copies[-1]
 
-    monkeypatch.setattr(vector_index, "gpu_available", lambda: True)
+    monkeypatch.setattr(vector_index, "gpu_unavailable_reason", lambda: None)
     monkeypatch.setattr(vector_index, "_copy_to_gpus", copy_on_cpu)
     monkeypatch.setattr(vector_index, "_set_gpu_nprobe",
                         lambda copy, nprobe: faiss.ParameterSpace().set_index_parameter(copy.index, "nprobe", nprobe))
@@ -381,11 +381,16 @@ def test_searches_on_the_gpu_copy_match_the_cpu_index_through_writes(factory: st
     for index in (on_gpu, on_cpu):
         index.remove(ids[500:501])
 
-    # A copy that fails (GPU memory) leaves the CPU index answering; to_gpu itself says why.
+    assert on_gpu.placement() == "gpu"
+
+    # A copy that fails (out of GPU memory) leaves the CPU index answering, says why, and is tried again.
     def out_of_memory(index: faiss.Index) -> CopyOnCpu:
         raise RuntimeError("cudaMalloc error out of memory")
 
     monkeypatch.setattr(vector_index, "_copy_to_gpus", out_of_memory)
     assert ids[500] not in same(vectors[500:501], 5, gpu_searches=0)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        built(factory, ids[:50], vectors[:50]).to_gpu()
+    assert on_gpu.placement() == ("cpu (copying it to the GPU failed: RuntimeError: cudaMalloc error out of "
+                                  "memory; tried again every 0 s)")
+    monkeypatch.setattr(vector_index, "_copy_to_gpus", copy_on_cpu)
+    same(vectors[:5], 3, gpu_searches=1)
+    assert on_gpu.placement() == "gpu" and len(copies) == 3  # the first, after the add, after the failure

@@ -212,13 +212,17 @@ def test_the_index_follows_a_gpu_model_only_where_faiss_can(caplog: pytest.LogCa
         assert placed == "gpu" and flat.on_gpu
     else:  # faiss-cpu, as here: said in /readyz and in the log, with what to install
         assert placed == "cpu (this FAISS build has no GPU support; the `gpu` extra installs faiss-gpu-cu12)"
-        assert "searched on the CPU" in caplog.text and not flat.on_gpu
+        assert "searched on the cpu (this FAISS build" in caplog.text and not flat.on_gpu
     assert place_index(VectorIndex(8, "HNSW16"), runner_on("cuda:0")) == "cpu (HNSW has no GPU version)"
 
 
-def test_an_index_too_big_for_the_gpu_is_searched_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """faiss-gpu cannot run here: the GPU is said to be there and its copy fails as out of GPU memory would."""
+def test_an_index_too_big_for_the_gpu_is_searched_on_the_cpu_until_a_copy_fits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """faiss-gpu cannot run here: the GPU is said to be there, and its copy fails as out of GPU memory would
+    while a hot swap holds two versions, then fits once the old one is gone."""
     from types import SimpleNamespace
+
+    import faiss
 
     import index.vector_index as vector_index
     from app.deployment import place_index
@@ -227,13 +231,18 @@ def test_an_index_too_big_for_the_gpu_is_searched_on_the_cpu(monkeypatch: pytest
     def out_of_memory(index: object) -> None:
         raise RuntimeError("Error in virtual void* faiss::gpu::StandardGpuResourcesImpl::allocMemory: out of memory")
 
-    monkeypatch.setattr(vector_index, "gpu_available", lambda: True)
+    monkeypatch.setattr(vector_index, "gpu_unavailable_reason", lambda: None)
     monkeypatch.setattr(vector_index, "_copy_to_gpus", out_of_memory)
     index = vector_index.VectorIndex(8, "Flat")
     index.add([1, 2], np.eye(2, 8, dtype=np.float32))
     placed = place_index(index, SimpleNamespace(info=RuntimeInfo("torch", "bf16", "cuda:0")))
     assert placed.startswith("cpu (copying it to the GPU failed: RuntimeError: Error in virtual")
-    assert not index.on_gpu and index.search(np.eye(1, 8, dtype=np.float32), 1)[1][0, 0] == 1
+    assert placed.endswith("tried again every 5 s)")
+    assert index.search(np.eye(1, 8, dtype=np.float32), 1)[1][0, 0] == 1  # the CPU index answers
+    monkeypatch.setattr(vector_index, "_copy_to_gpus", faiss.clone_index)  # the old version's copy is gone
+    monkeypatch.setattr(vector_index, "GPU_RECOPY_INTERVAL_S", 0.0)
+    assert index.search(np.eye(1, 8, dtype=np.float32), 1)[1][0, 0] == 1
+    assert index.placement() == "gpu"
 
 
 def test_auto_serves_fp32_on_cpu_and_reduced_precision_only_when_asked() -> None:
