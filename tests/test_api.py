@@ -161,6 +161,24 @@ def test_errors_are_json(api: TestClient) -> None:
         assert set(body) <= {"error", "message", "detail"} and body["error"] and body["message"]
 
 
+def test_form_fields_sent_in_the_query_string_are_refused_not_ignored(api: TestClient) -> None:
+    """`curl -F file=@q.jpg '.../v1/search?k=3'` once answered 10 results: k was silently dropped."""
+    query = jpeg_bytes(class_image("red", 1))
+    for path, params, misplaced in (("/v1/search", {"k": "3", "effort": "fast"}, ["effort", "k"]),
+                                    ("/v1/search/recommend", {"k": "3"}, ["k"]),
+                                    ("/v1/images", {"label": "red"}, ["label"])):
+        files = {"positive_file" if "recommend" in path else "file": ("q.jpg", query, "image/jpeg")}
+        refused = api.post(path, params=params, files=files)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["detail"] == {"query_parameters": misplaced}
+        assert "must be sent as multipart form fields" in refused.json()["message"]
+        assert f"-F {misplaced[0]}={params[misplaced[0]]}" in refused.json()["message"]
+    # Anything else in the query string (a cache-buster, a tracing tag) is none of the route's business.
+    answered = api.post("/v1/search", params={"cachebust": "1"}, files={"file": ("q.jpg", query, "image/jpeg")},
+                        data={"k": "3"})
+    assert answered.status_code == 200 and len(answered.json()["results"]) == 3
+
+
 def test_metrics_have_stage_histograms_and_counters(api: TestClient) -> None:
     for label in CLASS_COLOURS:
         upload(api, jpeg_bytes(class_image(label, seed=77)), k=3).raise_for_status()

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app import metrics
-from app.api.deps import SessionDep, filters_dep, get_batcher, get_deployment, not_ready
+from app.api.deps import SessionDep, filters_dep, form_fields_in_the_body, get_batcher, get_deployment, not_ready
 from app.auth import require_read, require_write
 from app.db.models import Image
 from app.deployment import Deployment, ServingState, write_api_embedding
@@ -208,7 +208,8 @@ def _commit_new_image(request: Request, session: Session, started_on: Deployment
     return out
 
 
-@router.post("", response_model=ImageOut, status_code=201, dependencies=[Depends(require_write)],
+@router.post("", response_model=ImageOut, status_code=201,
+             dependencies=[Depends(require_write), Depends(form_fields_in_the_body)],
              responses=_errors(400, 409, 413, 415, 503))
 async def add_image(
     request: Request,

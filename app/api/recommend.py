@@ -20,6 +20,7 @@ from app.api.deps import (
     MIN_SCORE_DOC,
     SessionDep,
     check_k,
+    form_fields_in_the_body,
     get_batcher,
     get_deployment,
     ranking_form,
@@ -48,7 +49,8 @@ def _check_examples(session: Session, positive: list[int], negative: list[int]) 
         raise ApiError(422, "; ".join(f"{e['loc'][1]}: {e['msg']}" for e in errors), detail=errors)
 
 
-@router.post("/search/recommend", response_model=SearchResponse, responses=ERRORS)
+@router.post("/search/recommend", response_model=SearchResponse, responses=ERRORS,
+             dependencies=[Depends(form_fields_in_the_body)])
 async def recommend(
     request: Request,
     session: SessionDep,

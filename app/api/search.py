@@ -21,6 +21,7 @@ from app.api.deps import (
     check_k,
     explain_gate,
     filters_dep,
+    form_fields_in_the_body,
     get_batcher,
     get_deployment,
     ranking_form,
@@ -51,7 +52,8 @@ EXPLAIN_DOC = ("Also return heatmaps of why each result matched (the `explain` o
                "pass over the results shown).")
 
 
-@router.post("/search", response_model=SearchResponse, responses=ERRORS)
+@router.post("/search", response_model=SearchResponse, responses=ERRORS,
+             dependencies=[Depends(form_fields_in_the_body)])
 async def search(
     request: Request,
     session: SessionDep,
