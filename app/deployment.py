@@ -241,14 +241,15 @@ def load_deployment(settings: Settings, index_row: IndexVersion, model_row: Mode
 def place_index(index: VectorIndex, runner: Runner) -> str:
     """Search on the GPU when the model runs on one and FAISS can follow it there (faiss-gpu, the `gpu` extra:
     the GPU image has it); else on the CPU, logged with why when the model is on a GPU. Returns where."""
-    if runner.info.on_gpu:
-        index.to_gpu()
-        if index.placement() == "gpu":
-            log.info("index searched on the GPU (%d vectors, %s)", len(index), index.factory)
-        else:
-            log.warning("the model runs on %s but the index is searched on the %s", runner.info.device,
-                        index.placement())
-    return index.placement()
+    if not runner.info.on_gpu:
+        return index.placement()
+    index.to_gpu()
+    placement = index.placement()
+    if placement == "gpu":
+        log.info("index searched on the GPU (%d vectors, %s)", len(index), index.factory)
+    else:
+        log.warning("the model runs on %s but the index is searched on the %s", runner.info.device, placement)
+    return placement
 
 
 def _active_rows(settings: Settings) -> tuple[IndexVersion, ModelVersion] | None:

@@ -162,7 +162,7 @@ def model_only(checkpoint: Path, label: str, batch_sizes: list[int], seconds: fl
         info = type("Info", (), {"precision": "fp32", "device": device_name})()
 
         def __init__(self) -> None:
-            self.model = load_checkpoint(checkpoint, device=device).eval()
+            self.model = embedder.to(device)  # one label per child process: nothing else uses this copy
 
         def run(self, pixels: torch.Tensor) -> np.ndarray:
             with torch.inference_mode():

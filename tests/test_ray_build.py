@@ -160,10 +160,15 @@ def test_sigkill_of_the_driver_then_rerun_completes(tmp_path: Path, tiny_embedde
     assert verify_index(settings).ok
 
 
+def _stat_after_comm(proc: Path) -> list[str]:
+    """/proc/<pid>/stat's fields after "(comm)": state ppid pgrp session ... (comm itself may hold spaces)."""
+    return (proc / "stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _descends_from(pid: int, ancestor: int) -> bool:
     while pid > 1:
         try:
-            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            pid = int(_stat_after_comm(Path("/proc") / str(pid))[1])
         except (OSError, ValueError):
             return False
         if pid == ancestor:
@@ -256,8 +261,7 @@ def _node_processes(node: subprocess.Popen) -> dict[int, tuple[int, str]]:
     found = {}
     for proc in Path("/proc").iterdir():
         try:
-            # Fields after "(comm)": state ppid pgrp session ...
-            _, _, pgrp, session = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            _, _, pgrp, session = _stat_after_comm(proc)[:4]
             if proc.name.isdigit() and int(session) == node.pid:
                 found[int(proc.name)] = (int(pgrp), (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
         except (OSError, ValueError):

@@ -24,25 +24,20 @@ MIN_SCORE_DOC = "Drop results scoring below this cosine similarity (-1..1)."
 K_DOC = "How many neighbours to return (at most RETRIEVAL_MAX_K, 100 by default)."
 
 
-_FORM_FIELDS: dict[int, frozenset[str]] = {}  # per route: the names its multipart body takes
-
-
-def _body_fields(dependant: Any) -> frozenset[str]:
+def _body_fields(dependant: Any) -> set[str]:
+    """The names a route's multipart body takes, its sub-dependencies' included."""
     names = {field.alias for field in dependant.body_params}
     for sub in dependant.dependencies:
         names |= _body_fields(sub)
-    return frozenset(names)
+    return names
 
 
 def form_fields_in_the_body(request: Request) -> None:
     """Multipart routes take their options as form fields: one sent in the query string instead (`?k=3`) would
     be ignored without a word, so it is refused with where it goes."""
-    if not request.query_params:
+    if not request.query_params:  # the usual case: nothing to look up
         return
-    route = request.scope["route"]
-    if id(route) not in _FORM_FIELDS:
-        _FORM_FIELDS[id(route)] = _body_fields(route.dependant)
-    misplaced = sorted(set(request.query_params) & _FORM_FIELDS[id(route)])
+    misplaced = sorted(set(request.query_params) & _body_fields(request.scope["route"].dependant))
     if misplaced:
         fields = ", ".join(misplaced)
         example = " ".join(f"-F {name}={request.query_params[name]}" for name in misplaced)
