@@ -88,12 +88,17 @@ def gpu_unavailable_reason() -> str | None:
     return None
 
 
-def _copy_to_gpus(index: faiss.Index) -> faiss.Index:
+def _copy_to_gpus(index: faiss.Index, resources: list[Any]) -> faiss.Index:
+    """A copy of `index` on every GPU. `resources` (one StandardGpuResources per GPU: temporary and pinned memory,
+    cuBLAS handles) is filled on the first copy and reused by the later ones. It belongs to one VectorIndex:
+    faiss-gpu's resources are not thread-safe, and each index is searched under its own deployment's lock."""
+    if not resources:
+        resources.extend(faiss.StandardGpuResources() for _ in range(faiss.get_num_gpus()))
     options = faiss.GpuMultipleClonerOptions()
-    # Flat and IVF-Flat store float16 (half the GPU memory), IVF-PQ computes its lookup tables in float16:
-    # scores move by ~1e-3, so "exact" effort stays on the CPU index.
+    # Flat stores float16 (half the GPU memory) and IVF-PQ computes its lookup tables in float16 (IVF-Flat stays
+    # float32): scores move by ~1e-3, so "exact" effort stays on the CPU index.
     options.useFloat16 = True
-    return faiss.index_cpu_to_all_gpus(index, co=options)
+    return faiss.index_cpu_to_gpu_multiple_py(resources, index, co=options)
 
 
 def _set_gpu_nprobe(index: faiss.Index, nprobe: int) -> None:
@@ -131,6 +136,7 @@ class VectorIndex:
         self._ids_cache: np.ndarray | None = None
         self._sorted_ids: np.ndarray | None = None
         self._gpu_index: faiss.Index | None = None
+        self._gpu_resources: list[Any] = []  # filled by the first copy (_copy_to_gpus)
         self._gpu_wanted = False
         self._gpu_copied_at = 0.0
         self._gpu_refused: str | None = None  # why to_gpu() could not move this index
@@ -209,15 +215,16 @@ class VectorIndex:
 
     def _changed(self) -> None:
         self._ids_cache = self._sorted_ids = None
-        self._gpu_index = None  # stale after a write: made again by a later search (_gpu_copy)
+        self._gpu_index = None  # stale after a write: add() puts new ids back on it, else a later search remakes it
 
     def to_gpu(self) -> bool:
         """Search on all GPUs (faiss-gpu, the `gpu` extra) from now on, for Flat and IVF types.
 
         HNSW has no GPU version; filtered searches (allowed_ids), "exact" effort and range searches stay on the
-        CPU index, which stays the one written to. After a write the GPU copy is made again on a later search,
-        at most every GPU_RECOPY_INTERVAL_S; so is a copy that failed (out of GPU memory while a hot swap holds
-        two versions, say), the CPU index answering meanwhile. False when this FAISS build has no GPU or the
+        CPU index, which stays the one written to. New ids are added to the GPU copy as well; after a removal or
+        a replaced vector the copy is made again on a later search, at most every GPU_RECOPY_INTERVAL_S (under
+        the caller's lock, so that search waits for it); so is a copy that failed (out of GPU memory while a hot
+        swap holds two versions, say), the CPU index answering meanwhile. False when this FAISS build has no GPU or the
         type cannot move. `placement()` says where searches run now, and why.
         """
         self._gpu_refused = "HNSW has no GPU version" if self.kind == "hnsw" else gpu_unavailable_reason()
@@ -248,7 +255,7 @@ class VectorIndex:
             if force or now - self._gpu_copied_at >= GPU_RECOPY_INTERVAL_S:
                 self._gpu_copied_at = now  # a failed copy, too, is tried again only after the interval
                 try:
-                    self._gpu_index = _copy_to_gpus(self.index)
+                    self._gpu_index = _copy_to_gpus(self.index, self._gpu_resources)
                     self._gpu_error = None
                 except Exception as exc:  # GPU memory, a layout faiss-gpu cannot hold: the CPU index answers
                     self._gpu_error = f"{exc.__class__.__name__}: {str(exc)[:200]}"
@@ -279,7 +286,15 @@ class VectorIndex:
                 self.remove(present)
         self.train(vectors)
         self.index.add_with_ids(vectors, ids)
+        gpu_copy = self._gpu_index  # None when a replaced id above made it stale
         self._changed()
+        if gpu_copy is not None:
+            # New ids go onto the GPU copy too, so a stream of uploads does not remake it every few seconds.
+            try:
+                gpu_copy.add_with_ids(vectors, ids)
+                self._gpu_index = gpu_copy
+            except Exception as exc:  # stale then: made again by a later search
+                log.warning("adding to the GPU copy failed (%s: %s); it is made again", exc.__class__.__name__, exc)
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
         """Remove ids; returns how many live vectors went away. HNSW records tombstones instead."""
@@ -375,16 +390,20 @@ class VectorIndex:
                     effort: str) -> tuple[np.ndarray, np.ndarray] | None:
         """Top-k on the GPU copy; excluded ids are over-fetched and dropped here (faiss-gpu takes no IDSelector).
         None (the CPU index answers) when the copy is stale, when k plus the excluded ids held exceed what the GPU
-        can select, or when dropping them left a query short of results the CPU path would find."""
+        can select, when the effort probes more IVF lists than it can, or when dropping the excluded ids left a
+        query short of results the CPU path would find."""
         held_excluded = int(self._contains(excluded).sum()) if len(excluded) else 0
         fetch = k + held_excluded
         if fetch > GPU_MAX_K:
             return None
+        nprobe = min(self.ivf.nlist, knob(self, effort)) if self.ivf is not None else 0
+        if nprobe > GPU_MAX_K:  # more lists than faiss-gpu probes: capping would cost recall, the CPU answers
+            return None
         gpu_index = self._gpu_copy()
         if gpu_index is None:
             return None
-        if self.ivf is not None:
-            _set_gpu_nprobe(gpu_index, min(self.ivf.nlist, knob(self, effort), GPU_MAX_K))
+        if nprobe:
+            _set_gpu_nprobe(gpu_index, nprobe)
         scores, ids = gpu_index.search(queries, fetch)
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         if held_excluded:

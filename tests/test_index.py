@@ -323,6 +323,9 @@ class CopyOnCpu:
         self.searches += 1
         return self.index.search(queries, k)
 
+    def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self.index.add_with_ids(vectors, ids)
+
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
 def test_searches_on_the_gpu_copy_match_the_cpu_index_through_writes(factory: str, data, monkeypatch) -> None:
@@ -332,7 +335,7 @@ def test_searches_on_the_gpu_copy_match_the_cpu_index_through_writes(factory: st
 
     copies: list[CopyOnCpu] = []
 
-    def copy_on_cpu(index: faiss.Index) -> CopyOnCpu:
+    def copy_on_cpu(index: faiss.Index, resources: list) -> CopyOnCpu:
         copies.append(CopyOnCpu(index))
         return copies[-1]
 
@@ -366,25 +369,46 @@ def test_searches_on_the_gpu_copy_match_the_cpu_index_through_writes(factory: st
         assert (found >= 0).all()
         for index in (on_gpu, on_cpu):
             index.params["nprobe"] = 16
+        # More lists to probe than faiss-gpu probes: the CPU index answers rather than lose recall to a cap.
+        monkeypatch.setattr(vector_index, "GPU_MAX_K", 8)
+        same(vectors[:5], 3, gpu_searches=0)
+        monkeypatch.setattr(vector_index, "GPU_MAX_K", 2048)
     # Filtered and exact searches stay on the CPU index.
     same(vectors[:5], 3, allowed_ids=ids[100:200], gpu_searches=0)
     same(vectors[:5], 3, effort="exact", gpu_searches=0)
     assert len(copies) == 1
 
-    # A write makes the copy stale: the CPU index answers (with the new image) until the copy is made again.
+    # A new image goes onto the copy as well: found there at once, no new copy.
     for index in (on_gpu, on_cpu):
         index.add(ids[500:501], vectors[500:501])
-    assert same(vectors[500:501], 1, gpu_searches=0)[0, 0] == ids[500]
-    monkeypatch.setattr(vector_index, "GPU_RECOPY_INTERVAL_S", 0.0)
     assert same(vectors[500:501], 1, gpu_searches=1)[0, 0] == ids[500]
-    assert len(copies) == 2 and copies[-1].index.ntotal == 501
+    assert len(copies) == 1 and copies[-1].index.ntotal == 501
+    # A removal (or a replaced vector) makes the copy stale: the CPU index answers until it is made again.
     for index in (on_gpu, on_cpu):
         index.remove(ids[500:501])
+    assert ids[500] not in same(vectors[500:501], 5, gpu_searches=0)
+    monkeypatch.setattr(vector_index, "GPU_RECOPY_INTERVAL_S", 0.0)
+    assert ids[500] not in same(vectors[500:501], 5, gpu_searches=1)
+    assert len(copies) == 2 and copies[-1].index.ntotal == 500
+    # An add the copy refuses leaves it stale too, and the new image is found on the CPU index meanwhile.
+    monkeypatch.setattr(vector_index, "GPU_RECOPY_INTERVAL_S", 3600.0)
+    monkeypatch.setattr(CopyOnCpu, "add_with_ids", lambda self, v, i: (_ for _ in ()).throw(RuntimeError("full")))
+    for index in (on_gpu, on_cpu):
+        index.add(ids[501:502], vectors[501:502])
+    assert same(vectors[501:502], 1, gpu_searches=0)[0, 0] == ids[501]
+    monkeypatch.undo()  # every stand-in and interval back: set again below
+    monkeypatch.setattr(vector_index, "gpu_unavailable_reason", lambda: None)
+    monkeypatch.setattr(vector_index, "_copy_to_gpus", copy_on_cpu)
+    monkeypatch.setattr(vector_index, "_set_gpu_nprobe",
+                        lambda copy, nprobe: faiss.ParameterSpace().set_index_parameter(copy.index, "nprobe", nprobe))
+    monkeypatch.setattr(vector_index, "GPU_RECOPY_INTERVAL_S", 0.0)
+    for index in (on_gpu, on_cpu):
+        index.remove(ids[501:502])
 
     assert on_gpu.placement() == "gpu"
 
     # A copy that fails (out of GPU memory) leaves the CPU index answering, says why, and is tried again.
-    def out_of_memory(index: faiss.Index) -> CopyOnCpu:
+    def out_of_memory(index: faiss.Index, resources: list) -> CopyOnCpu:
         raise RuntimeError("cudaMalloc error out of memory")
 
     monkeypatch.setattr(vector_index, "_copy_to_gpus", out_of_memory)
@@ -393,4 +417,4 @@ def test_searches_on_the_gpu_copy_match_the_cpu_index_through_writes(factory: st
                                   "memory; tried again every 0 s)")
     monkeypatch.setattr(vector_index, "_copy_to_gpus", copy_on_cpu)
     same(vectors[:5], 3, gpu_searches=1)
-    assert on_gpu.placement() == "gpu" and len(copies) == 3  # the first, after the add, after the failure
+    assert on_gpu.placement() == "gpu" and len(copies) == 3  # the first, after the removal, after the failure

@@ -228,7 +228,7 @@ def test_an_index_too_big_for_the_gpu_is_searched_on_the_cpu_until_a_copy_fits(
     from app.deployment import place_index
     from models.runtime import RuntimeInfo
 
-    def out_of_memory(index: object) -> None:
+    def out_of_memory(index: object, resources: list) -> None:
         raise RuntimeError("Error in virtual void* faiss::gpu::StandardGpuResourcesImpl::allocMemory: out of memory")
 
     monkeypatch.setattr(vector_index, "gpu_unavailable_reason", lambda: None)
@@ -239,7 +239,8 @@ def test_an_index_too_big_for_the_gpu_is_searched_on_the_cpu_until_a_copy_fits(
     assert placed.startswith("cpu (copying it to the GPU failed: RuntimeError: Error in virtual")
     assert placed.endswith("tried again every 5 s)")
     assert index.search(np.eye(1, 8, dtype=np.float32), 1)[1][0, 0] == 1  # the CPU index answers
-    monkeypatch.setattr(vector_index, "_copy_to_gpus", faiss.clone_index)  # the old version's copy is gone
+    monkeypatch.setattr(vector_index, "_copy_to_gpus",  # the old version's copy is gone: a CPU clone stands in
+                        lambda index, resources: faiss.clone_index(index))
     monkeypatch.setattr(vector_index, "GPU_RECOPY_INTERVAL_S", 0.0)
     assert index.search(np.eye(1, 8, dtype=np.float32), 1)[1][0, 0] == 1
     assert index.placement() == "gpu"
@@ -251,7 +252,8 @@ def test_auto_serves_fp32_on_cpu_and_reduced_precision_only_when_asked() -> None
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert candidates("auto", cpu, "auto") == [("openvino", "fp32"), ("onnxruntime", "fp32"), ("torch", "fp32")]
     assert candidates("auto", cpu, "reduced")[:2] == [("openvino", "reduced"), ("openvino", "fp32")]
-    assert candidates("auto", cuda, "auto") == [("torch", "reduced"), ("torch", "fp32")]
+    # On a GPU bf16 first, fp16 when bf16 misses the parity floor, then fp32.
+    assert candidates("auto", cuda, "auto") == [("torch", "reduced"), ("torch", "fp16"), ("torch", "fp32")]
     assert candidates("auto", cuda, "fp32") == [("torch", "fp32")]
 
 
