@@ -33,6 +33,7 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 
 from app import metrics
+from app.batching import default_max_batch_size
 from app.db.models import IndexVersion, ModelVersion
 from app.db.queries import live_image_ids
 from app.db.session import session_scope
@@ -360,6 +361,9 @@ def swap_in(app: FastAPI, settings: Settings, new: Deployment) -> None:
         state.last_swap = {"from": getattr(old, "index_name", None), "to": new.index_name,
                            "model": new.model_name, "at": datetime.now(UTC).isoformat()}
         app.state.deployment = new
+    if not settings.max_batch_size:  # the default cap follows where the runtime runs, known only now (ONNX
+        # Runtime asked for CUDA without its CUDA provider runs on the CPU)
+        app.state.batcher.max_batch_size = default_max_batch_size("cuda" if new.runner.info.on_gpu else "cpu")
     metrics.INDEX_VECTORS.set(len(new.index))
 
 

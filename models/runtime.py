@@ -78,15 +78,19 @@ class Runner(Protocol):
 
 class TorchRunner:
     """Eager torch. CPU: fp32, channels_last (1.6x NCHW for the CNNs here). CUDA: autocast to bf16 (fp16 where the
-    GPU lacks bf16) and channels_last, or fp32 when `autocast` is False."""
+    GPU lacks bf16, or asked for with autocast="fp16") and channels_last, or fp32 when `autocast` is False: real
+    fp32, cuDNN's TF32 convolutions off, since fp32 is what every runtime's parity is measured against."""
 
-    def __init__(self, embedder: Embedder, device: torch.device, autocast: bool = True) -> None:
+    def __init__(self, embedder: Embedder, device: torch.device, autocast: bool | str = True) -> None:
         self.embedder = embedder.to(device=device, memory_format=torch.channels_last).eval()
         self.config = embedder.config
         self.device = device
         self.autocast_dtype: torch.dtype | None = None
         if device.type == "cuda" and autocast:
-            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            bf16 = autocast != "fp16" and torch.cuda.is_bf16_supported()
+            self.autocast_dtype = torch.bfloat16 if bf16 else torch.float16
+        elif device.type == "cuda":  # process-wide: this process serves fp32, so fp32 it is
+            torch.backends.cudnn.allow_tf32 = False
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
         self.info = RuntimeInfo("torch", precision, str(device))
 
@@ -191,7 +195,9 @@ def candidates(requested: str, device: torch.device, precision: str) -> list[tup
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     reduced = precision == "reduced" or (precision == "auto" and device.type == "cuda")
-    fast_torch = [("torch", "reduced")] if device.type == "cuda" and reduced else []
+    # bf16 first (fp32's range), then fp16 (three more mantissa bits, as fast on the GPUs that have bf16) when
+    # bf16 misses the parity floor.
+    fast_torch = [("torch", "reduced"), ("torch", "fp16")] if device.type == "cuda" and reduced else []
     openvino = [("openvino", "reduced")] if reduced else []
     openvino.append(("openvino", "fp32"))
     if requested == "torch":
@@ -215,15 +221,19 @@ def cosine_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def reference_embeddings(embedder: Embedder, probe: torch.Tensor) -> np.ndarray:
-    """Torch fp32, eager, NCHW: what every runtime is checked against."""
+    """Torch fp32, eager, NCHW: what every runtime is checked against (on CUDA without the TF32 convolutions
+    cuDNN uses by default, which keep 10 bits of mantissa)."""
     device = next(embedder.parameters()).device
-    return embedder.eval()(probe.to(device)).float().cpu().numpy()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        return embedder.eval()(probe.to(device)).float().cpu().numpy()
 
 
 def _build(name: str, precision: str, embedder: Embedder, device: torch.device, export_dir: Path | None,
            threads: int) -> Runner:
     if name == "torch":
-        return TorchRunner(embedder, device, autocast=precision == "reduced")
+        return TorchRunner(embedder, device, autocast={"reduced": True, "fp16": "fp16"}.get(precision, False))
+    if name == "openvino" and device.type != "cpu":  # before exporting: the export would be wasted
+        raise RuntimeError(f"OpenVINO serves on the CPU here, not on {device}")
     if export_dir is None:
         raise RuntimeError("no directory to store the export in")
     # Import the runtime before exporting, so a missing package is told as such and costs no export.
@@ -231,8 +241,6 @@ def _build(name: str, precision: str, embedder: Embedder, device: torch.device, 
     onnx_path = ensure_onnx(embedder, export_dir)
     if name == "onnxruntime":
         return OnnxRuntimeRunner(onnx_path, embedder.config, device, threads)
-    if device.type != "cpu":
-        raise RuntimeError(f"OpenVINO serves on the CPU here, not on {device}")
     return OpenVinoRunner(onnx_path, embedder.config, precision, threads)
 
 
@@ -248,6 +256,7 @@ def select_runner(embedder: Embedder, device: torch.device, probe: torch.Tensor,
     embedder = embedder.to(device).eval()
     refused: list[str] = []
     missing: set[str] = set()
+    tried: set[tuple[str, str]] = set()  # ("torch", "fp16") comes twice on a GPU without bf16
     for name, want in candidates(requested, device, precision):
         label = f"{name} ({want} precision)"
         if name in missing:
@@ -265,6 +274,9 @@ def select_runner(embedder: Embedder, device: torch.device, probe: torch.Tensor,
             refused.append(reason)
             log.warning("inference runtime %s", reason)
             continue
+        if (name, runner.info.precision) in tried:
+            continue
+        tried.add((name, runner.info.precision))
         runner.info.probe_images = len(probe)
         if (name, runner.info.precision) != ("torch", "fp32"):
             if reference is None:
