@@ -144,6 +144,14 @@ RUNTIME_LABELS = {"cpu": ["torch fp32 NCHW", "torch channels_last", "onnxruntime
 BATCHES = {"cpu": [1, 8, 32], "cuda": [1, 8, 32, 128]}
 
 
+def onnxruntime_has_cuda() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def model_only(checkpoint: Path, label: str, batch_sizes: list[int], seconds: float, threads: int,
                device_name: str = "cpu") -> dict:
     """img/s of one runtime (`label`) on the checkpoint's weights, at each batch size; run in a child process.
@@ -261,10 +269,18 @@ def main() -> int:
     from app.registry import active_index
     from app.settings import Settings
 
+    chosen_sets = [s for s in args.sets.split(",") if s]
+    unknown = sorted(set(chosen_sets) - {"small", "12mp"})
+    if unknown:
+        print(f"unknown query set(s) {', '.join(unknown)}: choose from small, 12mp", file=sys.stderr)
+        return 2
     root = Path(tempfile.mkdtemp(prefix="service-bench-"))
-    corpus, small, photos, origin = prepare_images(root, args.corpus, small=64, photos=16)
+    # The 12-MP photos take ~15 s to make: only when they are measured.
+    corpus, small, photos, origin = prepare_images(root, args.corpus, small=64,
+                                                   photos=16 if "12mp" in chosen_sets else 0)
+    photo_mb = f" (mean {np.mean([p.stat().st_size for p in photos]) / 1e6:.1f} MB)" if photos else ""
     print(f"corpus: {args.corpus} images from {origin}; queries: {len(small)} small JPEGs, {len(photos)} "
-          f"12-MP photos (mean {np.mean([p.stat().st_size for p in photos]) / 1e6:.1f} MB)", flush=True)
+          f"12-MP photos{photo_mb}", flush=True)
     data_dir = root / "data"
     settings = Settings(data_dir=data_dir, embedder=args.embedder, device=args.device)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -283,9 +299,20 @@ def main() -> int:
     print(f"build: {build_line}", flush=True)
 
     print("model-only img/s:", flush=True)
-    model_rows = []
+    model_rows: list[dict] = []
+    rows: list[dict] = []
+
+    def save_json() -> None:  # after every row: a run cut short by its time limit keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps({"model_only": model_rows, "service": rows,
+                                                   "build_img_s": build_img_s}, indent=2))
+
     batches = BATCHES[args.device]
     for label in RUNTIME_LABELS[args.device]:
+        if label.startswith("onnxruntime") and args.device == "cuda" and not onnxruntime_has_cuda():
+            print(f"  {label}: skipped, this onnxruntime has no CUDA provider (it would measure the CPU)",
+                  flush=True)
+            continue
         child = subprocess.run([sys.executable, __file__, "--model-only", str(checkpoint), "--runtime-label", label,
                                 "--model-seconds", str(args.model_seconds), "--device", args.device], cwd=REPO,
                                capture_output=True, text=True)
@@ -298,6 +325,7 @@ def main() -> int:
             print(f"  {label}: not installed ({row['missing']})", flush=True)
             continue
         model_rows.append(row)
+        save_json()
         print(f"  {label:<30} " + "  ".join(f"b={b}: {row[f'b{b}']:6.1f}" for b in batches), flush=True)
     best = max(((max(r[f"b{b}"] for b in batches), r["runtime"]) for r in model_rows), default=(float("nan"), "none"))
 
@@ -305,8 +333,6 @@ def main() -> int:
     script.write_text(WRK_SCRIPT)
     levels = [int(c) for c in args.clients.split(",")]
     sets = {"small": small, "12mp": photos}
-    chosen_sets = [s for s in args.sets.split(",") if s]
-    rows: list[dict] = []
     servers: list[tuple[str, dict[str, str]]] = [("retrieval serve", {})]
     servers += [(f"retrieval serve {variant}", dict(item.split("=", 1) for item in variant.split(",")))
                 for variant in args.variant]
@@ -333,6 +359,7 @@ def main() -> int:
                     result = run_wrk(url, sets[set_name], clients, args.seconds, script)
                     result.update(server=server_name, served=served, set=set_name, clients=clients)
                     rows.append(result)
+                    save_json()
                     print(f"  {server_name:<16} {set_name:<5} {clients:>3} clients: {result['qps']:7.1f} q/s  "
                           f"p50 {result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms  "
                           f"errors {result['errors']}", flush=True)
@@ -357,9 +384,7 @@ def main() -> int:
         print(f"| {row['set']} | {row['clients']} | {row['server']} | {row['served']} | {row['qps']:.1f} | "
               f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['errors']} | {ratio} | {row['qps'] / best[0]:.2f} |")
     print(f"\nbest model-only: {best[0]:.0f} img/s ({best[1]})")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model_only": model_rows, "service": rows,
-                                               "build_img_s": build_img_s}, indent=2))
+    save_json()
     return 0
 
 
