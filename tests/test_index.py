@@ -12,7 +12,7 @@ import pytest
 
 from index import versions
 from index.builders import build, choose_factory, merge_ivf_ondisk
-from index.vector_index import VectorIndex, exact_knn
+from index.vector_index import VectorIndex, exact_knn, gpu_available
 
 TYPES = ["Flat", "HNSW16", "IVF16,Flat", "OPQ8,IVF16,PQ8x4"]
 DIM = 32
@@ -302,8 +302,6 @@ def test_shard_lookup_opens_only_the_shards_it_needs(tmp_path: Path, monkeypatch
 
 
 def test_gpu_path_is_optional(data) -> None:
-    from index.vector_index import gpu_available
-
     ids, vectors = data
     index = built("HNSW16", ids[:50], vectors[:50])
     assert index.to_gpu() is False and not index.on_gpu  # HNSW has no GPU version, whatever the FAISS build
@@ -311,6 +309,21 @@ def test_gpu_path_is_optional(data) -> None:
     assert flat.to_gpu() is gpu_available()
     _, found = flat.search(vectors[:3], 1)
     assert found[:, 0].tolist() == ids[:3].tolist()
+
+
+@pytest.mark.skipif(not gpu_available(), reason="needs faiss-gpu and a GPU (the `gpu` extra)")
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
+def test_the_real_gpu_copy_agrees_with_the_cpu_index(factory: str, data) -> None:
+    """On a GPU machine with faiss-gpu, the real copy (float16 storage, so near-ties may swap: overlap, not equality),
+    its nprobe and an add onto it."""
+    ids, vectors = data
+    on_gpu, on_cpu = built(factory, ids[:1500], vectors[:1500]), built(factory, ids[:1500], vectors[:1500])
+    assert on_gpu.to_gpu() and on_gpu.placement() == "gpu"
+    got, want = on_gpu.search(vectors[:50], 10)[1], on_cpu.search(vectors[:50], 10)[1]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want, strict=True)]) >= 0.9
+    on_gpu.add(ids[1500:1510], vectors[1500:1510])
+    assert on_gpu._gpu_index is not None  # added onto, not dropped
+    assert on_gpu.search(vectors[1500:1510], 1)[1][:, 0].tolist() == ids[1500:1510].tolist()
 
 
 class CopyOnCpu:
