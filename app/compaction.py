@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from app.deployment import ServingState, check_for_new_version, converge_with_peers
 from app.indexing.compact import compact_index
 from app.memory import release_free_heap
+from app.schemas import utc_timestamp
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ async def compact_now(app: FastAPI, settings: Settings) -> dict:
     """Publish a compacted version and swap it in. Returns what happened (also kept for /readyz)."""
     state: ServingState = app.state.serving
     report = await asyncio.to_thread(compact_index, settings, OWNER)
-    outcome = {**asdict(report), "seconds": round(report.seconds, 3), "at": datetime.now(UTC).isoformat()}
+    outcome = {**asdict(report), "seconds": round(report.seconds, 3), "at": utc_timestamp(datetime.now(UTC))}
     state.last_compaction = outcome
     log.info("compaction: %s", report.message)
     if report.published:

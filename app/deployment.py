@@ -41,6 +41,7 @@ from app.indexing import BuildReport, embed_into_store
 from app.indexing.fold import API_SHARD_PREFIX
 from app.inference import load_runner
 from app.registry import active_index
+from app.schemas import utc_timestamp
 from app.settings import Settings
 from index import versions
 from index.shard_lookup import ShardLookup
@@ -359,7 +360,7 @@ def swap_in(app: FastAPI, settings: Settings, new: Deployment) -> None:
         state.failed_version, state.swap_error, state.load_error, state.fallback = None, None, None, None
         state.reset_pending(sum(new.reconciled.values()) + sum(late.values()))
         state.last_swap = {"from": getattr(old, "index_name", None), "to": new.index_name,
-                           "model": new.model_name, "at": datetime.now(UTC).isoformat()}
+                           "model": new.model_name, "at": utc_timestamp(datetime.now(UTC))}
         app.state.deployment = new
     if not settings.max_batch_size:  # the default cap follows where the runtime runs, known only now (ONNX
         # Runtime asked for CUDA without its CUDA provider runs on the CPU)
@@ -393,7 +394,7 @@ async def check_for_new_version(app: FastAPI, settings: Settings) -> bool:
         metrics.SWAPS.labels("failed").inc()
         state.failed_version = index_row.name
         state.swap_error = {"index_version": index_row.name, "model_version": model_row.name,
-                            "error": f"{exc.__class__.__name__}: {exc}", "at": datetime.now(UTC).isoformat()}
+                            "error": f"{exc.__class__.__name__}: {exc}", "at": utc_timestamp(datetime.now(UTC))}
         return False
     metrics.SWAPS.labels("ok").inc()
     log.info("now serving index %s with model %s (%d vectors)", new.index_name, new.model_name, len(new.index))

@@ -5,15 +5,29 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema, computed_field
 
 
 def _as_utc(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes for what was stored as UTC; RFC 3339 needs the offset.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    # SQLite hands back naive datetimes for what was stored as UTC; PostgreSQL hands back aware ones in the
+    # session's TimeZone (+02:00 on a server set to Europe/Berlin). Both become UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+def utc_timestamp(value: datetime) -> str:
+    """The one form every timestamp in a response takes: RFC 3339 in UTC, always with microseconds and `Z`
+    (`2024-05-01T12:00:00.000000Z`), so the time a write returns reads back as the same string."""
+    return _as_utc(value).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+# Every datetime field of a response model: what SQL hands back, whichever database, written as utc_timestamp().
+UtcDatetime = Annotated[
+    datetime,
+    AfterValidator(_as_utc),
+    PlainSerializer(utc_timestamp, return_type=str, when_used="json"),
+    # The serializer would otherwise make the OpenAPI response schema a bare string.
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
 
 
 class ErrorBody(BaseModel):

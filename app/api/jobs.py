@@ -5,7 +5,6 @@ The API only inserts and reads job rows; training and embedding run in the worke
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -15,7 +14,7 @@ from app import jobs
 from app.api.deps import SessionDep
 from app.auth import require_read, require_write
 from app.errors import ApiError
-from app.schemas import ErrorBody
+from app.schemas import ErrorBody, UtcDatetime
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -49,10 +48,10 @@ class JobOut(BaseModel):
     max_attempts: int
     cancel_requested: bool
     worker_id: str | None
-    heartbeat_at: datetime | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    heartbeat_at: UtcDatetime | None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
 
 
 class JobList(BaseModel):
