@@ -179,6 +179,30 @@ def test_form_fields_sent_in_the_query_string_are_refused_not_ignored(api: TestC
     assert answered.status_code == 200 and len(answered.json()["results"]) == 3
 
 
+def test_a_body_that_is_not_multipart_is_refused_with_the_curl_form(api: TestClient) -> None:
+    """`curl -d '{"k": 3}' .../v1/search` once answered 422 "body.file: Field required", with no word of how."""
+    query = jpeg_bytes(class_image("red", 1))
+    for path, example in (("/v1/search", "-F file=@photo.jpg"), ("/v1/images", "-F file=@photo.jpg"),
+                          ("/v1/search/recommend", "-F positive_file=@photo.jpg")):
+        for sent, request in (("application/json", {"json": {"k": 3}}),
+                              ("application/octet-stream",
+                               {"content": query, "headers": {"Content-Type": "application/octet-stream"}}),
+                              (None, {})):
+            refused = api.post(path, **request)
+            assert refused.status_code == 415, (path, sent, refused.text)
+            body = refused.json()
+            assert body["error"] == "unsupported_media_type" and body["detail"]["content_type"] == sent
+            assert "takes multipart/form-data" in body["message"], body
+            assert f"curl {example}" in body["message"] and f"http://testserver{path}" in body["message"], body
+    # A urlencoded form cannot carry the upload a search needs...
+    assert api.post("/v1/search", data={"k": "3"}).status_code == 415
+    # ...but is all that feedback by stored ids takes, and multipart with its boundary parameter passes.
+    by_ids = api.post("/v1/search/recommend", data={"positive": "1", "k": "3"})
+    assert by_ids.status_code == 200 and len(by_ids.json()["results"]) == 3
+    answered = api.post("/v1/search", files={"file": ("q.jpg", query, "image/jpeg")}, data={"k": "3"})
+    assert answered.status_code == 200 and len(answered.json()["results"]) == 3
+
+
 def test_metrics_have_stage_histograms_and_counters(api: TestClient) -> None:
     for label in CLASS_COLOURS:
         upload(api, jpeg_bytes(class_image(label, seed=77)), k=3).raise_for_status()

@@ -73,7 +73,8 @@ def test_search_round_trip_and_bad_input(served: TestClient) -> None:
         "k over RETRIEVAL_MAX_K": (search(served, valid, k=21), 422),
         "similar, k over RETRIEVAL_MAX_K": (served.get(f"/v1/images/{hit['id']}/similar?k=21"), 422),
         "k zero": (search(served, valid, k=0), 422),
-        "no file": (served.post("/v1/search", data={"k": "3"}), 422),
+        "no file": (served.post("/v1/search", files={"note": ("n.txt", b"x")}, data={"k": "3"}), 422),
+        "a urlencoded form": (served.post("/v1/search", data={"k": "3"}), 415),
     }
     for case, (response, status) in bad_cases.items():
         assert response.status_code == status, (case, response.status_code, response.text)

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app import metrics
+from app.api.content_type import multipart_body
 from app.api.deps import SessionDep, filters_dep, form_fields_in_the_body, get_batcher, get_deployment, not_ready
 from app.auth import require_read, require_write
 from app.db.models import Image
@@ -209,7 +210,8 @@ def _commit_new_image(request: Request, session: Session, started_on: Deployment
 
 
 @router.post("", response_model=ImageOut, status_code=201,
-             dependencies=[Depends(require_write), Depends(form_fields_in_the_body)],
+             dependencies=[Depends(require_write), Depends(multipart_body("-F file=@photo.jpg -F label=sneaker")),
+                           Depends(form_fields_in_the_body)],
              responses=_errors(400, 409, 413, 415, 503))
 async def add_image(
     request: Request,

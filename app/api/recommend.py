@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app.api.content_type import multipart_body
 from app.api.deps import (
     K_DOC,
     LABEL_DOC,
@@ -50,7 +51,9 @@ def _check_examples(session: Session, positive: list[int], negative: list[int]) 
 
 
 @router.post("/search/recommend", response_model=SearchResponse, responses=ERRORS,
-             dependencies=[Depends(form_fields_in_the_body)])
+             # feedback by stored ids alone needs no upload, so a urlencoded form (-d positive=42) is enough
+             dependencies=[Depends(multipart_body("-F positive_file=@photo.jpg -F k=10", urlencoded_too=True)),
+                           Depends(form_fields_in_the_body)])
 async def recommend(
     request: Request,
     session: SessionDep,

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Upload
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app.api.content_type import multipart_body
 from app.api.deps import (
     K_DOC,
     LABEL_DOC,
@@ -53,7 +54,7 @@ EXPLAIN_DOC = ("Also return heatmaps of why each result matched (the `explain` o
 
 
 @router.post("/search", response_model=SearchResponse, responses=ERRORS,
-             dependencies=[Depends(form_fields_in_the_body)])
+             dependencies=[Depends(multipart_body("-F file=@photo.jpg -F k=10")), Depends(form_fields_in_the_body)])
 async def search(
     request: Request,
     session: SessionDep,

@@ -1,0 +1,34 @@
+"""The upload routes read a multipart/form-data body. Any other body (JSON, raw bytes, none at all) would fail
+field by field with "body.file: Field required", which says nothing of what to send, so it is refused at once
+with the curl form that works."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import Request
+
+from app.errors import ApiError
+
+MULTIPART = "multipart/form-data"
+URLENCODED = "application/x-www-form-urlencoded"
+
+
+def multipart_body(curl_form: str, urlencoded_too: bool = False) -> Callable[[Request], None]:
+    """A route dependency: 415 unless the body is multipart/form-data. `curl_form` is the route's `-F ...`
+    example; `urlencoded_too` also lets a plain HTML-style form through, for a route whose uploads are optional
+    (recommend by stored ids alone)."""
+    accepted = (MULTIPART, URLENCODED) if urlencoded_too else (MULTIPART,)
+
+    def check(request: Request) -> None:
+        header = request.headers.get("content-type", "")
+        media_type = header.split(";", 1)[0].strip().lower()
+        if media_type in accepted:
+            return
+        sent = f"a {media_type} body" if media_type else "a body without a Content-Type"
+        url = str(request.url.replace(query=""))
+        raise ApiError(415, f"{request.method} {request.url.path} takes multipart/form-data (the image and the "
+                            f"options as form fields), not {sent}: curl {curl_form} {url}",
+                       detail={"content_type": media_type or None, "accepted": list(accepted)})
+
+    return check
