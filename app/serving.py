@@ -9,13 +9,15 @@ thread switch that the forward pass pays for. SQL work takes the request's sessi
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image as PILImage
-from sqlalchemy import String, cast, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 from starlette.concurrency import run_in_threadpool
@@ -23,10 +25,11 @@ from starlette.concurrency import run_in_threadpool
 from app import metrics
 from app.batching import MicroBatcher
 from app.db.models import Image
+from app.db.queries import meta_matches
 from app.deployment import Deployment
 from app.errors import ApiError
 from app.images import decode_image
-from app.ranking import META_KEY, POOL_FACTOR, POOL_MAX, Ranking, crowd, mmr_order
+from app.ranking import POOL_FACTOR, POOL_MAX, Ranking, crowd, mmr_order
 from app.region import Box, crop
 from app.schemas import SearchHit, Timings
 from app.settings import Settings
@@ -46,20 +49,45 @@ class Filters:
         if self.label is not None:
             query = query.where(Image.label == self.label)
         for key, value in self.meta:
-            # The text form of the JSON value: ->> on PostgreSQL, CAST(json_extract) on SQLite.
-            query = query.where(cast(Image.meta[key].as_string(), String) == value)
+            query = query.where(meta_matches(key, value))  # the rule: app.db.queries.MetaValue
         return query
 
 
 def parse_meta_filters(items: list[str]) -> list[tuple[str, str]]:
+    """`key=value` items: the key is everything before the first '=' (so any stored key without one can be
+    filtered on, spaces and dots included), the value everything after it."""
     parsed = []
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not META_KEY.match(key):
-            raise ApiError(422, f"metadata filter {item!r} must look like key=value, the key made of letters, "
-                                "digits, '_', '.', '-' (at most 64)")
+        if not sep:
+            raise ApiError(422, f"metadata filter {item!r} must look like key=value (the key is everything before "
+                                "the first '=')")
         parsed.append((key, value))
     return parsed
+
+
+def check_metadata(meta: dict[str, Any]) -> None:
+    """A 422 naming what a filter could not handle: a key holding '=' (a filter's key ends at its first '='),
+    or a number too large for a double (1e400 parses as infinity, which is not JSON: stored, it would break every
+    metadata filter on SQLite)."""
+    unfilterable = [key for key in meta if "=" in key]
+    if unfilterable:
+        raise ApiError(422, f"metadata key {unfilterable[0]!r} contains '=': metadata filters (meta=key=value) "
+                            "could never match it; rename the key", detail={"keys": unfilterable})
+    for key, value in meta.items():
+        if not _finite(value):
+            raise ApiError(422, f"metadata key {key!r} holds a number out of the 64-bit float range (or NaN)",
+                           detail={"keys": [key]})
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
 
 
 @dataclass

@@ -17,8 +17,9 @@ from app.errors import ApiError
 from app.ranking import DIVERSIFY_DOC, EFFORT_DOC, MMR_DOC, OFFSET_DOC, PER_GROUP_DOC, Effort, Ranking, parse_diversify
 from app.serving import Filters, parse_meta_filters
 
-META_FILTER_DOC = ("Metadata filters, each `key=value` (repeat for AND); values match the text form of the stored "
-                   "value, e.g. `color=red`, `year=2021`.")
+META_FILTER_DOC = ("Metadata filters, each `key=value` (repeat for AND; the key is everything before the first `=`): "
+                   "a string matches exactly, a boolean `true`/`false`, a null `null`, a number any value equal to "
+                   "it (`year=2021`, `big=1e20`); see docs/api.md.")
 LABEL_DOC = "Only images with exactly this label."
 MIN_SCORE_DOC = "Drop results scoring below this cosine similarity (-1..1)."
 K_DOC = "How many neighbours to return (at most RETRIEVAL_MAX_K, 100 by default)."

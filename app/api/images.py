@@ -29,7 +29,7 @@ from app.duplicates import near_duplicate_of
 from app.errors import ApiError
 from app.images import read_image_file
 from app.schemas import ErrorBody, ImageOut, ImagePage, ImageUpdate
-from app.serving import Filters, StageClock, decode_query, embed_pixels
+from app.serving import Filters, StageClock, check_metadata, decode_query, embed_pixels
 from app.settings import Settings
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
@@ -163,6 +163,7 @@ def _parse_metadata(text: str | None) -> dict[str, Any]:
         raise ApiError(422, "metadata must be a JSON object, e.g. {\"color\": \"red\"}")
     if len(text) > 64 * 1024:
         raise ApiError(422, "metadata is over 64 KiB")
+    check_metadata(value)
     return value
 
 
@@ -258,6 +259,8 @@ def update_image(session: SessionDep, patch: ImageUpdate, image_id: int = IMAGE_
     if "label" in patch.model_fields_set:
         row.label = patch.label
     if patch.metadata is not None:
+        # Only keys being set: a null removes a key, even one no filter can address.
+        check_metadata({key: value for key, value in patch.metadata.items() if value is not None})
         merged = dict(row.meta or {})
         for key, value in patch.metadata.items():
             if value is None:
