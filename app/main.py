@@ -15,10 +15,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartParser
+from swagger_ui_bundle import swagger_ui_path
 
 from app import metrics
 from app.api import duplicates, health, images, jobs, recommend, search, versions
@@ -33,6 +35,7 @@ from models.embedder import DeviceUnavailable, resolve_device
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+SWAGGER_UI = "/swagger-ui"
 # Multipart framing around the image: boundaries, headers and the small form fields.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -76,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Query-by-image search over a FAISS index with a SQL metadata store. Every error is JSON: "
                     '`{"error": code, "message": text, "detail": ...}`.',
         lifespan=lifespan,
+        docs_url=None,  # served below from local files
     )
     app.state.settings = settings
     app.state.database_url = settings.resolved_database_url  # resolved once (a path resolve per request showed)
@@ -111,4 +115,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Swagger UI from the files a package ships, not from a CDN: deployments are often offline.
+    app.mount(SWAGGER_UI, StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{SWAGGER_UI}/swagger-ui-bundle.js", swagger_css_url=f"{SWAGGER_UI}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER_UI}/favicon-32x32.png",
+            # no badge from the public validator service, the one other host the page would reach
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
     return app

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -225,3 +226,19 @@ def test_page_and_openapi_are_served(api: TestClient) -> None:
             "/v1/images/{image_id}/thumbnail", "/v1/models", "/v1/indexes", "/healthz", "/readyz",
             "/metrics"} <= set(spec["paths"])
     assert "APIKeyHeader" in spec["components"]["securitySchemes"]
+
+
+def test_swagger_ui_is_served_from_this_host(api: TestClient) -> None:
+    """/docs once loaded Swagger UI from a CDN: a blank page on an offline host."""
+    docs = api.get("/docs")
+    assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
+    assert "//" not in docs.text.replace("<!DOCTYPE html>", ""), docs.text  # no scheme, no other host
+    assets = re.findall(r"(?:src|href)=['\"]([^'\"]+)['\"]", docs.text)
+    assert sorted(assets) == ["/swagger-ui/favicon-32x32.png", "/swagger-ui/swagger-ui-bundle.js",
+                              "/swagger-ui/swagger-ui.css"], assets
+    for asset in assets:
+        served = api.get(asset)
+        assert served.status_code == 200 and len(served.content) > 500, asset
+    script = api.get("/swagger-ui/swagger-ui-bundle.js")
+    assert "javascript" in script.headers["content-type"] and b"SwaggerUIBundle" in script.content
+    assert "url: '/openapi.json'" in docs.text

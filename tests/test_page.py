@@ -247,3 +247,34 @@ def test_query_page_shows_heatmaps_over_the_query_and_each_result(page_server: L
         finally:
             browser.close()
     assert console_errors == []
+
+
+def test_swagger_ui_renders_with_no_other_host_reachable(page_server: LiveServer) -> None:
+    """/docs on an offline host: every request for another host is refused, and the operations still show."""
+    binary, playwright_api = require_chromium()
+    ARTIFACTS.mkdir(exist_ok=True)
+    elsewhere: list[str] = []
+    console_errors: list[str] = []
+
+    def only_this_host(route, req) -> None:
+        if req.url.startswith(page_server.base_url):
+            route.continue_()
+        else:
+            elsewhere.append(req.url)
+            route.abort()
+
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=binary, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            page.route("**/*", only_this_host)
+            page.goto(page_server.base_url + "/docs")
+            page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+            paths = page.locator(".opblock-summary-path").all_text_contents()
+            assert {"/v1/search", "/v1/images", "/v1/jobs"} <= {path.replace("\u200b", "") for path in paths}
+            assert "Image retrieval" in page.locator(".info .title").text_content()
+            page.screenshot(path=str(ARTIFACTS / "swagger-ui.png"))
+        finally:
+            browser.close()
+    assert elsewhere == [] and console_errors == []
