@@ -17,6 +17,47 @@ from app.jobs import JOB_KINDS
 from app.settings import Settings, get_settings
 
 
+def _port(value: str) -> int:
+    port = _int(value, "--port")
+    if not 1 <= port <= 65535:  # uvicorn would bind port % 65536 and log the number asked for
+        raise argparse.ArgumentTypeError(f"a TCP port is 1-65535; got {value}")
+    return port
+
+
+def _positive(value: str) -> int:
+    number = _int(value, "this option")
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"needs an integer >= 1; got {value}")
+    return number
+
+
+def _int(value: str, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} takes an integer; got {value!r}") from None
+
+
+def _json_object(value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg} at character {exc.pos}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"needs a JSON object like '{{\"factory\": \"Flat\"}}'; got {value!r}")
+    return parsed
+
+
+def _scopes(value: str) -> str:
+    from app.auth import parse_scopes
+
+    try:
+        parse_scopes(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def _shard(value: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in value.split("/"))
@@ -44,6 +85,8 @@ def cmd_db(args: argparse.Namespace) -> int:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from app.db import migrate
     from app.indexing import EmptySource, RayWorkersLost, build_index
+    from app.indexing.sources import SourceError
+    from index.builders import FactoryError
 
     settings = get_settings()
     if args.ray is not None and args.shard is not None:
@@ -58,8 +101,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     try:
         ray_address = None if args.ray is None else (args.ray or settings.ray_address or "")
         report = build_index(settings, args.source, shard=args.shard, factory=args.factory,
-                             progress=not args.no_progress, ray_address=ray_address)
-    except (EmptySource, FileNotFoundError, RayWorkersLost) as exc:
+                             progress=not args.no_progress, ray_address=ray_address, prune=args.prune)
+    except (EmptySource, FileNotFoundError, RayWorkersLost, SourceError, FactoryError) as exc:
         print(f"retrieval index build: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
@@ -201,7 +244,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 print(_job_line(job))
         return 0
     if action == "submit":
-        params = json.loads(args.params) if args.params else {}
+        params = dict(args.params or {})
         params.update(args.overrides)  # --set KEY=VALUE pairs, parsed by _override like train's
         with session_scope(url) as session:
             job = jobs.enqueue(session, args.kind, params, args.max_attempts or settings.job_max_attempts)
@@ -277,12 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="build and check FAISS indexes")
     index_sub = index.add_subparsers(dest="index_command", required=True)
     build = index_sub.add_parser("build", help="register, embed and index a folder or CSV manifest")
-    build.add_argument("source", help="a folder (labels = sub-folder names) or a CSV manifest (path,label,...)")
+    build.add_argument("source", help="a folder (labels = sub-folder names), a CSV manifest (path,label,...) or "
+                                      "one image file")
     build.add_argument("--shard", type=_shard, help="i/n: embed only shard i of n")
     build.add_argument("--factory", help="FAISS factory string overriding the automatic choice")
     build.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                        help="embed on a Ray cluster: 'auto' joins the running one, host:port a given one; with no "
                             "address, RETRIEVAL_RAY_ADDRESS or else a local cluster started for this build")
+    build.add_argument("--prune", action="store_true",
+                       help="retire the images whose file has left the folder since it was registered (without it, "
+                            "they are listed and stay searchable)")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(func=cmd_index_build)
     verify = index_sub.add_parser(
@@ -300,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_serve_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", help="bind address (RETRIEVAL_HOST, default 127.0.0.1)")
-        p.add_argument("--port", type=int, help="port (RETRIEVAL_PORT, default 8000)")
-        p.add_argument("--workers", type=int, help="worker processes (RETRIEVAL_API_WORKERS, default 1)")
+        p.add_argument("--port", type=_port, help="port (RETRIEVAL_PORT, default 8000)")
+        p.add_argument("--workers", type=_positive, help="worker processes (RETRIEVAL_API_WORKERS, default 1)")
         p.add_argument("--log-level", default="info")
 
     serve = sub.add_parser("serve", help="serve the REST API and the query page")
@@ -338,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = jsub.add_parser("submit", help="queue a job")
     submit.add_argument("kind", choices=list(JOB_KINDS))
     _add_set_option(submit, what="a job param")
-    submit.add_argument("--params", help="job params as a JSON object")
+    submit.add_argument("--params", type=_json_object, help="job params as a JSON object")
     submit.add_argument("--max-attempts", type=int)
     submit.add_argument("--follow", action="store_true", help="then follow it until it finishes")
     submit.add_argument("--timeout", type=float)
@@ -355,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key and print it once")
     create.add_argument("name", help="who or what uses the key")
-    create.add_argument("--scopes", default="read", help="comma-separated: read, write (default: read)")
+    create.add_argument("--scopes", type=_scopes, default="read", help="comma-separated: read, write (default: read)")
     keys_sub.add_parser("list", help="list keys (never the keys themselves)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id", type=int)
@@ -371,13 +418,40 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except ValueError as exc:
-        # torch loads lazily (SQL-only commands start fast): a DeviceUnavailable means models.embedder is loaded.
-        embedder = sys.modules.get("models.embedder")
-        if embedder is None or not isinstance(exc, embedder.DeviceUnavailable):
+    except KeyboardInterrupt:
+        print("retrieval: interrupted. What was committed stays: the same command resumes (a build from its last "
+              "flushed shard).", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        line = None if args.verbose else _user_error(exc)
+        if line is None:
             raise
-        print(f"retrieval: {exc} (RETRIEVAL_DEVICE, or --device where a command takes it)", file=sys.stderr)
+        print(f"retrieval: {line}", file=sys.stderr)
         return 2
+
+
+# Errors that are the user's to fix, said in one line (-v shows the traceback). By name: their modules load
+# lazily (torch, faiss), and an error of a module never loaded cannot have been raised.
+USER_ERRORS = {"models.embedder": "DeviceUnavailable", "app.indexing.sources": "SourceError",
+               "index.builders": "FactoryError", "app.jobs": "JobError"}
+
+
+def _user_error(exc: Exception) -> str | None:
+    """The one line to print for an error the user can fix, or None for a bug (the traceback then shows)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):  # a RETRIEVAL_* variable (or .env line) the settings refuse
+        problems = "; ".join(f"RETRIEVAL_{'_'.join(str(p) for p in error['loc']).upper()}={error.get('input')!r}: "
+                             f"{error['msg']}" for error in exc.errors())
+        return f"invalid setting: {problems}"
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"{exc.strerror}: {exc.filename}"
+    for module_name, class_name in USER_ERRORS.items():
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(exc, getattr(module, class_name)):
+            device = class_name == "DeviceUnavailable"
+            return f"{exc}{' (RETRIEVAL_DEVICE, or --device where a command takes it)' if device else ''}"
+    return None
 
 
 if __name__ == "__main__":

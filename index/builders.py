@@ -22,6 +22,33 @@ TUNE_QUERIES = 500  # indexed vectors used as queries when tuning nprobe / efSea
 TUNE_K = 10
 
 
+class FactoryError(ValueError):
+    """An index type FAISS cannot make for these vectors, said in one line before any work is spent on it."""
+
+
+def check_factory(factory: str, dim: int, n: int | None = None) -> None:
+    """Raise FactoryError when FAISS cannot make `factory` for `dim`-d vectors or, given `n`, when n vectors are
+    too few to train it (an IVF needs one per list, a PQ one per centroid)."""
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        # FAISS prefixes its reason with the C++ function and source line: keep the reason.
+        reason = str(exc).strip().splitlines()[-1].rsplit(": ", 1)[-1] if str(exc).strip() else "no reason given"
+        raise FactoryError(f"FAISS cannot make index type {factory!r} for {dim}-d vectors ({reason}); see "
+                           "https://github.com/facebookresearch/faiss/wiki/The-index-factory, or leave the type "
+                           "out and the build chooses one") from None
+    if n is None:
+        return
+    ivf = faiss.try_extract_index_ivf(index)
+    inner = faiss.downcast_index(ivf if ivf is not None else index)
+    pq = getattr(inner, "pq", None)
+    needed = max(ivf.nlist if ivf is not None else 0, pq.ksub if pq is not None else 0)
+    if n < needed:
+        raise FactoryError(f"{factory} needs at least {needed} vectors to train, and there are {n}: choose a "
+                           f"smaller type (e.g. {choose_factory(n, dim)} for this corpus) or leave the type out "
+                           "and the build chooses one")
+
+
 def _pow2(x: float) -> int:
     return int(2 ** max(0, round(math.log2(max(1.0, x)))))
 

@@ -18,6 +18,7 @@ from app.indexing.report import BuildReport, EmptySource
 from app.indexing.sources import IMAGE_EXTENSIONS
 from app.registry import ensure_active_model
 from app.settings import Settings
+from index.builders import check_factory
 
 
 def _finish(report: BuildReport, start: float, progress: bool) -> BuildReport:
@@ -28,7 +29,8 @@ def _finish(report: BuildReport, start: float, progress: bool) -> BuildReport:
 
 
 def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int] | None = None,
-                factory: str | None = None, progress: bool = True, ray_address: str | None = None) -> BuildReport:
+                factory: str | None = None, progress: bool = True, ray_address: str | None = None,
+                prune: bool = False) -> BuildReport:
     """Register `source`, embed what is missing, publish a new index version (not in shard mode).
 
     ray_address: embed on a Ray cluster instead of this process ('' starts a local one, 'auto' joins a running
@@ -42,7 +44,9 @@ def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int
 
         resolve_device(settings.device)
     model = ensure_active_model(settings)
-    slice_ids = register_source(settings, source, shard, report, progress)
+    if factory:  # a type FAISS cannot parse is said now, not after every image is embedded
+        check_factory(factory, model.dim)
+    slice_ids = register_source(settings, source, shard, report, progress, prune=prune)
     if report.seen == 0 and shard is None:
         raise EmptySource(f"no image file under {source} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} "
                           "in it and its sub-folders, symlinked ones included): nothing registered or published")

@@ -22,7 +22,7 @@ from app.indexing.report import BuildReport
 from app.registry import active_index, new_version_name, promote
 from app.settings import Settings
 from index import versions
-from index.builders import build, build_ivf_ondisk, choose_factory, fill_parts
+from index.builders import build, build_ivf_ondisk, check_factory, choose_factory, fill_parts
 
 # Rows per filled IVF copy of an on-disk build (a Ray build fills each copy in its own task).
 ONDISK_PART_ROWS = 100_000
@@ -68,6 +68,7 @@ def publish_index(settings: Settings, model: ModelVersion, report: BuildReport, 
         vectors = np.zeros((0, model.dim), dtype=np.float32)  # an empty corpus still has the model's dimension
     budget = settings.index_memory_mb << 20
     factory = factory or choose_factory(len(ids), model.dim, budget)
+    check_factory(factory, model.dim, len(ids))  # FAISS's own error would come mid-build, as a traceback
     start = time.perf_counter()
     workdir: Path | None = None
     if ondisk and "IVF" in factory:

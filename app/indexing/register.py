@@ -1,13 +1,20 @@
 """Step 1, register: hash each source file (sha256 of its bytes), read its header, insert the rows that are not
-there yet, committed in chunks. Dedup is by sha256, so a re-run inserts nothing twice."""
+there yet, committed in chunks. Dedup is by sha256, so a re-run inserts nothing twice.
+
+A folder changes between builds, and the rows follow it: a file moved or renamed (the same bytes, its old path
+gone) keeps its row with the new path; a file overwritten with other bytes gets a new row and its old row is
+retired (soft-deleted: its vector leaves the next index version); a file deleted is reported, and retired with
+`prune` (a deleted photo, or a folder not mounted this time: the user says which)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +53,10 @@ class _Probe:
 
 
 def _probe(entry: SourceEntry, max_bytes: int, max_pixels: int) -> _Probe:
-    """Hash the file and read its header (dimensions only: the full decode happens in the DataLoader)."""
+    """Hash the file and read its header (the upright dimensions only: the full decode happens when embedding)."""
     from PIL import Image as PILImage
+
+    from app.images import ORIENTATION_TAG
 
     try:
         size = entry.path.stat().st_size
@@ -62,11 +71,13 @@ def _probe(entry: SourceEntry, max_bytes: int, max_pixels: int) -> _Probe:
     try:
         with PILImage.open(io.BytesIO(data)) as image:
             width, height = image.size
+            # As the API stores an upload's: a phone photo turned by its EXIF orientation is that way up.
+            turned = image.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8)
     except Exception:  # Pillow raises many types on junk headers
         return _Probe(entry, error="the file is not an image in a format this service reads")
     if width * height > max_pixels:
-        return _Probe(entry, error=f"the image is {width}x{height} pixels; the limit is {max_pixels}")
-    return _Probe(entry, digest, width, height)
+        return _Probe(entry, error=f"the image is {width}x{height} pixels; the limit is {max_pixels} pixels")
+    return _Probe(entry, digest, *((height, width) if turned else (width, height)))
 
 
 def _register_chunk(session: Session, probes: list[_Probe], report: BuildReport) -> list[int]:
@@ -76,7 +87,7 @@ def _register_chunk(session: Session, probes: list[_Probe], report: BuildReport)
     existing = {
         row.sha256: row
         for row in session.execute(
-            select(Image.sha256, Image.id, Image.deleted_at, Image.meta).where(Image.sha256.in_(shas))
+            select(Image.sha256, Image.id, Image.deleted_at, Image.meta, Image.uri).where(Image.sha256.in_(shas))
         )
     }
     ids: list[int] = []
@@ -92,6 +103,10 @@ def _register_chunk(session: Session, probes: list[_Probe], report: BuildReport)
                 report.skipped_existing += 1
                 if row.deleted_at is None:
                     ids.append(row.id)
+                    path = str(probe.entry.path.resolve())
+                    if row.uri != path and not os.path.exists(row.uri):  # moved or renamed: follow the file
+                        session.get(Image, row.id).uri = path
+                        report.moved += 1
         elif probe.sha256 in new:
             report.skipped_existing += 1  # the same bytes twice in one source
         else:
@@ -102,18 +117,67 @@ def _register_chunk(session: Session, probes: list[_Probe], report: BuildReport)
     session.flush()
     report.added += len(new)
     ids.extend(image.id for image in new.values())
+    _retire_overwritten(session, list(new.values()), report)
     return ids
 
 
+def _retire_overwritten(session: Session, added: list[Image], report: BuildReport) -> None:
+    """A new row whose path a live row of other bytes holds: that file was overwritten, so its old row (whose
+    vector no longer matches the file, nor its thumbnail) is retired."""
+    by_uri = {image.uri: image for image in added}
+    if not by_uri:
+        return
+    now = datetime.now(UTC)
+    stale = session.scalars(select(Image).where(Image.uri.in_(list(by_uri)), Image.deleted_at.is_(None),
+                                                Image.id.not_in([image.id for image in added])))
+    for old in stale:
+        old.deleted_at = now
+        old.meta = {**(old.meta or {}), "retired": f"its file was overwritten (now image {by_uri[old.uri].id})"}
+        report.replaced += 1
+
+
+def missing_files(settings: Settings, source: str | Path) -> list[tuple[int, str]]:
+    """(id, path) of the live images registered from folder `source` whose file is no longer there. Uploads kept
+    in the data dir are not the folder's, wherever it is."""
+    root = Path(source).resolve()
+    if not root.is_dir():
+        return []  # a manifest or one file lists what it holds, not what left
+    data_dir = str(settings.data_dir.resolve()) + os.sep
+    with session_scope(settings.resolved_database_url) as session:
+        rows = session.execute(select(Image.id, Image.uri).where(
+            Image.deleted_at.is_(None), Image.uri.startswith(str(root) + os.sep, autoescape=True)))
+        return [(image_id, uri) for image_id, uri in rows
+                if not uri.startswith(data_dir) and not os.path.exists(uri)]
+
+
+def retire_missing(settings: Settings, source: str | Path, report: BuildReport, prune: bool) -> None:
+    """Report the images whose file left folder `source`; with `prune`, retire them (their vectors leave the
+    next index version; the rows stay, soft-deleted, with the reason)."""
+    gone = missing_files(settings, source)
+    report.gone = [uri for _, uri in gone]
+    if not prune or not gone:
+        return
+    now = datetime.now(UTC)
+    with session_scope(settings.resolved_database_url) as session:
+        for image_id, _ in gone:
+            image = session.get(Image, image_id)
+            if image is not None and image.deleted_at is None:
+                image.deleted_at = now
+                image.meta = {**(image.meta or {}), "retired": "its file left the folder (index build --prune)"}
+                report.pruned += 1
+
+
 def register_source(settings: Settings, source: str | Path, shard: tuple[int, int] | None,
-                    report: BuildReport, progress: bool) -> np.ndarray:
+                    report: BuildReport, progress: bool, prune: bool = False) -> np.ndarray:
+    """Register every image of `source` (see the module docstring); the ids of its live images. Unsharded, the
+    images whose file left a folder source are then reported (retired with `prune`)."""
     from tqdm import tqdm
 
     url = settings.resolved_database_url
     all_ids: list[np.ndarray] = []
     bar = tqdm(desc="register", unit="file", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max_workers=max(2, settings.num_workers * 2)) as pool:  # hashing is I/O bound
-        for chunk in _chunks(iter_source(source, shard), REGISTER_CHUNK):
+        for chunk in _chunks(iter_source(source, shard, skip=settings.data_dir), REGISTER_CHUNK):
             report.seen += len(chunk)
             probes = list(pool.map(lambda e: _probe(e, settings.max_upload_bytes, settings.max_image_pixels),
                                    chunk))
@@ -133,4 +197,6 @@ def register_source(settings: Settings, source: str | Path, shard: tuple[int, in
             all_ids.append(np.asarray(ids, dtype=np.int64))
             bar.update(len(chunk))
     bar.close()
+    if shard is None:  # a shard sees a slice of the folder: the build of every shard would report the rest
+        retire_missing(settings, source, report, prune)
     return np.unique(np.concatenate(all_ids)) if all_ids else np.zeros(0, dtype=np.int64)

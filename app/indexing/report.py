@@ -17,13 +17,19 @@ class RayWorkersLost(RuntimeError):
 class BuildReport:
     """What a run did. seen: image files the source listed; added: rows registered by this run (a file that
     then fails to decode is counted here and in `failed`); skipped_existing: files whose bytes were already
-    registered; failed: (path, reason); embedded: images embedded by this run; total_indexed: vectors in the
+    registered; moved: registered images found under a new path (their row follows); replaced: rows retired
+    because their file was overwritten; gone: paths of images whose file left the folder; pruned: those retired
+    (--prune); failed: (path, reason); embedded: images embedded by this run; total_indexed: vectors in the
     active index afterwards; index_version_name: the version published, None when nothing changed or in shard
     mode."""
 
     seen: int = 0
     added: int = 0
     skipped_existing: int = 0
+    moved: int = 0
+    replaced: int = 0
+    gone: list[str] = field(default_factory=list)
+    pruned: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     embedded: int = 0
     total_indexed: int = 0
@@ -40,5 +46,13 @@ class BuildReport:
             f"({self.images_per_second:.1f} images/s), {self.seconds:.1f}s",
             self.message,
         ]
+        if self.moved or self.replaced:
+            lines.insert(1, f"{self.moved} moved or renamed (their rows follow), {self.replaced} overwritten with "
+                            "other bytes (the old rows retired)")
+        if self.gone:
+            shown = ", ".join(self.gone[:5]) + (f" and {len(self.gone) - 5} more" if len(self.gone) > 5 else "")
+            lines.insert(1, f"retired {self.pruned} images whose file left the folder: {shown}" if self.pruned else
+                         f"{len(self.gone)} images registered from this folder are no longer there ({shown}); they "
+                         "stay searchable until a build with --prune retires them")
         lines += [f"  FAILED {path}: {reason}" for path, reason in self.failed]
         return "\n".join(line for line in lines if line)

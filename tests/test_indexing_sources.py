@@ -1,0 +1,157 @@
+"""Sources as users keep them: folders that change between builds, folders that hold the data dir or hidden
+folders, manifests saved by spreadsheets, one photo, and the CLI's one-line answers to a source or type it
+cannot use."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+from sqlalchemy import select
+
+from tests.conftest import class_image, make_settings, migrated_url
+from tests.test_indexing import make_corpus
+
+
+def live_rows(settings) -> dict[str, object]:
+    from app.db.models import Image
+    from app.db.session import session_scope
+
+    with session_scope(settings.resolved_database_url) as session:
+        rows = session.scalars(select(Image).where(Image.deleted_at.is_(None))).all()
+        session.expunge_all()
+    return {row.uri: row for row in rows}
+
+
+def indexed_ids(settings) -> list[int]:
+    from app.db.session import session_scope
+    from app.registry import active_index
+    from index.vector_index import VectorIndex
+
+    with session_scope(settings.resolved_database_url) as session:
+        path = active_index(session).path
+    return sorted(VectorIndex.load(path).ids().tolist())
+
+
+def test_a_folder_that_changed_since_its_build(database_url: str, tmp_path: Path, tiny_embedder: Path) -> None:
+    """Renamed: the row follows the file. Overwritten: the old row (its vector, its thumbnail) is retired.
+    Deleted: listed and kept searchable, retired by --prune. The index follows each time."""
+    from app.db.models import Image
+    from app.db.session import session_scope
+    from app.indexing import build_index, verify_index
+
+    corpus = make_corpus(tmp_path / "corpus", per_class=3)
+    settings = make_settings(tmp_path / "data", database_url, embedder=str(tiny_embedder))
+    build_index(settings, corpus, progress=False)
+    before = live_rows(settings)
+    renamed, overwritten, deleted = corpus / "red" / "0.jpg", corpus / "green" / "1.jpg", corpus / "blue" / "2.jpg"
+    renamed_id, overwritten_id = before[str(renamed)].id, before[str(overwritten)].id
+    renamed.rename(corpus / "red" / "holiday.jpg")
+    class_image("yellow", seed=777, size=64).save(overwritten, quality=90)
+    deleted.unlink()
+
+    report = build_index(settings, corpus, progress=False)
+    assert (report.moved, report.replaced, report.added, report.gone) == (1, 1, 1, [str(deleted)])
+    assert "1 images registered from this folder are no longer there" in report.summary()
+    rows = live_rows(settings)
+    assert rows[str(corpus / "red" / "holiday.jpg")].id == renamed_id
+    assert rows[str(overwritten)].id != overwritten_id  # one live row per path: the new bytes
+    assert str(deleted) in rows  # still searchable: an unmounted folder must not empty the index
+    with session_scope(settings.resolved_database_url) as session:
+        retired = session.get(Image, overwritten_id)
+        assert retired.deleted_at is not None and "overwritten" in retired.meta["retired"]
+    assert indexed_ids(settings) == sorted(row.id for row in rows.values())
+
+    pruned = build_index(settings, corpus, progress=False, prune=True)
+    assert pruned.pruned == 1 and "retired 1 images whose file left the folder" in pruned.summary()
+    rows = live_rows(settings)
+    assert str(deleted) not in rows and len(rows) == 11
+    assert indexed_ids(settings) == sorted(row.id for row in rows.values())
+    assert verify_index(settings).ok
+    assert build_index(settings, corpus, progress=False).gone == []
+
+
+def test_the_data_dir_and_hidden_folders_in_a_source_stay_out(tmp_path: Path, tiny_embedder: Path,
+                                                              request) -> None:
+    """`retrieval index build .` in a photo folder that holds ./data: the service's thumbnails and stored uploads
+    are not photos of the folder (each would come back as a near-duplicate), nor are .git or .thumbnails; an
+    upload kept in the data dir is not "gone from the folder" either."""
+    from app.db.models import Image
+    from app.db.session import session_scope
+    from app.indexing import build_index
+
+    photos = make_corpus(tmp_path / "photos", per_class=2)
+    settings = make_settings(photos / "data", migrated_url("sqlite", request, tmp_path), embedder=str(tiny_embedder))
+    for folder in (photos / "data" / "thumbnails" / "ab", photos / ".thumbnails", photos / "red" / ".git"):
+        folder.mkdir(parents=True)
+        shutil.copy(photos / "red" / "0.jpg", folder / "copy.jpg")
+        class_image("blue", seed=99, size=64).save(folder / "other.jpg")
+    report = build_index(settings, photos, progress=False)
+    assert report.added == 8 and not report.failed
+    assert {Path(uri).parent.name for uri in live_rows(settings)} == {"red", "green", "blue", "yellow"}
+
+    with session_scope(settings.resolved_database_url) as session:  # an upload whose file lives in the data dir
+        session.add(Image(sha256="0" * 64, uri=str(photos / "data" / "images" / "00" / "gone.jpg"), width=1,
+                          height=1, meta={}))
+    assert build_index(settings, photos, progress=False).gone == []
+
+
+def test_manifests_as_spreadsheets_save_them_and_one_photo(database_url: str, tmp_path: Path,
+                                                           tiny_embedder: Path) -> None:
+    """Excel's "CSV UTF-8" (a byte-order mark), ';' separators and 'Path' / 'Label' headers read as written;
+    metadata columns keep their names; a phone photo's size is stored upright, as the API stores an upload's."""
+    from app.indexing import build_index
+
+    make_corpus(tmp_path / "images", per_class=1)
+    manifest = tmp_path / "excel.csv"
+    manifest.write_bytes("\ufeffPath;Label;Camera\nimages/red/0.jpg;rouge;Pixel 8\nimages/blue/0.jpg;bleu;\n"
+                         .encode("utf-8"))
+    settings = make_settings(tmp_path / "data", database_url, embedder=str(tiny_embedder))
+    report = build_index(settings, manifest, progress=False)
+    assert report.added == 2 and not report.failed
+    rows = {Path(uri).parent.name: row for uri, row in live_rows(settings).items()}
+    assert (rows["red"].label, rows["red"].meta) == ("rouge", {"Camera": "Pixel 8"})
+    assert (rows["blue"].label, rows["blue"].meta) == ("bleu", {})
+
+    photo = tmp_path / "IMG_0001.JPG"  # 80x40 as stored, orientation 6: a 40x80 portrait
+    exif = PILImage.Exif()
+    exif[0x0112] = 6
+    PILImage.fromarray(np.full((40, 80, 3), 120, dtype=np.uint8)).save(photo, exif=exif)
+    assert build_index(settings, photo, progress=False).added == 1
+    row = live_rows(settings)[str(photo)]
+    assert (row.width, row.height, row.label) == (40, 80, None)
+
+
+def test_the_cli_says_in_one_line_what_it_cannot_use(tmp_path: Path, tiny_embedder: Path, request,
+                                                     run_cli) -> None:
+    settings = make_settings(tmp_path / "data", migrated_url("sqlite", request, tmp_path), embedder=str(tiny_embedder))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("call the framer about the prints\n")
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("path,label\nimages/caf\xe9.jpg,caf\xe9\n".encode("latin-1"))
+    corpus = make_corpus(tmp_path / "corpus", per_class=1)
+
+    for source, said in ((notes, "neither an image nor a CSV manifest with a 'path' column"),
+                         (latin1, "save it as CSV UTF-8")):
+        result = run_cli(settings, "index", "build", str(source), "--no-progress")
+        assert result.returncode == 1 and said in result.stderr and "Traceback" not in result.stderr
+    # A type FAISS cannot parse is refused before any image is registered or embedded.
+    result = run_cli(settings, "index", "build", str(corpus), "--factory", "NotAFactory", "--no-progress")
+    assert result.returncode == 1 and "could not parse index string NotAFactory" in result.stderr
+    assert live_rows(settings) == {}
+    assert run_cli(settings, "index", "build", str(corpus), "--no-progress").returncode == 0
+    result = run_cli(settings, "index", "rebuild", "--factory", "IVF1024,Flat", "--no-progress")
+    assert result.returncode == 2 and "needs at least 1024 vectors to train, and there are 4" in result.stderr
+
+    for args, said in ((["serve", "--port", "99999"], "a TCP port is 1-65535"),
+                       (["serve", "--workers", "0"], "needs an integer >= 1"),
+                       (["jobs", "submit", "rebuild_index", "--params", "{bad"], "not valid JSON"),
+                       (["keys", "create", "ci", "--scopes", "bogus"], "scopes must be a comma-separated subset")):
+        result = run_cli(settings, *args)
+        assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr
+    result = run_cli(settings, "jobs", "cancel", "999")
+    assert result.returncode == 2 and "999" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli(settings, "index", "verify", port="abc")
+    assert result.returncode == 2 and "invalid setting: RETRIEVAL_PORT='abc'" in result.stderr
