@@ -133,8 +133,10 @@ def test_the_cli_says_in_one_line_what_it_cannot_use(tmp_path: Path, tiny_embedd
     latin1.write_bytes("path,label\nimages/caf\xe9.jpg,caf\xe9\n".encode("latin-1"))
     corpus = make_corpus(tmp_path / "corpus", per_class=1)
 
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("path,label\n")
     for source, said in ((notes, "neither an image nor a CSV manifest with a 'path' column"),
-                         (latin1, "save it as CSV UTF-8")):
+                         (latin1, "save it as CSV UTF-8"), (header_only, "lists no image")):
         result = run_cli(settings, "index", "build", str(source), "--no-progress")
         assert result.returncode == 1 and said in result.stderr and "Traceback" not in result.stderr
     # A type FAISS cannot parse is refused before any image is registered or embedded.

@@ -48,6 +48,9 @@ def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int
         check_factory(factory, model.dim)
     slice_ids = register_source(settings, source, shard, report, progress, prune=prune)
     if report.seen == 0 and shard is None:
+        if Path(source).is_file():
+            raise EmptySource(f"the manifest {source} lists no image (no row with a path): nothing registered or "
+                              "published")
         raise EmptySource(f"no image file under {source} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} "
                           "in it and its sub-folders, symlinked ones included): nothing registered or published")
     if ray_address is not None and shard is None:
