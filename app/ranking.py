@@ -6,7 +6,6 @@ Pure numpy over hits already joined with SQL; app/serving.py fetches the candida
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,7 +16,6 @@ from app.errors import ApiError
 from app.schemas import SearchHit
 
 Effort = Literal["fast", "balanced", "exact"]
-META_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 # Rocchio weights: the mean of the positives minus half the mean of the negatives (a negative should push the
 # query away from it, not cancel a positive as alike as itself).
 POSITIVE_WEIGHT, NEGATIVE_WEIGHT = 1.0, 0.5
@@ -72,9 +70,10 @@ def parse_diversify(value: str | None, where: str) -> str | None:
     """'label' or 'meta:KEY', else a 422 naming the field."""
     if value is None or value == "":
         return None
-    if value == "label" or (value.startswith("meta:") and META_KEY.match(value.removeprefix("meta:"))):
+    # Any key a metadata filter can address (everything after 'meta:', as written): grouping reads it in Python.
+    if value == "label" or (value.startswith("meta:") and len(value) > len("meta:")):
         return value
-    raise ApiError(422, f"diversify must be 'label' or 'meta:KEY' (KEY of letters, digits, '_', '.', '-'), "
+    raise ApiError(422, f"diversify must be 'label' or 'meta:KEY' (KEY: a metadata key, as written), "
                         f"not {value!r}", detail=[{"loc": [where, "diversify"], "msg": "invalid value"}])
 
 

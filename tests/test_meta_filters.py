@@ -78,6 +78,9 @@ def test_search_filters_pick_the_same_images(served: tuple[TestClient, int]) -> 
         return [hit["id"] for hit in response.json()["results"]]
 
     assert searched("flag=true") == [image_id]
+    # A key a filter addresses is one results can be spread over, too.
+    spread = upload(client, query, k=5, diversify="meta:sp ace", per_group=1)
+    assert spread.status_code == 200, spread.text
     assert searched("flag=true", "big=1e+20", "sp ace=yes", "year=2021") == [image_id]
     assert searched("flag=1") == []
     assert searched("flag=true", "big=1e21") == []
