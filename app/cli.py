@@ -419,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("retrieval: interrupted. What was committed stays: the same command resumes (a build from its last "
-              "flushed shard).", file=sys.stderr)
+        print("retrieval: interrupted. What was committed stays, and the same command goes on from it where it can "
+              "(an index build from its last flushed shard).", file=sys.stderr)
         return 130
     except Exception as exc:
         line = None if args.verbose else _user_error(exc)
@@ -440,7 +440,7 @@ def _user_error(exc: Exception) -> str | None:
     """The one line to print for an error the user can fix, or None for a bug (the traceback then shows)."""
     from pydantic import ValidationError
 
-    if isinstance(exc, ValidationError):  # a RETRIEVAL_* variable (or .env line) the settings refuse
+    if isinstance(exc, ValidationError) and exc.title == "Settings":  # a RETRIEVAL_* variable or .env line
         problems = "; ".join(f"RETRIEVAL_{'_'.join(str(p) for p in error['loc']).upper()}={error.get('input')!r}: "
                              f"{error['msg']}" for error in exc.errors())
         return f"invalid setting: {problems}"

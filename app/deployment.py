@@ -362,10 +362,15 @@ def swap_in(app: FastAPI, settings: Settings, new: Deployment) -> None:
         state.last_swap = {"from": getattr(old, "index_name", None), "to": new.index_name,
                            "model": new.model_name, "at": utc_timestamp(datetime.now(UTC))}
         app.state.deployment = new
-    if not settings.max_batch_size:  # the default cap follows where the runtime runs, known only now (ONNX
-        # Runtime asked for CUDA without its CUDA provider runs on the CPU)
-        app.state.batcher.max_batch_size = default_max_batch_size("cuda" if new.runner.info.on_gpu else "cpu")
+    fit_batch_cap(app, settings, new)
     metrics.INDEX_VECTORS.set(len(new.index))
+
+
+def fit_batch_cap(app: FastAPI, settings: Settings, deployment: Deployment) -> None:
+    """The default batch cap (RETRIEVAL_MAX_BATCH_SIZE=0) follows where the loaded runtime runs, known only once
+    it is loaded: ONNX Runtime asked for CUDA without its CUDA provider runs on the CPU."""
+    if not settings.max_batch_size:
+        app.state.batcher.max_batch_size = default_max_batch_size("cuda" if deployment.runner.info.on_gpu else "cpu")
 
 
 async def check_for_new_version(app: FastAPI, settings: Settings) -> bool:

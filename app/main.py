@@ -26,7 +26,7 @@ from app import metrics
 from app.api import duplicates, health, images, jobs, recommend, search, versions
 from app.batching import AdmissionGate, MicroBatcher, default_max_batch_size
 from app.compaction import maintain
-from app.deployment import ServingState, load_active
+from app.deployment import ServingState, fit_batch_cap, load_active
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.settings import Settings, get_settings
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.serving.load_error = f"loading the active version failed: {exc}"
         if app.state.deployment is not None:
             d = app.state.deployment
+            fit_batch_cap(app, settings, d)
             metrics.INDEX_VECTORS.set(len(d.index))
             app.state.serving.reset_pending(sum(d.reconciled.values()))
             log.info("serving model %s with index %s (%d vectors) on %s, runtime %s %s", d.model_name,

@@ -41,6 +41,8 @@ def check_factory(factory: str, dim: int, n: int | None = None) -> None:
         return
     ivf = faiss.try_extract_index_ivf(index)
     inner = faiss.downcast_index(ivf if ivf is not None else index)
+    if isinstance(inner, faiss.IndexPreTransform):  # OPQ8,PQ8: the quantiser is behind the rotation
+        inner = faiss.downcast_index(inner.index)
     pq = getattr(inner, "pq", None)
     needed = max(ivf.nlist if ivf is not None else 0, pq.ksub if pq is not None else 0)
     if n < needed:

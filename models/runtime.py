@@ -78,8 +78,8 @@ class Runner(Protocol):
 
 class TorchRunner:
     """Eager torch. CPU: fp32, channels_last (1.6x NCHW for the CNNs here). CUDA: autocast to bf16 (fp16 where the
-    GPU lacks bf16, or asked for with autocast="fp16") and channels_last, or fp32 when `autocast` is False: real
-    fp32, cuDNN's TF32 convolutions off, since fp32 is what every runtime's parity is measured against."""
+    GPU lacks bf16, or asked for with autocast="fp16") and channels_last, or fp32 when `autocast` is False (with
+    torch's defaults: cuDNN's convolutions in TF32 on GPUs that have it; the parity reference turns them off)."""
 
     def __init__(self, embedder: Embedder, device: torch.device, autocast: bool | str = True) -> None:
         self.embedder = embedder.to(device=device, memory_format=torch.channels_last).eval()
@@ -89,8 +89,6 @@ class TorchRunner:
         if device.type == "cuda" and autocast:
             bf16 = autocast != "fp16" and torch.cuda.is_bf16_supported()
             self.autocast_dtype = torch.bfloat16 if bf16 else torch.float16
-        elif device.type == "cuda":  # process-wide: this process serves fp32, so fp32 it is
-            torch.backends.cudnn.allow_tf32 = False
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
         self.info = RuntimeInfo("torch", precision, str(device))
 

@@ -73,6 +73,65 @@ def test_a_folder_that_changed_since_its_build(database_url: str, tmp_path: Path
     assert build_index(settings, corpus, progress=False).gone == []
 
 
+def test_rows_follow_swaps_copies_reverts_and_returns(database_url: str, tmp_path: Path,
+                                                      tiny_embedder: Path) -> None:
+    """Whatever the edits, each live row's path holds its bytes, and retired bytes that come back come back."""
+    from app.indexing import build_index
+
+    corpus = make_corpus(tmp_path / "corpus", per_class=2)
+    settings = make_settings(tmp_path / "data", database_url, embedder=str(tiny_embedder))
+    build_index(settings, corpus, progress=False)
+    red0, red1, green0, blue0 = (corpus / "red" / "0.jpg", corpus / "red" / "1.jpg", corpus / "green" / "0.jpg",
+                                 corpus / "blue" / "0.jpg")
+    original = {path: path.read_bytes() for path in (red0, red1, green0, blue0)}
+
+    def each_row_holds_its_file() -> None:
+        import hashlib
+
+        for uri, row in live_rows(settings).items():
+            assert hashlib.sha256(Path(uri).read_bytes()).hexdigest() == row.sha256, uri
+        assert indexed_ids(settings) == sorted(row.id for row in live_rows(settings).values())
+
+    red0.write_bytes(original[red1])  # names swapped
+    red1.write_bytes(original[red0])
+    shutil.copy(green0, corpus / "green" / "green0-original.jpg")  # a copy kept, then the file edited
+    class_image("yellow", seed=555, size=64).save(green0, quality=90)
+    report = build_index(settings, corpus, progress=False)
+    assert (report.moved, report.replaced) == (3, 0) and report.added == 1
+    each_row_holds_its_file()
+
+    class_image("yellow", seed=556, size=64).save(blue0, quality=90)  # edited, then the edit undone
+    assert build_index(settings, corpus, progress=False).replaced == 1
+    blue0.write_bytes(original[blue0])
+    report = build_index(settings, corpus, progress=False)
+    assert (report.revived, report.replaced) == (1, 1)
+    each_row_holds_its_file()
+
+    kept = tmp_path / "kept.jpg"  # pruned while away, then back
+    shutil.move(red0, kept)
+    assert build_index(settings, corpus, progress=False, prune=True).pruned == 1
+    shutil.move(kept, red0)
+    assert build_index(settings, corpus, progress=False).revived == 1
+    each_row_holds_its_file()
+    assert len(live_rows(settings)) == 9
+
+
+def test_prune_retires_only_what_left_this_very_folder(tmp_path: Path, tiny_embedder: Path, request) -> None:
+    """/x/Photos is not /x/photos, though SQLite's LIKE ignores case."""
+    from app.indexing import build_index
+
+    lower, upper = make_corpus(tmp_path / "photos", per_class=1), tmp_path / "Photos"
+    for n, label in enumerate(("red", "green")):
+        (upper / label).mkdir(parents=True)
+        class_image(label, seed=5000 + n, size=64).save(upper / label / "0.jpg")
+    settings = make_settings(tmp_path / "data", migrated_url("sqlite", request, tmp_path), embedder=str(tiny_embedder))
+    build_index(settings, upper, progress=False)
+    build_index(settings, lower, progress=False)
+    (upper / "red" / "0.jpg").unlink()
+    report = build_index(settings, lower, progress=False, prune=True)
+    assert report.gone == [] and report.pruned == 0 and len(live_rows(settings)) == 6
+    assert build_index(settings, upper, progress=False).gone == [str(upper / "red" / "0.jpg")]
+
 def test_the_data_dir_and_hidden_folders_in_a_source_stay_out(tmp_path: Path, tiny_embedder: Path,
                                                               request) -> None:
     """`retrieval index build .` in a photo folder that holds ./data: the service's thumbnails and stored uploads
@@ -106,13 +165,13 @@ def test_manifests_as_spreadsheets_save_them_and_one_photo(database_url: str, tm
 
     make_corpus(tmp_path / "images", per_class=1)
     manifest = tmp_path / "excel.csv"
-    manifest.write_bytes("\ufeffPath;Label;Camera\nimages/red/0.jpg;rouge;Pixel 8\nimages/blue/0.jpg;bleu;\n"
-                         .encode("utf-8"))
+    manifest.write_bytes('\ufeffPath;Label;Camera;Note\nimages/red/0.jpg;rouge;Pixel 8;"a 12"" print; framed"\n'
+                         'images/blue/0.jpg;bleu;;\n'.encode("utf-8"))
     settings = make_settings(tmp_path / "data", database_url, embedder=str(tiny_embedder))
     report = build_index(settings, manifest, progress=False)
     assert report.added == 2 and not report.failed
     rows = {Path(uri).parent.name: row for uri, row in live_rows(settings).items()}
-    assert (rows["red"].label, rows["red"].meta) == ("rouge", {"Camera": "Pixel 8"})
+    assert (rows["red"].label, rows["red"].meta) == ("rouge", {"Camera": "Pixel 8", "Note": 'a 12" print; framed'})
     assert (rows["blue"].label, rows["blue"].meta) == ("bleu", {})
 
     photo = tmp_path / "IMG_0001.JPG"  # 80x40 as stored, orientation 6: a 40x80 portrait

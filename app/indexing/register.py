@@ -81,59 +81,80 @@ def _probe(entry: SourceEntry, max_bytes: int, max_pixels: int) -> _Probe:
 
 
 def _register_chunk(session: Session, probes: list[_Probe], report: BuildReport) -> list[int]:
-    """Insert rows for new hashes; returns the ids of every image of this chunk (new or existing)."""
+    """Insert rows for new hashes and let known rows follow their files; returns the ids of every image of this
+    chunk (new or existing). Rows retired by a build come back when their bytes do (an edit reverted, a folder
+    mounted again); rows deleted through the API stay deleted."""
     good = [p for p in probes if p.sha256 is not None]
-    shas = sorted({p.sha256 for p in good if p.sha256})
-    existing = {
-        row.sha256: row
-        for row in session.execute(
-            select(Image.sha256, Image.id, Image.deleted_at, Image.meta, Image.uri).where(Image.sha256.in_(shas))
-        )
-    }
+    at_path = {str(p.entry.path.resolve()): p.sha256 for p in good}  # what each file of this chunk holds now
+    existing = {row.sha256: row for row in session.scalars(
+        select(Image).where(Image.sha256.in_(sorted(set(at_path.values())))))}
     ids: list[int] = []
     new: dict[str, Image] = {}
     for probe in good:
         assert probe.sha256 is not None
+        path = str(probe.entry.path.resolve())
         row = existing.get(probe.sha256)
-        if row is not None:
-            error = (row.meta or {}).get("decode_error") if row.deleted_at is not None else None
-            if error:
-                report.failed.append((str(probe.entry.path), error))
+        if row is None:
+            if probe.sha256 in new:
+                report.skipped_existing += 1  # the same bytes twice in one source
             else:
-                report.skipped_existing += 1
-                if row.deleted_at is None:
-                    ids.append(row.id)
-                    path = str(probe.entry.path.resolve())
-                    if row.uri != path and not os.path.exists(row.uri):  # moved or renamed: follow the file
-                        session.get(Image, row.id).uri = path
-                        report.moved += 1
-        elif probe.sha256 in new:
-            report.skipped_existing += 1  # the same bytes twice in one source
-        else:
-            new[probe.sha256] = Image(sha256=probe.sha256, uri=str(probe.entry.path.resolve()),
-                                      label=probe.entry.label, width=probe.width, height=probe.height,
-                                      meta=dict(probe.entry.meta))
+                new[probe.sha256] = Image(sha256=probe.sha256, uri=path, label=probe.entry.label,
+                                          width=probe.width, height=probe.height, meta=dict(probe.entry.meta))
+            continue
+        meta = row.meta or {}
+        if row.deleted_at is not None and meta.get("decode_error"):
+            report.failed.append((str(probe.entry.path), meta["decode_error"]))
+            continue
+        report.skipped_existing += 1
+        if row.deleted_at is not None and "retired" not in meta:
+            continue  # deleted through the API
+        if row.deleted_at is not None:
+            row.deleted_at, row.meta, row.uri = None, {k: v for k, v in meta.items() if k != "retired"}, path
+            report.revived += 1
+        elif row.uri != path and not _still_holds(row, at_path):  # moved, renamed, or names swapped
+            row.uri = path
+            report.moved += 1
+        ids.append(row.id)
     session.add_all(new.values())
     session.flush()
     report.added += len(new)
     ids.extend(image.id for image in new.values())
-    _retire_overwritten(session, list(new.values()), report)
+    _retire_overwritten(session, at_path, report)
     return ids
 
 
-def _retire_overwritten(session: Session, added: list[Image], report: BuildReport) -> None:
-    """A new row whose path a live row of other bytes holds: that file was overwritten, so its old row (whose
-    vector no longer matches the file, nor its thumbnail) is retired."""
-    by_uri = {image.uri: image for image in added}
-    if not by_uri:
-        return
+def _file_gone(path: str) -> bool:
+    """Only a file that is not there: a folder unreadable for now (permissions, a stale network mount) is not
+    evidence that its photos left."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _still_holds(row: Image, at_path: dict[str, str]) -> bool:
+    """Whether the file at the row's path still holds the row's bytes: known when that file is in this chunk,
+    else assumed while it exists (hashing it again would double the build's reads)."""
+    if row.uri in at_path:
+        return at_path[row.uri] == row.sha256
+    return not _file_gone(row.uri)
+
+
+def _retire_overwritten(session: Session, at_path: dict[str, str], report: BuildReport) -> None:
+    """A live row at a path of this chunk whose file holds other bytes now (overwritten, or another file moved or
+    copied over it; had its own bytes been elsewhere in this chunk, the row would have moved there above): its
+    vector no longer matches the file, nor does its thumbnail, so it is retired. Its bytes found later bring it
+    back."""
+    session.flush()  # the rows moved above, before asking which rows each path holds
     now = datetime.now(UTC)
-    stale = session.scalars(select(Image).where(Image.uri.in_(list(by_uri)), Image.deleted_at.is_(None),
-                                                Image.id.not_in([image.id for image in added])))
-    for old in stale:
-        old.deleted_at = now
-        old.meta = {**(old.meta or {}), "retired": f"its file was overwritten (now image {by_uri[old.uri].id})"}
-        report.replaced += 1
+    for old in session.scalars(select(Image).where(Image.uri.in_(list(at_path)), Image.deleted_at.is_(None))):
+        if old.sha256 != at_path[old.uri]:
+            old.deleted_at = now
+            old.meta = {**(old.meta or {}), "retired": "its file was overwritten with other bytes"}
+            report.replaced += 1
 
 
 def missing_files(settings: Settings, source: str | Path) -> list[tuple[int, str]]:
@@ -142,12 +163,13 @@ def missing_files(settings: Settings, source: str | Path) -> list[tuple[int, str
     root = Path(source).resolve()
     if not root.is_dir():
         return []  # a manifest or one file lists what it holds, not what left
-    data_dir = str(settings.data_dir.resolve()) + os.sep
+    prefix, data_dir = str(root) + os.sep, str(settings.data_dir.resolve()) + os.sep
     with session_scope(settings.resolved_database_url) as session:
         rows = session.execute(select(Image.id, Image.uri).where(
-            Image.deleted_at.is_(None), Image.uri.startswith(str(root) + os.sep, autoescape=True)))
+            Image.deleted_at.is_(None), Image.uri.startswith(prefix, autoescape=True)))
+        # startswith again: SQLite's LIKE ignores ASCII case, and /photos is not /Photos.
         return [(image_id, uri) for image_id, uri in rows
-                if not uri.startswith(data_dir) and not os.path.exists(uri)]
+                if uri.startswith(prefix) and not uri.startswith(data_dir) and _file_gone(uri)]
 
 
 def retire_missing(settings: Settings, source: str | Path, report: BuildReport, prune: bool) -> None:
@@ -183,15 +205,18 @@ def register_source(settings: Settings, source: str | Path, shard: tuple[int, in
                                    chunk))
             report.failed.extend((str(p.entry.path), p.error) for p in probes if p.error)
             for attempt in range(3):
-                snapshot = (report.added, report.skipped_existing, len(report.failed))
+                counters = ("added", "skipped_existing", "moved", "revived", "replaced")
+                snapshot = {name: getattr(report, name) for name in counters}
+                failed_before = len(report.failed)
                 try:
                     with session_scope(url) as session:
                         ids = _register_chunk(session, probes, report)
                     break
                 except IntegrityError:
                     # Another shard inserted one of these hashes meanwhile: roll the counters back, retry.
-                    report.added, report.skipped_existing = snapshot[0], snapshot[1]
-                    del report.failed[snapshot[2]:]
+                    for name, value in snapshot.items():
+                        setattr(report, name, value)
+                    del report.failed[failed_before:]
                     if attempt == 2:
                         raise
             all_ids.append(np.asarray(ids, dtype=np.int64))

@@ -17,7 +17,8 @@ class RayWorkersLost(RuntimeError):
 class BuildReport:
     """What a run did. seen: image files the source listed; added: rows registered by this run (a file that
     then fails to decode is counted here and in `failed`); skipped_existing: files whose bytes were already
-    registered; moved: registered images found under a new path (their row follows); replaced: rows retired
+    registered; moved: registered images found under a new path (their row follows); revived: rows a build had
+    retired whose bytes are back; replaced: rows retired
     because their file was overwritten; gone: paths of images whose file left the folder; pruned: those retired
     (--prune); failed: (path, reason); embedded: images embedded by this run; total_indexed: vectors in the
     active index afterwards; index_version_name: the version published, None when nothing changed or in shard
@@ -27,6 +28,7 @@ class BuildReport:
     added: int = 0
     skipped_existing: int = 0
     moved: int = 0
+    revived: int = 0
     replaced: int = 0
     gone: list[str] = field(default_factory=list)
     pruned: int = 0
@@ -46,9 +48,9 @@ class BuildReport:
             f"({self.images_per_second:.1f} images/s), {self.seconds:.1f}s",
             self.message,
         ]
-        if self.moved or self.replaced:
+        if self.moved or self.replaced or self.revived:
             lines.insert(1, f"{self.moved} moved or renamed (their rows follow), {self.replaced} overwritten with "
-                            "other bytes (the old rows retired)")
+                            f"other bytes (the old rows retired), {self.revived} retired before and back")
         if self.gone:
             shown = ", ".join(self.gone[:5]) + (f" and {len(self.gone) - 5} more" if len(self.gone) > 5 else "")
             lines.insert(1, f"retired {self.pruned} images whose file left the folder: {shown}" if self.pruned else

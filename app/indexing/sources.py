@@ -15,7 +15,8 @@ MANIFEST_DELIMITERS = ",;\t"  # spreadsheets save ';' where ',' is the decimal m
 
 
 class SourceError(ValueError):
-    """A source that cannot be read as a folder, a manifest or an image: said in one line, nothing registered."""
+    """A source that cannot be read as a folder, a manifest or an image, said in one line (a manifest line found
+    not to be UTF-8 midway: the rows before it are registered, and a rerun of the mended file goes on from them)."""
 
 
 @dataclass
@@ -78,12 +79,12 @@ def _iter_csv(manifest: Path) -> Iterator[SourceEntry]:
     with open(manifest, newline="", encoding="utf-8-sig") as handle:
         try:
             head = handle.readline()
-            try:
-                dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(head, MANIFEST_DELIMITERS)
+            try:  # only the separator: the rest of Excel's dialect ("" inside quotes) stays
+                delimiter = csv.Sniffer().sniff(head, MANIFEST_DELIMITERS).delimiter
             except csv.Error:  # one column: nothing to sniff
-                dialect = csv.excel
+                delimiter = ","
             handle.seek(0)
-            reader = csv.DictReader(handle, dialect=dialect)  # one row at a time: millions of rows are fine
+            reader = csv.DictReader(handle, delimiter=delimiter)  # one row at a time: millions of rows are fine
             # 'Path' or ' path ' as written by hand; other column names (metadata keys) keep their case.
             columns = [name.strip() for name in reader.fieldnames or []]
             columns = [name.lower() if name.lower() in ("path", "label") else name for name in columns]
