@@ -54,6 +54,30 @@ class JobError(ValueError):
     """A request the queue refuses (unknown kind, unknown job)."""
 
 
+def _check_factory(session: Session, kind: str, params: dict[str, Any]) -> None:
+    """A `factory` FAISS cannot make for the model the job indexes with is a JobError now, not a failed job later
+    (a train job's model, and so its dimension, does not exist yet)."""
+    factory = params.get("factory")
+    if factory is None or kind == "train":
+        return
+    if not isinstance(factory, str):
+        raise JobError(f"factory is a FAISS index factory string like 'IVF1024,Flat'; got {factory!r}")
+    from sqlalchemy import select
+
+    from app.db.models import ModelVersion
+    from index.builders import FactoryError, check_factory
+
+    named = params.get("model_version") if kind == "reembed" else None
+    model = session.scalar(select(ModelVersion).where(
+        ModelVersion.name == named if named else ModelVersion.status == "active"))
+    if model is None:  # no model yet: the job itself says so
+        return
+    try:
+        check_factory(factory, model.dim)
+    except FactoryError as exc:
+        raise JobError(str(exc)) from None
+
+
 def enqueue(session: Session, kind: str, params: dict[str, Any] | None = None,
             max_attempts: int = 3) -> Job:
     if kind not in JOB_KINDS:
@@ -63,6 +87,7 @@ def enqueue(session: Session, kind: str, params: dict[str, Any] | None = None,
     unknown = set(params or {}) - JOB_PARAMS[kind]
     if unknown:
         raise JobError(f"unknown {kind} params {sorted(unknown)}; known: {sorted(JOB_PARAMS[kind])}")
+    _check_factory(session, kind, params or {})
     nproc = (params or {}).get("nproc", 1)
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise JobError(f"nproc is the number of training processes (torchrun), an integer >= 1; got {nproc!r}")

@@ -147,3 +147,22 @@ def test_enqueue_rejects_unknown_kind_and_params(database_url: str) -> None:
         with pytest.raises(jobs.JobError, match=r"unknown train params \['step'\]"):
             jobs.enqueue(session, "train", {"step": 10})
         assert jobs.enqueue(session, "train", {"steps": 10, "loss": {"name": "triplet"}, "force_promote": True}).id
+
+
+
+def test_a_factory_faiss_cannot_make_is_refused_when_the_job_is_submitted(database_url: str, tmp_path) -> None:
+    """Not a job that fails minutes later in the worker: the type is checked against the model it indexes."""
+    from app.registry import register_model
+
+    with session_scope(database_url) as session:  # no model yet: nothing to check against, the job says so
+        assert jobs.enqueue(session, "rebuild_index", {"factory": "IVF16,PQ7"}).status == "queued"
+        register_model(session, tmp_path, "m32", "timm", 32, status="active")
+        register_model(session, tmp_path, "m30", "timm", 30, status="candidate")
+    with session_scope(database_url) as session:
+        with pytest.raises(jobs.JobError, match="could not parse index string Bogus"):
+            jobs.enqueue(session, "rebuild_index", {"factory": "Bogus"})
+        assert jobs.enqueue(session, "rebuild_index", {"factory": "IVF16,PQ8"}).status == "queued"  # 32 = 8 x 4
+        with pytest.raises(jobs.JobError, match="multiple of the number of subquantizers"):
+            jobs.enqueue(session, "reembed", {"model_version": "m30", "factory": "IVF16,PQ8"})
+        with pytest.raises(jobs.JobError, match="factory is a FAISS index factory string"):
+            jobs.enqueue(session, "reembed", {"factory": 8})
