@@ -54,7 +54,7 @@ def test_a_folder_that_changed_since_its_build(database_url: str, tmp_path: Path
 
     report = build_index(settings, corpus, progress=False)
     assert (report.moved, report.replaced, report.added, report.gone) == (1, 1, 1, [str(deleted)])
-    assert "1 images registered from this folder are no longer there" in report.summary()
+    assert "1 image registered from this folder no longer there" in report.summary()
     rows = live_rows(settings)
     assert rows[str(corpus / "red" / "holiday.jpg")].id == renamed_id
     assert rows[str(overwritten)].id != overwritten_id  # one live row per path: the new bytes
@@ -65,7 +65,7 @@ def test_a_folder_that_changed_since_its_build(database_url: str, tmp_path: Path
     assert indexed_ids(settings) == sorted(row.id for row in rows.values())
 
     pruned = build_index(settings, corpus, progress=False, prune=True)
-    assert pruned.pruned == 1 and "retired 1 images whose file left the folder" in pruned.summary()
+    assert pruned.pruned == 1 and "retired 1 image whose file left the folder" in pruned.summary()
     rows = live_rows(settings)
     assert str(deleted) not in rows and len(rows) == 11
     assert indexed_ids(settings) == sorted(row.id for row in rows.values())

@@ -53,8 +53,12 @@ class BuildReport:
                             f"other bytes (the old rows retired), {self.revived} retired before and back")
         if self.gone:
             shown = ", ".join(self.gone[:5]) + (f" and {len(self.gone) - 5} more" if len(self.gone) > 5 else "")
-            lines.insert(1, f"retired {self.pruned} images whose file left the folder: {shown}" if self.pruned else
-                         f"{len(self.gone)} images registered from this folder are no longer there ({shown}); they "
-                         "stay searchable until a build with --prune retires them")
+            lines.insert(1, f"retired {_images(self.pruned)} whose file left the folder: {shown}" if self.pruned else
+                         f"{_images(len(self.gone))} registered from this folder no longer there ({shown}): searchable "
+                         "until a build with --prune retires them")
         lines += [f"  FAILED {path}: {reason}" for path, reason in self.failed]
         return "\n".join(line for line in lines if line)
+
+
+def _images(count: int) -> str:
+    return f"{count} image{'' if count == 1 else 's'}"
