@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from app.cli_train import _add_set_option, add_train_eval_cli
@@ -261,7 +262,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 print(f"job {args.id} does not exist")
                 return 1
             row = {c.name: getattr(job, c.name) for c in Job.__table__.columns}
-        print(json.dumps(row, indent=2, default=str))
+        from app.schemas import utc_timestamp
+
+        print(json.dumps({k: utc_timestamp(v) if isinstance(v, datetime) else v for k, v in row.items()}, indent=2,
+                         default=str))
         return 0
     if action == "logs":
         print("\n".join(jobs.read_log(settings, args.id, args.tail)))
@@ -423,34 +427,38 @@ def main(argv: list[str] | None = None) -> int:
               "(an index build from its last flushed shard).", file=sys.stderr)
         return 130
     except Exception as exc:
-        line = None if args.verbose else _user_error(exc)
-        if line is None:
+        said = None if args.verbose else _user_error(exc)
+        if said is None:
             raise
+        line, code = said
         print(f"retrieval: {line}", file=sys.stderr)
-        return 2
+        return code
 
 
-# Errors that are the user's to fix, said in one line (-v shows the traceback). By name: their modules load
-# lazily (torch, faiss), and an error of a module never loaded cannot have been raised.
+# Errors that are the user's to fix, said in one line (-v shows the traceback), exit 1: what was asked cannot be
+# done (2: how the command was configured, as argparse's usage errors). By name: their modules load lazily
+# (torch, faiss), and an error of a module never loaded cannot have been raised.
 USER_ERRORS = {"models.embedder": "DeviceUnavailable", "app.indexing.sources": "SourceError",
                "index.builders": "FactoryError", "app.jobs": "JobError"}
 
 
-def _user_error(exc: Exception) -> str | None:
-    """The one line to print for an error the user can fix, or None for a bug (the traceback then shows)."""
+def _user_error(exc: Exception) -> tuple[str, int] | None:
+    """The one line to print for an error the user can fix and the exit status, or None for a bug (the traceback
+    then shows)."""
     from pydantic import ValidationError
 
     if isinstance(exc, ValidationError) and exc.title == "Settings":  # a RETRIEVAL_* variable or .env line
         problems = "; ".join(f"RETRIEVAL_{'_'.join(str(p) for p in error['loc']).upper()}={error.get('input')!r}: "
                              f"{error['msg']}" for error in exc.errors())
-        return f"invalid setting: {problems}"
+        return f"invalid setting: {problems}", 2
     if isinstance(exc, FileNotFoundError) and exc.filename:
-        return f"{exc.strerror}: {exc.filename}"
+        return f"{exc.strerror}: {exc.filename}", 1
     for module_name, class_name in USER_ERRORS.items():
         module = sys.modules.get(module_name)
         if module is not None and isinstance(exc, getattr(module, class_name)):
-            device = class_name == "DeviceUnavailable"
-            return f"{exc}{' (RETRIEVAL_DEVICE, or --device where a command takes it)' if device else ''}"
+            if class_name == "DeviceUnavailable":
+                return f"{exc} (RETRIEVAL_DEVICE, or --device where a command takes it)", 2
+            return str(exc), 1
     return None
 
 

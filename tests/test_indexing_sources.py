@@ -4,10 +4,12 @@ cannot use."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image as PILImage
 from sqlalchemy import select
 
@@ -48,7 +50,7 @@ def test_a_folder_that_changed_since_its_build(database_url: str, tmp_path: Path
     before = live_rows(settings)
     renamed, overwritten, deleted = corpus / "red" / "0.jpg", corpus / "green" / "1.jpg", corpus / "blue" / "2.jpg"
     renamed_id, overwritten_id = before[str(renamed)].id, before[str(overwritten)].id
-    renamed.rename(corpus / "red" / "holiday.jpg")
+    renamed.rename(corpus / "green" / "holiday.jpg")  # to another sub-folder: relabelled
     class_image("yellow", seed=777, size=64).save(overwritten, quality=90)
     deleted.unlink()
 
@@ -56,7 +58,8 @@ def test_a_folder_that_changed_since_its_build(database_url: str, tmp_path: Path
     assert (report.moved, report.replaced, report.added, report.gone) == (1, 1, 1, [str(deleted)])
     assert "1 image registered from this folder no longer there" in report.summary()
     rows = live_rows(settings)
-    assert rows[str(corpus / "red" / "holiday.jpg")].id == renamed_id
+    assert (rows[str(corpus / "green" / "holiday.jpg")].id, rows[str(corpus / "green" / "holiday.jpg")].label) == (
+        renamed_id, "green")
     assert rows[str(overwritten)].id != overwritten_id  # one live row per path: the new bytes
     assert str(deleted) in rows  # still searchable: an unmounted folder must not empty the index
     with session_scope(settings.resolved_database_url) as session:
@@ -117,8 +120,8 @@ def test_rows_follow_swaps_copies_reverts_and_returns(database_url: str, tmp_pat
 
 
 def test_prune_retires_only_what_left_this_very_folder(tmp_path: Path, tiny_embedder: Path, request) -> None:
-    """/x/Photos is not /x/photos, though SQLite's LIKE ignores case."""
-    from app.indexing import build_index
+    """/x/Photos is not /x/photos, though SQLite's LIKE ignores case; an empty folder is not a pruned one."""
+    from app.indexing import EmptySource, build_index
 
     lower, upper = make_corpus(tmp_path / "photos", per_class=1), tmp_path / "Photos"
     for n, label in enumerate(("red", "green")):
@@ -131,6 +134,12 @@ def test_prune_retires_only_what_left_this_very_folder(tmp_path: Path, tiny_embe
     report = build_index(settings, lower, progress=False, prune=True)
     assert report.gone == [] and report.pruned == 0 and len(live_rows(settings)) == 6
     assert build_index(settings, upper, progress=False).gone == [str(upper / "red" / "0.jpg")]
+    # Nothing there at all (a drive not mounted, a wrong path): the build stops, --prune retires nothing.
+    for label in ("red", "green", "blue", "yellow"):
+        shutil.rmtree(lower / label)
+    with pytest.raises(EmptySource):
+        build_index(settings, lower, progress=False, prune=True)
+    assert len(live_rows(settings)) == 6
 
 def test_the_data_dir_and_hidden_folders_in_a_source_stay_out(tmp_path: Path, tiny_embedder: Path,
                                                               request) -> None:
@@ -204,7 +213,7 @@ def test_the_cli_says_in_one_line_what_it_cannot_use(tmp_path: Path, tiny_embedd
     assert live_rows(settings) == {}
     assert run_cli(settings, "index", "build", str(corpus), "--no-progress").returncode == 0
     result = run_cli(settings, "index", "rebuild", "--factory", "IVF1024,Flat", "--no-progress")
-    assert result.returncode == 2 and "needs at least 1024 vectors to train, and there are 4" in result.stderr
+    assert result.returncode == 1 and "needs at least 1024 vectors to train, and there are 4" in result.stderr
 
     for args, said in ((["serve", "--port", "99999"], "a TCP port is 1-65535"),
                        (["serve", "--workers", "0"], "needs an integer >= 1"),
@@ -213,6 +222,9 @@ def test_the_cli_says_in_one_line_what_it_cannot_use(tmp_path: Path, tiny_embedd
         result = run_cli(settings, *args)
         assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr
     result = run_cli(settings, "jobs", "cancel", "999")
-    assert result.returncode == 2 and "999" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "999" in result.stderr and "Traceback" not in result.stderr
+    assert run_cli(settings, "jobs", "submit", "rebuild_index").returncode == 0
+    shown = json.loads(run_cli(settings, "jobs", "show", "1").stdout)
+    assert shown["created_at"].endswith("Z") and "T" in shown["created_at"]  # as the API writes it
     result = run_cli(settings, "index", "verify", port="abc")
     assert result.returncode == 2 and "invalid setting: RETRIEVAL_PORT='abc'" in result.stderr

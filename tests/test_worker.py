@@ -393,3 +393,15 @@ def test_train_job_under_torchrun_with_two_processes(sqlite_world: Settings) -> 
     with session_scope(settings.resolved_database_url) as session:
         with pytest.raises(jobs.JobError, match="nproc"):
             jobs.enqueue(session, "train", {"nproc": 0})
+
+
+def test_a_job_asking_for_an_index_the_corpus_cannot_train_fails_in_one_line(sqlite_world: Settings) -> None:
+    """The type parses (so the queue takes it), but 32 images cannot train 4,096 lists: the job's error is that
+    sentence, as the CLI would say it, not a traceback."""
+    settings = sqlite_world
+    job_id = enqueue(settings, "rebuild_index", {"factory": "IVF4096,Flat"})
+    worker_in_process(settings, "small", 120, once=True)
+    job = job_row(settings, job_id)
+    assert job.status == "failed"
+    assert job.error == ("IVF4096,Flat needs at least 4096 vectors to train, and there are 32: choose a smaller "
+                         "type (e.g. Flat for this corpus) or leave the type out and the build chooses one")

@@ -25,7 +25,7 @@ def multipart_body(curl_form: str, urlencoded_too: bool = False) -> Callable[[Re
         media_type = header.split(";", 1)[0].strip().lower()
         if media_type in accepted:
             return
-        sent = f"a {media_type} body" if media_type else "a body without a Content-Type"
+        sent = f"a body of {media_type}" if media_type else "a body without a Content-Type"
         url = str(request.url.replace(query=""))
         raise ApiError(415, f"{request.method} {request.url.path} takes multipart/form-data (the image and the "
                             f"options as form fields), not {sent}: curl {curl_form} {url}",

@@ -112,6 +112,8 @@ def _register_chunk(session: Session, probes: list[_Probe], report: BuildReport)
             row.deleted_at, row.meta, row.uri = None, {k: v for k, v in meta.items() if k != "retired"}, path
             report.revived += 1
         elif row.uri != path and not _still_holds(row, at_path):  # moved, renamed, or names swapped
+            if _label_from_folder(row) and probe.entry.label != row.label:
+                row.label = probe.entry.label  # moved to another sub-folder: labels are sub-folder names
             row.uri = path
             report.moved += 1
         ids.append(row.id)
@@ -121,6 +123,14 @@ def _register_chunk(session: Session, probes: list[_Probe], report: BuildReport)
     ids.extend(image.id for image in new.values())
     _retire_overwritten(session, at_path, report)
     return ids
+
+
+def _label_from_folder(row: Image) -> bool:
+    """Whether the row's label is the sub-folder its file was in (a folder build's), not one set by hand or a
+    manifest: then a move to another sub-folder relabels it."""
+    if row.label is None:
+        return True
+    return Path(row.uri).parent.as_posix().endswith("/" + row.label)
 
 
 def _file_gone(path: str) -> bool:
@@ -222,6 +232,8 @@ def register_source(settings: Settings, source: str | Path, shard: tuple[int, in
             all_ids.append(np.asarray(ids, dtype=np.int64))
             bar.update(len(chunk))
     bar.close()
-    if shard is None:  # a shard sees a slice of the folder: the build of every shard would report the rest
+    # A shard sees a slice of the folder (every shard's build would report the rest); a folder with no file at all
+    # is an unmounted drive or a wrong path far more often than a library emptied on purpose (the build then stops).
+    if shard is None and report.seen:
         retire_missing(settings, source, report, prune)
     return np.unique(np.concatenate(all_ids)) if all_ids else np.zeros(0, dtype=np.int64)

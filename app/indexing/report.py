@@ -43,7 +43,7 @@ class BuildReport:
 
     def summary(self) -> str:
         lines = [
-            f"added {self.added} new images, {self.skipped_existing} already registered, "
+            f"added {_images(self.added).replace(' image', ' new image')}, {self.skipped_existing} already registered, "
             f"{len(self.failed)} failed, embedded {self.embedded} "
             f"({self.images_per_second:.1f} images/s), {self.seconds:.1f}s",
             self.message,

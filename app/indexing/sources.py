@@ -54,6 +54,8 @@ def _iter_folder(root: Path, skip: Path | None = None) -> Iterator[SourceEntry]:
     """Every image file under `root`. Symlinked sub-folders are followed (photo libraries and dataset layouts
     link class folders in); a link back to a folder above it (a loop) is skipped, and so are hidden files and
     folders (.git, .thumbnails, a trash folder) and `skip`."""
+    if not root.exists():
+        raise FileNotFoundError(f"source {root} does not exist")
     if not root.is_dir():
         raise FileNotFoundError(f"source {root} is neither a folder, a CSV manifest nor an image file")
     root = root.resolve()

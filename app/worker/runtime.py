@@ -29,6 +29,7 @@ from app.settings import Settings
 from app.worker.context import JobContext, JobStopped, heartbeat_loop
 from app.worker.index_jobs import run_rebuild_index, run_reembed
 from app.worker.training import run_train
+from index.builders import FactoryError
 
 HANDLERS: dict[str, Callable[[JobContext], dict[str, Any]]] = {
     "train": run_train,
@@ -71,7 +72,9 @@ def run_job(settings: Settings, job: Job, worker_id: str, shutdown: threading.Ev
         status, message = ("cancelled", "cancelled") if ctx.cancelled.is_set() else ("stopped", str(exc))
     except Exception as exc:  # any failure is recorded on the job, the worker goes on
         metrics, status, message = ctx.metrics, "failed", f"failed: {exc.__class__.__name__}: {exc}"
-        error = traceback.format_exc(limit=8)[-4000:]
+        # A job asked for what cannot be done (an index type the corpus is too small to train) is said in one
+        # line, as the CLI says it; any other failure keeps its traceback.
+        error = str(exc) if isinstance(exc, FactoryError) else traceback.format_exc(limit=8)[-4000:]
         ctx.log(error)
     finally:
         done.set()
