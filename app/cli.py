@@ -125,6 +125,12 @@ def cmd_index_verify(args: argparse.Namespace) -> int:
     report = verify_index(get_settings())
     pending = (f"; {report.pending} online change(s) pending compaction ({report.pending_adds} added, "
                f"{report.pending_deletes} deleted; served from the embedding store)") if report.pending else ""
+    if report.missing_files:
+        shown = ", ".join(report.missing_files[:5]) + (f" and {len(report.missing_files) - 5} more"
+                                                       if len(report.missing_files) > 5 else "")
+        print(f"note: {len(report.missing_files)} live image file(s) are gone from disk ({shown}): their thumbnails "
+              "cannot be served; `retrieval index build FOLDER --prune` (or DELETE /v1/images/ID) retires them",
+              file=sys.stderr)
     if report.ok:
         print(f"index {report.version}: SQL and index agree{pending}")
         return 0

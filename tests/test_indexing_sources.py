@@ -66,13 +66,15 @@ def test_a_folder_that_changed_since_its_build(database_url: str, tmp_path: Path
         retired = session.get(Image, overwritten_id)
         assert retired.deleted_at is not None and "overwritten" in retired.meta["retired"]
     assert indexed_ids(settings) == sorted(row.id for row in rows.values())
+    checked = verify_index(settings)  # SQL and the index agree; the file that left is said, not a problem
+    assert checked.ok and checked.missing_files == [str(deleted)]
 
     pruned = build_index(settings, corpus, progress=False, prune=True)
     assert pruned.pruned == 1 and "retired 1 image whose file left the folder" in pruned.summary()
     rows = live_rows(settings)
     assert str(deleted) not in rows and len(rows) == 11
     assert indexed_ids(settings) == sorted(row.id for row in rows.values())
-    assert verify_index(settings).ok
+    assert verify_index(settings).ok and verify_index(settings).missing_files == []
     assert build_index(settings, corpus, progress=False).gone == []
 
 

@@ -133,7 +133,7 @@ def _label_from_folder(row: Image) -> bool:
     return Path(row.uri).parent.as_posix().endswith("/" + row.label)
 
 
-def _file_gone(path: str) -> bool:
+def file_gone(path: str) -> bool:
     """Only a file that is not there: a folder unreadable for now (permissions, a stale network mount) is not
     evidence that its photos left."""
     try:
@@ -150,7 +150,7 @@ def _still_holds(row: Image, at_path: dict[str, str]) -> bool:
     else assumed while it exists (hashing it again would double the build's reads)."""
     if row.uri in at_path:
         return at_path[row.uri] == row.sha256
-    return not _file_gone(row.uri)
+    return not file_gone(row.uri)
 
 
 def _retire_overwritten(session: Session, at_path: dict[str, str], report: BuildReport) -> None:
@@ -179,7 +179,7 @@ def missing_files(settings: Settings, source: str | Path) -> list[tuple[int, str
             Image.deleted_at.is_(None), Image.uri.startswith(prefix, autoescape=True)))
         # startswith again: SQLite's LIKE ignores ASCII case, and /photos is not /Photos.
         return [(image_id, uri) for image_id, uri in rows
-                if uri.startswith(prefix) and not uri.startswith(data_dir) and _file_gone(uri)]
+                if uri.startswith(prefix) and not uri.startswith(data_dir) and file_gone(uri)]
 
 
 def retire_missing(settings: Settings, source: str | Path, report: BuildReport, prune: bool) -> None:

@@ -1,5 +1,9 @@
 """`retrieval index verify`: SQL and the active index agree (every live row indexed once, nothing else).
 
+It also lists the live images whose file is gone from disk (deleted or moved outside the tool): not a
+disagreement between SQL and the index, so not a problem, but their thumbnails and heatmaps cannot be served; a
+folder build notices them too, and `--prune` retires them.
+
 Online changes not compacted yet are not problems: an image added through the API after the version was
 published is missing from it but has its embedding in the store (the service serves it from there), and an image
 deleted after publishing is still in it (the service removes it at load). Those are counted as pending; anything
@@ -18,6 +22,7 @@ from sqlalchemy import select
 from app.db.models import Image, ModelVersion
 from app.db.queries import live_image_ids
 from app.db.session import session_scope
+from app.indexing.register import file_gone
 from app.registry import active_index
 from app.settings import Settings
 from index import versions
@@ -30,6 +35,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     pending_adds: int = 0
     pending_deletes: int = 0
+    missing_files: list[str] = field(default_factory=list)  # paths of live images whose file is not there
 
     @property
     def ok(self) -> bool:
@@ -48,6 +54,7 @@ def verify_index(settings: Settings, max_listed: int = 20) -> VerifyReport:
         if current is None:
             return VerifyReport(None, ["no active index version"])
         live = live_image_ids(session)
+        uris = session.scalars(select(Image.uri).where(Image.deleted_at.is_(None)).order_by(Image.id)).all()
         known = np.fromiter(session.scalars(select(Image.id)), dtype=np.int64)
         # The version holds SQL as read at its snapshot (older versions: their creation), so a delete after
         # that is pending, not a problem.
@@ -58,7 +65,7 @@ def verify_index(settings: Settings, max_listed: int = 20) -> VerifyReport:
         model = session.get(ModelVersion, current.model_version_id)
         name, path, sql_ntotal = current.name, Path(current.path), current.ntotal
         store = settings.embeddings_dir(model.name) if model is not None else None
-    report = VerifyReport(name)
+    report = VerifyReport(name, missing_files=[uri for uri in uris if file_gone(uri)])
     if not (path / "index.faiss").exists():
         report.problems.append(f"index files of {name} are missing at {path}")
         return report
