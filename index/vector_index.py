@@ -57,6 +57,9 @@ EXACT_FILTER_MAX = 20_000
 # A write makes the GPU copy stale; it is made again on a later search, at most this often (a copy of a large
 # index takes a while, and a stream of API adds should not cost one per search). Meanwhile the CPU index serves.
 GPU_RECOPY_INTERVAL_S = 5.0
+# Ids removed from the CPU index that a GPU copy may still hold and drop at search time (faiss-gpu cannot remove
+# ids); past this many the copy is remade instead, so the over-fetch stays small.
+GPU_REMOVED_MAX = 256
 # faiss-gpu selects at most 2048 results (and probes at most 2048 IVF lists) per query: GPU_MAX_SELECTION_K.
 GPU_MAX_K = 2048
 
@@ -136,6 +139,7 @@ class VectorIndex:
         self._ids_cache: np.ndarray | None = None
         self._sorted_ids: np.ndarray | None = None
         self._gpu_index: faiss.Index | None = None
+        self._gpu_removed = np.zeros(0, dtype=np.int64)  # removed here since the copy, still held by the copy
         self._gpu_resources: list[Any] = []  # filled by the first copy (_copy_to_gpus)
         self._gpu_wanted = False
         self._gpu_copied_at = 0.0
@@ -215,15 +219,19 @@ class VectorIndex:
 
     def _changed(self) -> None:
         self._ids_cache = self._sorted_ids = None
-        self._gpu_index = None  # stale after a write: add() puts new ids back on it, else a later search remakes it
+        # Stale after a write: add() and remove() put it back when it can follow them, else a later search
+        # remakes it.
+        self._gpu_index = None
+        self._gpu_removed = np.zeros(0, dtype=np.int64)
 
     def to_gpu(self) -> bool:
         """Search on all GPUs (faiss-gpu, the `gpu` extra) from now on, for Flat and IVF types.
 
         HNSW has no GPU version; filtered searches (allowed_ids), "exact" effort and range searches stay on the
-        CPU index, which stays the one written to. New ids are added to the GPU copy as well; after a removal or
-        a replaced vector the copy is made again on a later search, at most every GPU_RECOPY_INTERVAL_S (under
-        the caller's lock, so that search waits for it); so is a copy that failed (out of GPU memory while a hot
+        CPU index, which stays the one written to. New ids are added to the GPU copy as well, and removed ones
+        stay on it, dropped from its results (up to GPU_REMOVED_MAX); past that, or after a replaced vector or a
+        removed id added back, the copy is made again on a later search, at most every GPU_RECOPY_INTERVAL_S
+        (under the caller's lock, so that search waits for it); so is a copy that failed (out of GPU memory while a hot
         swap holds two versions, say), the CPU index answering meanwhile. False when this FAISS build has no GPU or the
         type cannot move. `placement()` says where searches run now, and why.
         """
@@ -256,6 +264,7 @@ class VectorIndex:
                 self._gpu_copied_at = now  # a failed copy, too, is tried again only after the interval
                 try:
                     self._gpu_index = _copy_to_gpus(self.index, self._gpu_resources)
+                    self._gpu_removed = np.zeros(0, dtype=np.int64)
                     self._gpu_error = None
                 except Exception as exc:  # GPU memory, a layout faiss-gpu cannot hold: the CPU index answers
                     self._gpu_error = f"{exc.__class__.__name__}: {str(exc)[:200]}"
@@ -286,13 +295,14 @@ class VectorIndex:
                 self.remove(present)
         self.train(vectors)
         self.index.add_with_ids(vectors, ids)
-        gpu_copy = self._gpu_index  # None when a replaced id above made it stale
+        gpu_copy, gpu_removed = self._gpu_index, self._gpu_removed
         self._changed()
-        if gpu_copy is not None:
+        # A replaced or re-added id: the copy holds its old vector too, under the same id.
+        if gpu_copy is not None and not np.isin(ids, gpu_removed).any():
             # New ids go onto the GPU copy too, so a stream of uploads does not remake it every few seconds.
             try:
                 gpu_copy.add_with_ids(vectors, ids)
-                self._gpu_index = gpu_copy
+                self._gpu_index, self._gpu_removed = gpu_copy, gpu_removed
             except Exception as exc:  # stale then: made again by a later search
                 log.warning("adding to the GPU copy failed (%s: %s); it is made again", exc.__class__.__name__, exc)
 
@@ -302,8 +312,15 @@ class VectorIndex:
         if len(ids) == 0 or self.index.ntotal == 0:
             return 0
         if self.supports_remove:
+            gpu_copy = self._gpu_index
+            # Only with a copy to keep: listing the ids held walks every IVF list.
+            held = ids[self._contains(ids)] if gpu_copy is not None else ids[:0]
             removed = int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+            gpu_removed = np.union1d(self._gpu_removed, held)
             self._changed()
+            if gpu_copy is not None and len(gpu_removed) <= GPU_REMOVED_MAX:
+                # The copy keeps them (faiss-gpu cannot remove ids) and drops them from its results.
+                self._gpu_index, self._gpu_removed = gpu_copy, gpu_removed
             return removed
         fresh = ids[self._contains(ids) & ~np.isin(ids, self.tombstones)]
         self.tombstones = np.union1d(self.tombstones, fresh)
@@ -393,21 +410,22 @@ class VectorIndex:
         can select, when the effort probes more IVF lists than it can, or when dropping the excluded ids left a
         query short of results the CPU path would find."""
         held_excluded = int(self._contains(excluded).sum()) if len(excluded) else 0
-        fetch = k + held_excluded
-        if fetch > GPU_MAX_K:
+        if k + held_excluded + len(self._gpu_removed) > GPU_MAX_K:
             return None
         nprobe = min(self.ivf.nlist, knob(self, effort)) if self.ivf is not None else 0
         if nprobe > GPU_MAX_K:  # more lists than faiss-gpu probes: capping would cost recall, the CPU answers
             return None
-        gpu_index = self._gpu_copy()
+        gpu_index = self._gpu_copy()  # a new copy holds no removed id
         if gpu_index is None:
             return None
         if nprobe:
             _set_gpu_nprobe(gpu_index, nprobe)
-        scores, ids = gpu_index.search(queries, fetch)
+        # Ids removed here since the copy was made are still on it: dropped like the excluded ones.
+        drop = np.union1d(excluded, self._gpu_removed) if len(self._gpu_removed) else excluded
+        scores, ids = gpu_index.search(queries, k + held_excluded + len(self._gpu_removed))
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
-        if held_excluded:
-            dropped = np.isin(ids, excluded)
+        if len(drop):
+            dropped = np.isin(ids, drop)
             # Stable sort moves dropped entries to the end of each row, keeping the others in rank order.
             rows = np.arange(len(ids))[:, None]
             order = np.argsort(dropped, axis=1, kind="stable")

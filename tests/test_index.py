@@ -324,6 +324,9 @@ def test_the_real_gpu_copy_agrees_with_the_cpu_index(factory: str, data) -> None
     on_gpu.add(ids[1500:1510], vectors[1500:1510])
     assert on_gpu._gpu_index is not None  # added onto, not dropped
     assert on_gpu.search(vectors[1500:1510], 1)[1][:, 0].tolist() == ids[1500:1510].tolist()
+    on_gpu.remove(ids[1500:1505])  # kept on the copy, dropped from its results
+    assert on_gpu._gpu_index is not None
+    assert not np.isin(on_gpu.search(vectors[1500:1505], 5)[1], ids[1500:1505]).any()
 
 
 class CopyOnCpu:
@@ -396,13 +399,26 @@ def test_searches_on_the_gpu_copy_match_the_cpu_index_through_writes(factory: st
         index.add(ids[500:501], vectors[500:501])
     assert same(vectors[500:501], 1, gpu_searches=1)[0, 0] == ids[500]
     assert len(copies) == 1 and copies[-1].index.ntotal == 501
-    # A removal (or a replaced vector) makes the copy stale: the CPU index answers until it is made again.
+    # A removal stays on the copy (faiss-gpu cannot remove ids) and is dropped from its results: no new copy.
     for index in (on_gpu, on_cpu):
         index.remove(ids[500:501])
-    assert ids[500] not in same(vectors[500:501], 5, gpu_searches=0)
-    monkeypatch.setattr(vector_index, "GPU_RECOPY_INTERVAL_S", 0.0)
     assert ids[500] not in same(vectors[500:501], 5, gpu_searches=1)
-    assert len(copies) == 2 and copies[-1].index.ntotal == 500
+    assert len(copies) == 1 and copies[-1].index.ntotal == 501
+    # That id added back (its old vector is on the copy too), as a replaced vector would: the copy is stale, and
+    # the CPU index answers until it is made again.
+    for index in (on_gpu, on_cpu):
+        index.add(ids[500:501], vectors[500:501])
+    assert same(vectors[500:501], 1, gpu_searches=0)[0, 0] == ids[500]
+    monkeypatch.setattr(vector_index, "GPU_RECOPY_INTERVAL_S", 0.0)
+    assert same(vectors[500:501], 1, gpu_searches=1)[0, 0] == ids[500]
+    assert len(copies) == 2 and copies[-1].index.ntotal == 501
+    # Past GPU_REMOVED_MAX removals the copy is made again rather than over-fetched.
+    monkeypatch.setattr(vector_index, "GPU_REMOVED_MAX", 0)
+    for index in (on_gpu, on_cpu):
+        index.remove(ids[500:501])
+    assert ids[500] not in same(vectors[500:501], 5, gpu_searches=1)
+    assert len(copies) == 3 and copies[-1].index.ntotal == 500
+    monkeypatch.setattr(vector_index, "GPU_REMOVED_MAX", 256)
     # An add the copy refuses leaves it stale too, and the new image is found on the CPU index meanwhile.
     monkeypatch.setattr(vector_index, "GPU_RECOPY_INTERVAL_S", 3600.0)
     monkeypatch.setattr(CopyOnCpu, "add_with_ids", lambda self, v, i: (_ for _ in ()).throw(RuntimeError("full")))
@@ -430,4 +446,5 @@ def test_searches_on_the_gpu_copy_match_the_cpu_index_through_writes(factory: st
                                   "memory; tried again every 0 s)")
     monkeypatch.setattr(vector_index, "_copy_to_gpus", copy_on_cpu)
     same(vectors[:5], 3, gpu_searches=1)
-    assert on_gpu.placement() == "gpu" and len(copies) == 3  # the first, after the removal, after the failure
+    # The first, after the re-add, past the removal cap, after the refused add and the failure.
+    assert on_gpu.placement() == "gpu" and len(copies) == 4
