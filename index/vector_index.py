@@ -219,8 +219,9 @@ class VectorIndex:
 
     def _changed(self) -> None:
         self._ids_cache = self._sorted_ids = None
-        # Stale after a write: add() and remove() put it back when it can follow them, else a later search
-        # remakes it.
+
+    def _gpu_stale(self) -> None:
+        """The GPU copy cannot follow a write: a later search makes it again (_gpu_copy)."""
         self._gpu_index = None
         self._gpu_removed = np.zeros(0, dtype=np.int64)
 
@@ -295,16 +296,18 @@ class VectorIndex:
                 self.remove(present)
         self.train(vectors)
         self.index.add_with_ids(vectors, ids)
-        gpu_copy, gpu_removed = self._gpu_index, self._gpu_removed
         self._changed()
-        # A replaced or re-added id: the copy holds its old vector too, under the same id.
-        if gpu_copy is not None and not np.isin(ids, gpu_removed).any():
-            # New ids go onto the GPU copy too, so a stream of uploads does not remake it every few seconds.
-            try:
-                gpu_copy.add_with_ids(vectors, ids)
-                self._gpu_index, self._gpu_removed = gpu_copy, gpu_removed
-            except Exception as exc:  # stale then: made again by a later search
-                log.warning("adding to the GPU copy failed (%s: %s); it is made again", exc.__class__.__name__, exc)
+        if self._gpu_index is None:
+            return
+        if np.isin(ids, self._gpu_removed).any():  # replaced or re-added: the copy holds its old vector too
+            self._gpu_stale()
+            return
+        # New ids go onto the GPU copy too, so a stream of uploads does not remake it every few seconds.
+        try:
+            self._gpu_index.add_with_ids(vectors, ids)
+        except Exception as exc:
+            log.warning("adding to the GPU copy failed (%s: %s); it is made again", exc.__class__.__name__, exc)
+            self._gpu_stale()
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
         """Remove ids; returns how many live vectors went away. HNSW records tombstones instead."""
@@ -312,15 +315,15 @@ class VectorIndex:
         if len(ids) == 0 or self.index.ntotal == 0:
             return 0
         if self.supports_remove:
-            gpu_copy = self._gpu_index
             # Only with a copy to keep: listing the ids held walks every IVF list.
-            held = ids[self._contains(ids)] if gpu_copy is not None else ids[:0]
+            held = ids[self._contains(ids)] if self._gpu_index is not None else ids[:0]
             removed = int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
-            gpu_removed = np.union1d(self._gpu_removed, held)
             self._changed()
-            if gpu_copy is not None and len(gpu_removed) <= GPU_REMOVED_MAX:
-                # The copy keeps them (faiss-gpu cannot remove ids) and drops them from its results.
-                self._gpu_index, self._gpu_removed = gpu_copy, gpu_removed
+            if self._gpu_index is not None:
+                # The copy keeps them (faiss-gpu cannot remove ids) and drops them from its results, up to a bound.
+                self._gpu_removed = np.union1d(self._gpu_removed, held)
+                if len(self._gpu_removed) > GPU_REMOVED_MAX:
+                    self._gpu_stale()
             return removed
         fresh = ids[self._contains(ids) & ~np.isin(ids, self.tombstones)]
         self.tombstones = np.union1d(self.tombstones, fresh)
