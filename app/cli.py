@@ -126,9 +126,10 @@ def cmd_index_verify(args: argparse.Namespace) -> int:
     pending = (f"; {report.pending} online change(s) pending compaction ({report.pending_adds} added, "
                f"{report.pending_deletes} deleted; served from the embedding store)") if report.pending else ""
     if report.missing_files:
-        shown = ", ".join(report.missing_files[:5]) + (f" and {len(report.missing_files) - 5} more"
-                                                       if len(report.missing_files) > 5 else "")
-        print(f"note: {len(report.missing_files)} live image file(s) are gone from disk ({shown}): their thumbnails "
+        from app.indexing.report import first_few
+
+        print(f"note: {len(report.missing_files)} live image file(s) are gone from disk "
+              f"({first_few(report.missing_files)}): their thumbnails "
               "cannot be served; `retrieval index build FOLDER --prune` (or DELETE /v1/images/ID) retires them",
               file=sys.stderr)
     if report.ok:

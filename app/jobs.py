@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.db.models import Job
+from app.db.models import Job, ModelVersion
 from app.db.session import get_engine, session_scope
 from app.settings import Settings
 
@@ -62,10 +62,7 @@ def _check_factory(session: Session, kind: str, params: dict[str, Any]) -> None:
         return
     if not isinstance(factory, str):
         raise JobError(f"factory is a FAISS index factory string like 'IVF1024,Flat'; got {factory!r}")
-    from sqlalchemy import select
-
-    from app.db.models import ModelVersion
-    from index.builders import FactoryError, check_factory
+    from index.builders import FactoryError, check_factory  # faiss: not for the CLI's SQL-only commands
 
     named = params.get("model_version") if kind == "reembed" else None
     model = session.scalar(select(ModelVersion).where(

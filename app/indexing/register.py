@@ -84,15 +84,14 @@ def _register_chunk(session: Session, probes: list[_Probe], report: BuildReport)
     """Insert rows for new hashes and let known rows follow their files; returns the ids of every image of this
     chunk (new or existing). Rows retired by a build come back when their bytes do (an edit reverted, a folder
     mounted again); rows deleted through the API stay deleted."""
-    good = [p for p in probes if p.sha256 is not None]
-    at_path = {str(p.entry.path.resolve()): p.sha256 for p in good}  # what each file of this chunk holds now
+    good = [(str(p.entry.path.resolve()), p) for p in probes if p.sha256 is not None]
+    at_path = {path: p.sha256 for path, p in good}  # what each file of this chunk holds now
     existing = {row.sha256: row for row in session.scalars(
         select(Image).where(Image.sha256.in_(sorted(set(at_path.values())))))}
     ids: list[int] = []
     new: dict[str, Image] = {}
-    for probe in good:
+    for path, probe in good:
         assert probe.sha256 is not None
-        path = str(probe.entry.path.resolve())
         row = existing.get(probe.sha256)
         if row is None:
             if probe.sha256 in new:
@@ -162,9 +161,14 @@ def _retire_overwritten(session: Session, at_path: dict[str, str], report: Build
     now = datetime.now(UTC)
     for old in session.scalars(select(Image).where(Image.uri.in_(list(at_path)), Image.deleted_at.is_(None))):
         if old.sha256 != at_path[old.uri]:
-            old.deleted_at = now
-            old.meta = {**(old.meta or {}), "retired": "its file was overwritten with other bytes"}
+            _retire(old, now, "its file was overwritten with other bytes")
             report.replaced += 1
+
+
+def _retire(image: Image, now: datetime, why: str) -> None:
+    """Soft-delete a row a build found stale, saying why; its bytes found again bring it back (_register_chunk)."""
+    image.deleted_at = now
+    image.meta = {**(image.meta or {}), "retired": why}
 
 
 def missing_files(settings: Settings, source: str | Path) -> list[tuple[int, str]]:
@@ -191,12 +195,10 @@ def retire_missing(settings: Settings, source: str | Path, report: BuildReport, 
         return
     now = datetime.now(UTC)
     with session_scope(settings.resolved_database_url) as session:
-        for image_id, _ in gone:
-            image = session.get(Image, image_id)
-            if image is not None and image.deleted_at is None:
-                image.deleted_at = now
-                image.meta = {**(image.meta or {}), "retired": "its file left the folder (index build --prune)"}
-                report.pruned += 1
+        for image in session.scalars(select(Image).where(Image.id.in_([image_id for image_id, _ in gone]),
+                                                         Image.deleted_at.is_(None))):
+            _retire(image, now, "its file left the folder (index build --prune)")
+            report.pruned += 1
 
 
 def register_source(settings: Settings, source: str | Path, shard: tuple[int, int] | None,

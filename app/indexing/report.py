@@ -18,11 +18,10 @@ class BuildReport:
     """What a run did. seen: image files the source listed; added: rows registered by this run (a file that
     then fails to decode is counted here and in `failed`); skipped_existing: files whose bytes were already
     registered; moved: registered images found under a new path (their row follows); revived: rows a build had
-    retired whose bytes are back; replaced: rows retired
-    because their file was overwritten; gone: paths of images whose file left the folder; pruned: those retired
-    (--prune); failed: (path, reason); embedded: images embedded by this run; total_indexed: vectors in the
-    active index afterwards; index_version_name: the version published, None when nothing changed or in shard
-    mode."""
+    retired whose bytes are back; replaced: rows retired because their file was overwritten; gone: paths of
+    images whose file left the folder; pruned: those retired (--prune); failed: (path, reason); embedded: images
+    embedded by this run; total_indexed: vectors in the active index afterwards; index_version_name: the version
+    published, None when nothing changed or in shard mode."""
 
     seen: int = 0
     added: int = 0
@@ -43,7 +42,7 @@ class BuildReport:
 
     def summary(self) -> str:
         lines = [
-            f"added {_images(self.added).replace(' image', ' new image')}, {self.skipped_existing} already registered, "
+            f"added {counted(self.added, 'new image')}, {self.skipped_existing} already registered, "
             f"{len(self.failed)} failed, embedded {self.embedded} "
             f"({self.images_per_second:.1f} images/s), {self.seconds:.1f}s",
             self.message,
@@ -52,13 +51,19 @@ class BuildReport:
             lines.insert(1, f"{self.moved} moved or renamed (their rows follow), {self.replaced} overwritten with "
                             f"other bytes (the old rows retired), {self.revived} retired before and back")
         if self.gone:
-            shown = ", ".join(self.gone[:5]) + (f" and {len(self.gone) - 5} more" if len(self.gone) > 5 else "")
-            lines.insert(1, f"retired {_images(self.pruned)} whose file left the folder: {shown}" if self.pruned else
-                         f"{_images(len(self.gone))} registered from this folder no longer there ({shown}): searchable "
-                         "until a build with --prune retires them")
+            shown = first_few(self.gone)
+            lines.insert(1, f"retired {counted(self.pruned, 'image')} whose file left the folder: {shown}"
+                         if self.pruned else
+                         f"{counted(len(self.gone), 'image')} registered from this folder no longer there ({shown}): "
+                         "searchable until a build with --prune retires them")
         lines += [f"  FAILED {path}: {reason}" for path, reason in self.failed]
         return "\n".join(line for line in lines if line)
 
 
-def _images(count: int) -> str:
-    return f"{count} image{'' if count == 1 else 's'}"
+def counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def first_few(paths: list[str], shown: int = 5) -> str:
+    """The first paths of a list, and how many more: one line however long the list."""
+    return ", ".join(paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
