@@ -5,6 +5,10 @@ through `decode_image`; models/ gets it as a `load_image` function from `file_lo
 Guards, in order: empty input, byte limit, format sniffing, pixel count read from the header before any pixel is
 decoded (decompression bombs), a full decode that fails loudly on truncated data, then EXIF orientation and a
 mode conversion that keeps 16-bit and transparent images looking right.
+
+Formats: Pillow's own, AVIF included, plus HEIC/HEIF (what phones save by default) through pi-heif, the
+decode-only build of pillow-heif; it applies the file's rotation and mirroring itself and resets the EXIF
+orientation to 1, so nothing is turned twice.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from pi_heif import register_heif_opener
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
@@ -26,6 +31,12 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Our own pixel limit (max_pixels, from the header, before any pixel is decoded) replaces Pillow's, which reads
 # the same header: with it off Pillow raises no DecompressionBombWarning, so no thread changes the warning filters.
 Image.MAX_IMAGE_PIXELS = None
+register_heif_opener()
+
+# What the decoder reads, for messages and docs; the suffixes a folder build picks up are models.data's.
+FORMATS_READ = "JPEG, PNG, GIF, WebP, AVIF, HEIC/HEIF, BMP, TIFF"
+# ISO base media files (HEIC, HEIF, AVIF) start with an 'ftyp' box naming one of these brands.
+_ISOBMFF_IMAGE_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
 
 ORIENTATION_TAG = 0x0112
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
@@ -79,8 +90,9 @@ def decode_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: in
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageError(415, "the file is not an image in a format this service reads (JPEG, PNG, GIF, "
-                              "WebP, BMP, TIFF)") from None
+        if data[4:8] == b"ftyp" and data[8:12] in _ISOBMFF_IMAGE_BRANDS:  # the format is right, its content is not
+            raise ImageError(400, "the HEIC/HEIF/AVIF image is truncated or corrupt and could not be read") from None
+        raise ImageError(415, f"the file is not an image in a format this service reads ({FORMATS_READ})") from None
     except Exception as exc:  # Pillow raises many types on hostile headers
         raise ImageError(400, f"the image header could not be read: {exc}") from None
     width, height = image.size

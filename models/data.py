@@ -29,7 +29,8 @@ from models.embedder import EmbedderConfig, eval_transform
 
 Item = tuple[str, int]
 LoadImage = Callable[[str], Image.Image]  # path -> upright RGB image
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+# The files a folder is read for (training sets here, index builds in app/indexing): what app.images decodes.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".avif", ".heic", ".heif"}
 
 
 class ItemsDataset(Dataset):

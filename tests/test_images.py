@@ -99,3 +99,48 @@ def test_exif_orientation_is_applied() -> None:
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     decoded = decode_image(encode(image, "JPEG", exif=exif.tobytes()))
     assert decoded.size == (20, 40)
+
+
+def heic_bytes(image: Image.Image, orientation: int | None = None) -> bytes:
+    """HEIC as a phone saves it (pillow-heif's encoder, a test dependency; the service reads with pi-heif)."""
+    import pillow_heif
+
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(image).save(buf, quality=90, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def left_red_right_blue(width: int = 64, height: int = 32) -> Image.Image:
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, : width // 2] = (255, 0, 0)
+    pixels[:, width // 2:] = (0, 0, 255)
+    return Image.fromarray(pixels)
+
+
+def test_a_heic_photo_held_upright_decodes_upright_once() -> None:
+    """A phone held upright saves its sensor's landscape pixels and a 90-degree turn: the decoded picture is
+    portrait, turned once (not again by the EXIF orientation the file also carries)."""
+    decoded = decode_image(heic_bytes(left_red_right_blue(), orientation=6))
+    assert decoded.mode == "RGB" and decoded.size == (32, 64) and decoded.info["full_size"] == (32, 64)
+    top, bottom = np.asarray(decoded)[4, 16], np.asarray(decoded)[-4, 16]
+    assert top[0] > 200 and top[2] < 60  # turned clockwise: the left (red) half is on top
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_avif_decodes() -> None:
+    decoded = decode_image(encode(left_red_right_blue(), "AVIF", quality=90))
+    assert decoded.size == (64, 32) and np.asarray(decoded)[16, 8, 0] > 200
+
+
+def test_heic_guards_are_the_same_as_for_any_image() -> None:
+    data = heic_bytes(left_red_right_blue())
+    with pytest.raises(ImageError) as err:  # the pixel count comes from the header, before decoding
+        decode_image(data, max_pixels=1000)
+    assert err.value.status == 413 and "64x32" in err.value.message
+    for cut in (len(data) // 2, len(data) - 40):
+        with pytest.raises(ImageError) as err:
+            decode_image(data[:cut])
+        assert err.value.status == 400, err.value.message

@@ -4,6 +4,7 @@ cannot use."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -230,3 +231,40 @@ def test_the_cli_says_in_one_line_what_it_cannot_use(tmp_path: Path, tiny_embedd
     assert shown["created_at"].endswith("Z") and "T" in shown["created_at"]  # as the API writes it
     result = run_cli(settings, "index", "verify", port="abc")
     assert result.returncode == 2 and "invalid setting: RETRIEVAL_PORT='abc'" in result.stderr
+
+
+def test_photos_straight_off_a_phone(tmp_path: Path, tiny_embedder: Path) -> None:
+    """A camera roll copied off a phone: HEIC under upper-case names, an AVIF, a JPEG. The build reads them all,
+    a HEIC query finds its own photo first, an uploaded HEIC is stored as one and its thumbnail is a JPEG."""
+    from app.indexing import build_index
+    from tests.test_api_helpers import app_client, upload
+    from tests.test_images import heic_bytes
+
+    roll = tmp_path / "DCIM" / "100APPLE"
+    roll.mkdir(parents=True)
+    photos = {name: class_image(colour, seed=seed, size=64) for name, colour, seed in (
+        ("IMG_0001.HEIC", "red", 1), ("IMG_0002.HEIC", "blue", 2), ("IMG_0003.avif", "green", 3),
+        ("IMG_0004.JPG", "yellow", 4))}
+    for name, photo in photos.items():
+        if name.endswith(".HEIC"):
+            (roll / name).write_bytes(heic_bytes(photo, orientation=1))
+        else:
+            photo.save(roll / name, quality=90)
+    settings = make_settings(tmp_path / "data", migrated_url("sqlite", None, tmp_path),
+                             embedder=str(tiny_embedder))
+    report = build_index(settings, tmp_path / "DCIM", progress=False)
+    assert (report.added, report.failed, report.total_indexed) == (4, [], 4), report.summary()
+    rows = live_rows(settings)
+    assert sorted(Path(uri).name for uri in rows) == sorted(photos)
+
+    with app_client(settings) as client:
+        found = upload(client, heic_bytes(photos["IMG_0002.HEIC"]), filename="IMG_0002.HEIC", k=4)
+        assert found.status_code == 200, found.text
+        assert Path(found.json()["results"][0]["uri"]).name == "IMG_0002.HEIC"
+        added = upload(client, heic_bytes(class_image("red", seed=99, size=64)), path="/v1/images",
+                       filename="IMG_0005.HEIC")
+        assert added.status_code == 201, added.text
+        assert added.json()["uri"].endswith(".heic")
+        thumbnail = client.get(f"/v1/images/{added.json()['id']}/thumbnail")
+        assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
+        assert PILImage.open(io.BytesIO(thumbnail.content)).format == "JPEG"

@@ -27,7 +27,7 @@ from app.db.models import Image
 from app.deployment import Deployment, ServingState, write_api_embedding
 from app.duplicates import near_duplicate_of
 from app.errors import ApiError
-from app.images import read_image_file
+from app.images import FORMATS_READ, read_image_file
 from app.schemas import ErrorBody, ImageOut, ImagePage, ImageUpdate
 from app.serving import Filters, StageClock, check_metadata, decode_query, embed_pixels
 from app.settings import Settings
@@ -35,7 +35,8 @@ from app.settings import Settings
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
 IMAGE_ID = Path(ge=1, le=2**62, description="The image id (also its vector id in the index).")
-EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff", "MPO": "jpg"}
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff", "MPO": "jpg",
+              "AVIF": "avif", "HEIF": "heic"}
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -218,7 +219,7 @@ async def add_image(
     request: Request,
     response: Response,
     session: SessionDep,
-    file: UploadFile = File(..., description="The image (JPEG, PNG, GIF, WebP, BMP, TIFF)."),
+    file: UploadFile = File(..., description=f"The image ({FORMATS_READ})."),
     label: str | None = Form(None, max_length=255, description="A class label, e.g. 'sneaker'."),
     metadata: str | None = Form(None, description='A JSON object, e.g. {"color": "red", "year": 2021}.'),
     on_near_duplicate: Literal["allow", "reject"] = Form(

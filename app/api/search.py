@@ -33,6 +33,7 @@ from app.db.models import Image
 from app.deployment import Deployment
 from app.errors import ApiError
 from app.explain import decode_for_explain, explain_pair, explain_results, forward_local, read_stored
+from app.images import FORMATS_READ
 from app.ranking import Ranking
 from app.region import BOX_DOC, parse_box
 from app.schemas import ErrorBody, ExplainResponse, SearchHit, SearchResponse
@@ -58,7 +59,7 @@ EXPLAIN_DOC = ("Also return heatmaps of why each result matched (the `explain` o
 async def search(
     request: Request,
     session: SessionDep,
-    file: UploadFile = File(..., description="The query image (JPEG, PNG, GIF, WebP, BMP, TIFF)."),
+    file: UploadFile = File(..., description=f"The query image ({FORMATS_READ})."),
     k: int = Form(10, ge=1, description=K_DOC),
     label: str | None = Form(None, max_length=255, description=LABEL_DOC),
     meta: list[str] = Form([], description=META_FILTER_DOC),

@@ -21,11 +21,11 @@ from app.indexing.pipeline import build_index, merge_shards, rebuild_index
 from app.indexing.publish import prune_versions, publish_index
 from app.indexing.register import register_source
 from app.indexing.report import BuildReport, EmptySource, RayWorkersLost
-from app.indexing.sources import IMAGE_EXTENSIONS, SourceEntry, iter_source
+from app.indexing.sources import SourceEntry, iter_source
 from app.indexing.verify import VerifyReport, verify_index
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "BuildReport", "EmptySource", "SourceEntry", "VerifyReport", "build_index",
+    "BuildReport", "EmptySource", "SourceEntry", "VerifyReport", "build_index",
     "embed_into_store", "embed_missing", "iter_source", "merge_shards", "prune_versions", "publish_index",
     "RayWorkersLost", "rebuild_index", "register_source", "verify_index",
 ]

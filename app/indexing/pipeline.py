@@ -15,10 +15,10 @@ from app.indexing.fold import fold_api_shards
 from app.indexing.publish import publish_index
 from app.indexing.register import register_source
 from app.indexing.report import BuildReport, EmptySource
-from app.indexing.sources import IMAGE_EXTENSIONS
 from app.registry import ensure_active_model
 from app.settings import Settings
 from index.builders import check_factory
+from models.data import IMAGE_SUFFIXES
 
 
 def _finish(report: BuildReport, start: float, progress: bool) -> BuildReport:
@@ -51,7 +51,7 @@ def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int
         if Path(source).is_file():
             raise EmptySource(f"the manifest {source} lists no image (no row with a path): nothing registered or "
                               "published")
-        raise EmptySource(f"no image file under {source} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} "
+        raise EmptySource(f"no image file under {source} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} "
                           "in it and its sub-folders, symlinked ones included): nothing registered or published")
     if ray_address is not None and shard is None:
         from app.indexing.ray_build import connected, ray_embed_missing, ray_fill_parts

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+from models.data import IMAGE_SUFFIXES
+
 MANIFEST_DELIMITERS = ",;\t"  # spreadsheets save ';' where ',' is the decimal mark
 
 
@@ -32,7 +33,7 @@ def iter_source(source: str | Path, shard: tuple[int, int] | None = None,
     image file. `skip`: a folder never walked into (the service's data dir, whose thumbnails and stored uploads
     would come back as near-duplicates of every image when a build is run on a folder that holds it)."""
     source = Path(source)
-    if source.is_file() and source.suffix.lower() in IMAGE_EXTENSIONS:
+    if source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
         entries: Iterator[SourceEntry] = iter([SourceEntry(source.resolve(), None, {})])
     elif source.is_file():
         entries = _iter_csv(source)
@@ -69,7 +70,7 @@ def _iter_folder(root: Path, skip: Path | None = None) -> Iterator[SourceEntry]:
         rel = here.relative_to(root)
         label = None if rel == Path(".") else rel.as_posix()
         for name in sorted(filenames):
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
                 yield SourceEntry(here / name, label, {})
 
 
