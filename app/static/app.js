@@ -67,6 +67,12 @@ function render(results, { append = false, firstRank = 1 } = {}) {
 
 async function query(file) {
   const preview = $("preview");
+  // A HEIC photo, for one, is searched by the server but shown by few browsers: say so instead of a blank box.
+  preview.onerror = () => {
+    preview.hidden = true;
+    $("drop-text").textContent = `${file.name}: this browser cannot show it; it was searched all the same`;
+    $("drop-text").hidden = false;
+  };
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
   $("drop-text").hidden = true;
