@@ -31,7 +31,9 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Our own pixel limit (max_pixels, from the header, before any pixel is decoded) replaces Pillow's, which reads
 # the same header: with it off Pillow raises no DecompressionBombWarning, so no thread changes the warning filters.
 Image.MAX_IMAGE_PIXELS = None
-register_heif_opener()
+# Only the primary picture is embedded: a portrait photo's depth map, the thumbnails and the auxiliary images
+# (HDR gain maps) are not read into every decoded image's info.
+register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 
 # What the decoder reads, for messages and docs; the suffixes a folder build picks up are models.data's.
 FORMATS_READ = "JPEG, PNG, GIF, WebP, AVIF, HEIC/HEIF, BMP, TIFF"

@@ -93,8 +93,9 @@ def slow_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     shutil.rmtree(path)
     config = EmbedderConfig(arch="timm", backbone="resnet10t", dim=64, image_size=448, resize_size=448)
     save_checkpoint(TimmEmbedder(config), path)
+    # Eager torch: slow on purpose, and no export or parity check to wait for at start-up.
     server = start_server(settings, tmp / "server.log", max_batch_size=1, max_batch_wait_ms=0, max_queue=2,
-                          retry_after_s=3)
+                          retry_after_s=3, runtime="torch")
     yield server
     server.stop()
 
