@@ -61,9 +61,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # Scale high-bit-depth greys into 8 bits instead of letting Pillow clip everything above 255.
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        # Scale high-bit-depth greys into 8 bits instead of letting Pillow clip everything above 255, to the
+        # range they were written in: 16-bit; 8, 16 or 32-bit values in a 32-bit file; 0..1 floats (scientific
+        # and HDR TIFFs), which a 0..255 scale would turn black.
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        top = array.max(initial=0)
+        if mode.startswith("I;16"):
+            peak = 65535.0
+        elif mode == "F" and top <= 1.0:
+            peak = 1.0
+        else:
+            peak = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
         array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(array, mode="L").convert("RGB")
     if mode == "P" and "transparency" in image.info:

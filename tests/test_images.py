@@ -80,6 +80,14 @@ def test_modes_become_rgb(mode: str) -> None:
     assert abs(np.asarray(decoded.convert("L"), dtype=np.float32).mean() - grey) < 12
 
 
+@pytest.mark.parametrize(("dtype", "scale"), [(np.float32, 1 / 255), (np.int32, 800)])
+def test_scientific_tiffs_keep_their_picture(dtype: type, scale: float) -> None:
+    """0..1 floats and 32-bit integers past 16 bits: scaled from their own range, not black or saturated."""
+    grey = np.asarray(class_image("yellow", 4).convert("L"), dtype=np.float64)
+    decoded = decode_image(encode(Image.fromarray((grey * scale).astype(dtype)), "TIFF"))
+    assert np.corrcoef(np.asarray(decoded.convert("L"), dtype=np.float64).ravel(), grey.ravel())[0, 1] > 0.99
+
+
 def test_transparent_pixels_become_white() -> None:
     image = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
     assert np.asarray(decode_image(encode(image, "PNG")))[0, 0].tolist() == [255, 255, 255]
