@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -15,7 +15,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("data"), description="Root for models/, indexes/, images/ and the SQLite file.")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL; default is SQLite at <data_dir>/retrieval.db."
+        None, description="SQLAlchemy URL; default is SQLite at <data_dir>/retrieval.db. `postgresql://` and "
+                          "`postgres://` mean `postgresql+psycopg2://` (the driver installed); an explicit "
+                          "`+driver` is kept."
     )
     device: str = Field("auto", description="'auto' picks CUDA when present, else 'cpu'; or 'cpu', 'cuda', 'cuda:N' "
                                             "(a GPU that is not there stops a build, and a service's load, with a "
@@ -136,6 +138,11 @@ class Settings(BaseSettings):
     open_reads: bool = Field(True, description="With auth on, let reads (search, get) through without a key.")
     auth_cache_s: float = Field(5.0, description="Seconds a looked-up API key is cached (revocation delay).")
 
+    @field_validator("database_url")
+    @classmethod
+    def _installed_driver(cls, value: str | None) -> str | None:
+        return normalize_database_url(value) if value else value
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -161,6 +168,21 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+
+# A PostgreSQL URL without a driver: SQLAlchemy 2.1 picks psycopg (3) for `postgresql://`, which is not installed,
+# and no longer knows `postgres://` (Heroku's and many hosts' spelling); psycopg2 is the driver this service ships.
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+POSTGRES_DRIVER = "postgresql+psycopg2"
+
+
+def normalize_database_url(url: str) -> str:
+    """`postgresql://...` and `postgres://...` as `postgresql+psycopg2://...` (the rest kept byte for byte); any
+    other URL, an explicit driver included (`postgresql+psycopg://`), as written."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.strip().lower() in POSTGRES_SCHEMES:
+        return f"{POSTGRES_DRIVER}://{rest}"
+    return url
 
 
 @lru_cache

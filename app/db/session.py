@@ -10,11 +10,18 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.settings import normalize_database_url
+
 CONNECT_TIMEOUT_S = 5
 
 
-@lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
+    """The engine of `url` (`postgresql://` and `postgres://` use the installed psycopg2, as in the settings)."""
+    return _engine(normalize_database_url(url))
+
+
+@lru_cache(maxsize=8)
+def _engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
