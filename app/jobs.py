@@ -75,6 +75,20 @@ def _check_factory(session: Session, kind: str, params: dict[str, Any]) -> None:
         raise JobError(str(exc)) from None
 
 
+def _check_model_version(session: Session, kind: str, params: dict[str, Any]) -> None:
+    """A reembed's `model_version` that is neither registered nor an embedder to register is a JobError now."""
+    from app.registry import is_embedder_spec, unknown_model_message
+
+    wanted = params.get("model_version") if kind == "reembed" else None
+    if wanted is None:
+        return
+    if not isinstance(wanted, str) or not wanted:
+        raise JobError(f"model_version is a model version's name, a preset or a checkpoint directory; got {wanted!r}")
+    registered = session.scalar(select(ModelVersion.id).where(ModelVersion.name == wanted))
+    if registered is None and not is_embedder_spec(wanted):
+        raise JobError(unknown_model_message(session, wanted))
+
+
 def enqueue(session: Session, kind: str, params: dict[str, Any] | None = None,
             max_attempts: int = 3) -> Job:
     if kind not in JOB_KINDS:
@@ -84,6 +98,7 @@ def enqueue(session: Session, kind: str, params: dict[str, Any] | None = None,
     unknown = set(params or {}) - JOB_PARAMS[kind]
     if unknown:
         raise JobError(f"unknown {kind} params {sorted(unknown)}; known: {sorted(JOB_PARAMS[kind])}")
+    _check_model_version(session, kind, params or {})
     _check_factory(session, kind, params or {})
     nproc = (params or {}).get("nproc", 1)
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:

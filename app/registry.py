@@ -47,21 +47,51 @@ def ensure_model_version(session: Session, settings: Settings) -> ModelVersion:
     active = active_model(session)
     if active is not None:
         return active
+    return register_embedder(session, settings, settings.embedder, status="active")
+
+
+def embedder_version_name(spec: str) -> str:
+    """The version name an embedder spec (a preset name or a checkpoint directory) is registered under."""
+    from models.checkpoint import is_checkpoint
+
+    return Path(spec).name if is_checkpoint(spec) else spec
+
+
+def is_embedder_spec(spec: str) -> bool:
+    from models.checkpoint import is_checkpoint
+    from models.zoo import PRESETS
+
+    return spec in PRESETS or is_checkpoint(spec)
+
+
+def unknown_model_message(session: Session, wanted: str) -> str:
+    """What to say of a model version name that is neither registered nor an embedder: what it could be."""
+    from models.zoo import PRESETS
+
+    names = session.scalars(select(ModelVersion.name).order_by(ModelVersion.id)).all()
+    return (f"model version {wanted!r} does not exist: name a registered version ({', '.join(names) or 'none yet'}), "
+            f"a preset ({', '.join(PRESETS)}) or a checkpoint directory")
+
+
+def register_embedder(session: Session, settings: Settings, spec: str, status: str = "candidate") -> ModelVersion:
+    """The version of embedder `spec` (a preset name or a checkpoint directory): the one registered under its name
+    (made `active` if asked), else its checkpoint saved under the models dir and registered with `status`."""
     from models.checkpoint import is_checkpoint, read_config, save_checkpoint
     from models.zoo import create_embedder
 
-    name = Path(settings.embedder).name if is_checkpoint(settings.embedder) else settings.embedder
+    name = embedder_version_name(spec)
     existing = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
     if existing is not None:
-        existing.status = "active"
-        existing.activated_at = datetime.now(UTC)
+        if status == "active" and existing.status != "active":
+            existing.status = "active"
+            existing.activated_at = datetime.now(UTC)
         return existing
     target = settings.models_dir / name
     if not is_checkpoint(target):
-        save_checkpoint(create_embedder(settings.embedder), target)
+        save_checkpoint(create_embedder(spec), target)
     config = read_config(target)
     arch = config.arch if config.arch != "timm" else config.backbone
-    return register_model(session, target.resolve(), name, arch, config.dim, status="active")
+    return register_model(session, target.resolve(), name, arch, config.dim, status=status)
 
 
 def promote(session: Session, index_version: IndexVersion) -> None:

@@ -195,6 +195,62 @@ def test_manifests_as_spreadsheets_save_them_and_one_photo(database_url: str, tm
     assert (row.width, row.height, row.label) == (40, 80, None)
 
 
+def test_an_edited_manifest_run_again_updates_its_images(database_url: str, tmp_path: Path,
+                                                         tiny_embedder: Path) -> None:
+    """A label corrected and a column changed in the manifest reach the images it lists on the next run (searches
+    filter on them at once); keys the manifest does not list, set through the API, stay. A row no database column
+    can hold (a label over 255 characters) and a URL are failures of their own, not of the whole build."""
+    from app.db.models import Image
+    from app.db.session import session_scope
+    from app.indexing import build_index
+    from tests.test_api_helpers import app_client
+
+    make_corpus(tmp_path / "images", per_class=1)
+    manifest = tmp_path / "catalogue.csv"
+    manifest.write_text("path,label,colour\nimages/red/0.jpg,cardinal,red\nimages/blue/0.jpg,jay,blue\n")
+    settings = make_settings(tmp_path / "data", database_url, embedder=str(tiny_embedder))
+    assert build_index(settings, manifest, progress=False).added == 2
+    red = next(row for uri, row in live_rows(settings).items() if "/red/" in uri)
+    with session_scope(settings.resolved_database_url) as session:  # a key set through the API
+        session.get(Image, red.id).meta = {**red.meta, "reviewed": True}
+
+    long_label = "L" * 300
+    manifest.write_text("path,label,colour\nimages/red/0.jpg,northern cardinal,crimson\nimages/blue/0.jpg,jay,\n"
+                        f"images/green/0.jpg,{long_label},green\nhttps://example.com/bird.jpg,finch,\n"
+                        "images/yellow/0.jpg,canary,yellow\n")
+    report = build_index(settings, manifest, progress=False)
+    assert (report.added, report.updated) == (1, 1), report.summary()
+    assert "1 registered image given the label or metadata the manifest now lists" in report.summary()
+    reasons = dict(report.failed)
+    assert reasons[str(tmp_path / "images" / "green" / "0.jpg")] == ("its label is 300 characters long; labels "
+                                                                     "are at most 255")
+    assert "https://example.com/bird.jpg is a URL" in next(r for p, r in reasons.items() if "example.com" in p)
+    rows = {Path(uri).parent.name: row for uri, row in live_rows(settings).items()}
+    assert (rows["red"].label, rows["red"].meta) == ("northern cardinal", {"colour": "crimson", "reviewed": True})
+    assert (rows["blue"].label, rows["blue"].meta) == ("jay", {"colour": "blue"})  # an empty cell keeps the value
+    assert rows["yellow"].label == "canary" and "green" not in rows
+    with app_client(settings) as client:
+        found = client.get("/v1/images", params={"label": "northern cardinal"}).json()["items"]
+        assert [item["id"] for item in found] == [red.id]
+        assert client.get("/v1/images", params={"label": "cardinal"}).json()["items"] == []
+
+
+def test_a_build_says_when_the_embedder_setting_did_not_apply(tmp_path: Path, tiny_embedder: Path,
+                                                               request) -> None:
+    """RETRIEVAL_EMBEDDER picks the first model only: a later build with another one says so and how to move."""
+    from app.indexing import build_index
+    from tests.test_api_helpers import save_tiny_embedder
+
+    corpus = make_corpus(tmp_path / "corpus", per_class=1)
+    url = migrated_url("sqlite", request, tmp_path)
+    build_index(make_settings(tmp_path / "data", url, embedder=str(tiny_embedder)), corpus, progress=False)
+    other = save_tiny_embedder(tmp_path / "other-embedder", seed=1)
+    report = build_index(make_settings(tmp_path / "data", url, embedder=str(other)), corpus, progress=False)
+    assert (f"note: embedded with the active model {tiny_embedder.name}, not RETRIEVAL_EMBEDDER={other} (it only "
+            f"picks the first model); to move the corpus to it: retrieval jobs submit reembed --set "
+            f"model_version={other}") in report.summary()
+
+
 def test_the_cli_says_in_one_line_what_it_cannot_use(tmp_path: Path, tiny_embedder: Path, request,
                                                      run_cli) -> None:
     settings = make_settings(tmp_path / "data", migrated_url("sqlite", request, tmp_path), embedder=str(tiny_embedder))

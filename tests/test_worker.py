@@ -285,11 +285,44 @@ def test_cancel_a_running_job(world: Settings) -> None:
     assert os.path.exists(jobs.job_dir(settings, job_id) / "train" / "resume.pt")
 
 
-def test_failed_job_records_the_reason(world: Settings) -> None:
-    job_id = enqueue(world, "reembed", {"model_version": "no-such-model"})
+def test_failed_job_records_the_reason(world: Settings, tmp_path: Path) -> None:
+    """A checkpoint there when the job was queued and gone when it ran: the job fails saying what could be named."""
+    import shutil
+
+    from tests.test_api_helpers import save_tiny_embedder
+
+    checkpoint = save_tiny_embedder(tmp_path / "moved-away")
+    job_id = enqueue(world, "reembed", {"model_version": str(checkpoint)})
+    shutil.rmtree(checkpoint)
     assert run_worker(world, worker_id="inproc", once=True) == 1
     job = job_row(world, job_id)
-    assert job.status == "failed" and "no-such-model" in job.message and "ValueError" in job.error
+    assert job.status == "failed" and "moved-away' does not exist" in job.message and "ValueError" in job.error
+    assert "efficientnet_lite0" in job.message  # the presets it could have named
+
+
+def test_reembed_moves_the_corpus_to_another_embedder(world: Settings, tmp_path: Path) -> None:
+    """How a corpus changes embedder: a reembed job naming a checkpoint (or a preset) not registered yet registers
+    it, embeds every image with it and promotes the pair; a name that is none of those is refused when queued."""
+    from tests.test_api_helpers import save_tiny_embedder
+
+    with pytest.raises(jobs.JobError) as refused:
+        enqueue(world, "reembed", {"model_version": "no-such-model"})
+    with session_scope(world.resolved_database_url) as session:
+        before = active_model(session).name
+    assert str(refused.value) == (f"model version 'no-such-model' does not exist: name a registered version "
+                                  f"({before}), a preset (efficientnet_lite0, efficientnet_lite0_gem, "
+                                  "efficientnet_lite01_gem, efficientnet_lite012_gem) or a checkpoint directory")
+    other = save_tiny_embedder(tmp_path / "wider-embedder", dim=32, seed=1)
+    job_id = enqueue(world, "reembed", {"model_version": str(other)})
+    assert worker_in_process(world, "w", 120, once=True) == 1
+    job = job_row(world, job_id)
+    assert job.status == "succeeded", job.error
+    with session_scope(world.resolved_database_url) as session:
+        model, index = active_model(session), active_index(session)
+        assert (model.name, model.dim, index.ntotal) == ("wider-embedder", 32, 32)
+    with app_client(world) as client:
+        found = upload(client, jpeg_bytes(class_image("red", seed=5)), k=3)
+        assert found.status_code == 200 and found.json()["model_version"] == "wider-embedder"
 
 
 def test_rerun_after_a_crash_past_promotion_does_not_redo_it(world: Settings) -> None:

@@ -15,7 +15,7 @@ from app.indexing.fold import fold_api_shards
 from app.indexing.publish import publish_index
 from app.indexing.register import register_source
 from app.indexing.report import BuildReport, EmptySource
-from app.registry import ensure_active_model
+from app.registry import embedder_version_name, ensure_active_model
 from app.settings import Settings
 from index.builders import check_factory
 from models.data import IMAGE_SUFFIXES
@@ -44,6 +44,10 @@ def build_index(settings: Settings, source: str | Path, *, shard: tuple[int, int
 
         resolve_device(settings.device)
     model = ensure_active_model(settings)
+    if "embedder" in settings.model_fields_set and embedder_version_name(settings.embedder) != model.name:
+        report.notes.append(f"embedded with the active model {model.name}, not RETRIEVAL_EMBEDDER={settings.embedder}"
+                            " (it only picks the first model); to move the corpus to it: retrieval jobs submit "
+                            f"reembed --set model_version={settings.embedder}, and a worker running")
     if factory:  # a type FAISS cannot parse is said now, not after every image is embedded
         check_factory(factory, model.dim)
     slice_ids = register_source(settings, source, shard, report, progress, prune=prune)

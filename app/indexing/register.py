@@ -30,6 +30,7 @@ from app.indexing.sources import SourceEntry, iter_source
 from app.settings import Settings
 
 REGISTER_CHUNK = 512
+LABEL_MAX = Image.__table__.c.label.type.length  # a folder path made label, or a manifest's, can be longer
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -58,6 +59,10 @@ def _probe(entry: SourceEntry, max_bytes: int, max_pixels: int) -> _Probe:
 
     from app.images import ORIENTATION_TAG
 
+    if entry.problem is not None:
+        return _Probe(entry, error=entry.problem)
+    if entry.label is not None and len(entry.label) > LABEL_MAX:
+        return _Probe(entry, error=f"its label is {len(entry.label)} characters long; labels are at most {LABEL_MAX}")
     try:
         size = entry.path.stat().st_size
         if size == 0:
@@ -111,10 +116,12 @@ def _register_chunk(session: Session, probes: list[_Probe], report: BuildReport)
             row.deleted_at, row.meta, row.uri = None, {k: v for k, v in meta.items() if k != "retired"}, path
             report.revived += 1
         elif row.uri != path and not _still_holds(row, at_path):  # moved, renamed, or names swapped
-            if _label_from_folder(row) and probe.entry.label != row.label:
+            if _label_from_folder(row) and probe.entry.label != row.label and not probe.entry.listed:
                 row.label = probe.entry.label  # moved to another sub-folder: labels are sub-folder names
             row.uri = path
             report.moved += 1
+        if probe.entry.listed and _apply_listing(row, probe.entry):
+            report.updated += 1
         ids.append(row.id)
     session.add_all(new.values())
     session.flush()
@@ -122,6 +129,20 @@ def _register_chunk(session: Session, probes: list[_Probe], report: BuildReport)
     ids.extend(image.id for image in new.values())
     _retire_overwritten(session, at_path, report)
     return ids
+
+
+def _apply_listing(row: Image, entry: SourceEntry) -> bool:
+    """A manifest row's label and metadata onto the image it lists, as a re-run of an edited manifest expects:
+    a label written there replaces the stored one, each metadata column sets its key (keys it does not list, and
+    empty cells, leave what is stored: set through the API, or by another manifest). True when anything changed."""
+    meta = row.meta or {}
+    changed_meta = {key: value for key, value in entry.meta.items() if meta.get(key) != value}
+    relabel = entry.label is not None and entry.label != row.label
+    if relabel:
+        row.label = entry.label
+    if changed_meta:
+        row.meta = {**meta, **changed_meta}
+    return relabel or bool(changed_meta)
 
 
 def _label_from_folder(row: Image) -> bool:

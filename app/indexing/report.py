@@ -17,11 +17,13 @@ class RayWorkersLost(RuntimeError):
 class BuildReport:
     """What a run did. seen: image files the source listed; added: rows registered by this run (a file that
     then fails to decode is counted here and in `failed`); skipped_existing: files whose bytes were already
-    registered; moved: registered images found under a new path (their row follows); revived: rows a build had
+    registered; moved: registered images found under a new path (their row follows); updated: registered images
+    whose label or metadata an edited manifest changed; revived: rows a build had
     retired whose bytes are back; replaced: rows retired because their file was overwritten; gone: paths of
     images whose file left the folder; pruned: those retired (--prune); failed: (path, reason); embedded: images
     embedded by this run; total_indexed: vectors in the active index afterwards; index_version_name: the version
-    published, None when nothing changed or in shard mode."""
+    published, None when nothing changed or in shard mode; notes: lines the user should read (a setting
+    that did not apply)."""
 
     seen: int = 0
     added: int = 0
@@ -29,6 +31,7 @@ class BuildReport:
     moved: int = 0
     revived: int = 0
     replaced: int = 0
+    updated: int = 0
     gone: list[str] = field(default_factory=list)
     pruned: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
@@ -39,6 +42,7 @@ class BuildReport:
     seconds: float = 0.0
     factory: str | None = None
     message: str = ""
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [
@@ -47,6 +51,9 @@ class BuildReport:
             f"({self.images_per_second:.1f} images/s), {self.seconds:.1f}s",
             self.message,
         ]
+        if self.updated:
+            lines.insert(1, f"{counted(self.updated, 'registered image')} given the label or metadata the manifest "
+                            "now lists")
         if self.moved or self.replaced or self.revived:
             lines.insert(1, f"{self.moved} moved or renamed (their rows follow), {self.replaced} overwritten with "
                             f"other bytes (the old rows retired), {self.revived} retired before and back")
@@ -56,6 +63,7 @@ class BuildReport:
                          if self.pruned else
                          f"{counted(len(self.gone), 'image')} registered from this folder no longer there ({shown}): "
                          "searchable until a build with --prune retires them")
+        lines += [f"note: {note}" for note in self.notes]
         lines += [f"  FAILED {path}: {reason}" for path, reason in self.failed]
         return "\n".join(line for line in lines if line)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import Any
 
 from models.data import IMAGE_SUFFIXES
 
-MANIFEST_DELIMITERS = ",;\t"  # spreadsheets save ';' where ',' is the decimal mark
+MANIFEST_DELIMITERS = ",;\t"
+URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)  # spreadsheets save ';' where ',' is the decimal mark
 
 
 class SourceError(ValueError):
@@ -22,9 +24,14 @@ class SourceError(ValueError):
 
 @dataclass
 class SourceEntry:
+    """One image a source lists. `listed`: its label and metadata were written in a manifest, which a re-run
+    applies to an image already registered; `problem`: why the row cannot be read (reported as a failure)."""
+
     path: Path
     label: str | None
     meta: dict[str, Any]
+    listed: bool = False
+    problem: str | None = None
 
 
 def iter_source(source: str | Path, shard: tuple[int, int] | None = None,
@@ -110,7 +117,11 @@ def _iter_csv(manifest: Path) -> Iterator[SourceEntry]:
             raw = (row.pop("path") or "").strip()
             if not raw:
                 continue
-            path = Path(raw)
             label = (row.pop("label", None) or "").strip() or None
             meta = {k: v for k, v in row.items() if k and v not in (None, "")}
-            yield SourceEntry(path if path.is_absolute() else (base / path).resolve(), label, meta)
+            if URL.match(raw):
+                yield SourceEntry(Path(raw), label, meta, problem=f"{raw} is a URL: the build reads files, so download "
+                                                                  "it and list its path")
+                continue
+            path = Path(raw)
+            yield SourceEntry(path if path.is_absolute() else (base / path).resolve(), label, meta, listed=True)

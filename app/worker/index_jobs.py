@@ -9,7 +9,13 @@ from sqlalchemy import select
 from app.db.models import ModelVersion
 from app.db.session import session_scope
 from app.indexing import BuildReport, embed_missing, publish_index
-from app.registry import active_index, ensure_active_model
+from app.registry import (
+    active_index,
+    ensure_active_model,
+    is_embedder_spec,
+    register_embedder,
+    unknown_model_message,
+)
 from app.settings import Settings
 from app.worker.context import JobContext
 
@@ -48,9 +54,17 @@ def run_rebuild_index(ctx: JobContext) -> dict[str, Any]:
 
 
 def run_reembed(ctx: JobContext) -> dict[str, Any]:
-    """Embed the corpus with a model version (`model_version`, default the active one) and promote its index."""
+    """Embed the corpus with a model version (`model_version`, default the active one) and promote its index.
+    `model_version` may also name an embedder not registered yet, a preset or a checkpoint directory: it is
+    registered first (how a corpus moves to another embedder)."""
     wanted = ctx.params.get("model_version")
     model = model_row(ctx.settings, wanted) if wanted else ensure_active_model(ctx.settings)
+    if model is None and is_embedder_spec(wanted):
+        with session_scope(ctx.settings.resolved_database_url) as session:
+            model = register_embedder(session, ctx.settings, wanted)
+            session.flush()
+            session.expunge(model)
     if model is None:
-        raise ValueError(f"model version {wanted!r} does not exist")
+        with session_scope(ctx.settings.resolved_database_url) as session:
+            raise ValueError(unknown_model_message(session, wanted))
     return publish_for_model(ctx, model, 0.05, 1.0, factory=ctx.params.get("factory"))
