@@ -12,11 +12,16 @@ class BodyTooLarge(Exception):
 
 
 class BodySizeLimit:
-    """Pure ASGI middleware: 413 on a Content-Length over the limit, or once the streamed bytes pass it."""
+    """Pure ASGI middleware: 413 on a Content-Length over the limit, or once the streamed bytes pass it.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    `max_bytes` is the body limit: the largest image (RETRIEVAL_MAX_UPLOAD_BYTES) plus room for the multipart
+    framing and the form fields. The 413 names the image limit, the number a user set and can act on, not the
+    body limit; it is `image_bytes`, else the app's settings.max_upload_bytes, else the body limit itself."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, image_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.image_bytes = image_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -25,23 +30,31 @@ class BodySizeLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send, int(declared))
+            await self._reject(scope, send, int(declared), exact=True)
             return
 
         received = 0
         response_started = False
+        rejected = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, response_started, rejected
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    # Answered here, once, whatever the app makes of the exception next (FastAPI turns a failed
+                    # form read into an HTTP error of its own): every 413 for size says the same thing.
+                    if not response_started:
+                        response_started = rejected = True
+                        await self._reject(scope, send, received, exact=False)
                     raise BodyTooLarge()
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal response_started
+            if rejected:  # the 413 is already sent: the app's own answer to the exception is dropped
+                return
             if message["type"] == "http.response.start":
                 response_started = True
             await send(message)
@@ -50,13 +63,27 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not response_started:
-                await self._reject(send, received)
+                await self._reject(scope, send, received, exact=False)
 
-    async def _reject(self, send: Send, size: int) -> None:
+    def _image_limit(self, scope: Scope) -> int:
+        if self.image_bytes is not None:
+            return self.image_bytes
+        settings = getattr(getattr(scope.get("app"), "state", None), "settings", None)
+        return getattr(settings, "max_upload_bytes", None) or self.max_bytes
+
+    async def _reject(self, scope: Scope, send: Send, size: int, exact: bool) -> None:
+        limit = self._image_limit(scope)
         body = json.dumps({
             "error": "payload_too_large",
-            "message": f"the request body is over the limit of {self.max_bytes} bytes (got at least {size})",
+            "message": f"the upload is too large: an image may be at most {limit} bytes ({_readable(limit)}, "
+                       f"RETRIEVAL_MAX_UPLOAD_BYTES), and this request's body is {'' if exact else 'at least '}"
+                       f"{size} bytes",
+            "detail": {"max_upload_bytes": limit, "request_bytes": size},
         }).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+def _readable(size: int) -> str:
+    return f"{size / 2**20:.3g} MiB" if size >= 2**20 else f"{size / 2**10:.3g} KiB"

@@ -1,0 +1,84 @@
+"""What a request's parameters mean, as a new user meets them, through the app in-process (tiny embedder): the
+default k under a low RETRIEVAL_MAX_K, the accepted values of the job list's filters, one rule for an empty label
+(on SQLite and PostgreSQL: it decides a SQL filter), unknown and repeated form fields, the 413 naming the configured
+image limit, and the 415 for a JSON route sent a form."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import DATABASES, class_image, jpeg_bytes, migrated_url
+from tests.test_api_helpers import app_client, build_served_corpus, upload
+
+IMAGE_LIMIT = 200_000  # RETRIEVAL_MAX_UPLOAD_BYTES here; the body limit is this plus 64 KiB of multipart room
+CORPUS = 12  # 3 images of each of the 4 classes
+
+
+def served_settings(kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp(f"params-{kind}")
+    return build_served_corpus(tmp, migrated_url(kind, request, tmp), per_class=3, max_upload_bytes=IMAGE_LIMIT)
+
+
+@pytest.fixture(scope="module")
+def settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    return served_settings("sqlite", request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def api(settings) -> Iterator[TestClient]:
+    """One app over the 12 images on SQLite, shared by the module: each test leaves the corpus as it found it."""
+    with app_client(settings) as client:
+        yield client
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def api_on_each_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                   api: TestClient) -> Iterator[TestClient]:
+    if request.param == "sqlite":
+        yield api
+    else:
+        with app_client(served_settings(request.param, request, tmp_path_factory)) as client:
+            yield client
+
+
+def query() -> bytes:
+    return jpeg_bytes(class_image("red", 1))
+
+
+def results(response: httpx.Response) -> list[dict]:
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+def refused(response: httpx.Response, status: int = 422) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) <= {"error", "message", "detail"} and body["error"] and body["message"], body
+    return body
+
+
+# -- 5. the 413 names the configured image limit ------------------------------------------------------------
+
+def test_a_too_large_upload_names_the_configured_image_limit(api: TestClient) -> None:
+    """The 413 said "the limit of 265536 bytes": the body limit, multipart room included, which no one set."""
+    body_limit = IMAGE_LIMIT + 64 * 1024
+    declared = refused(upload(api, b"\xff" * (body_limit + 10_000)), 413)
+    streamed = refused(api.post("/v1/search", content=iter([b"\xff" * 100_000] * 4),
+                                headers={"content-type": "multipart/form-data; boundary=x"}), 413)
+    for body in (declared, streamed):
+        assert body["error"] == "payload_too_large"
+        assert f"at most {IMAGE_LIMIT} bytes" in body["message"] and "RETRIEVAL_MAX_UPLOAD_BYTES" in body["message"]
+        assert str(body_limit) not in body["message"]
+        assert body["detail"]["max_upload_bytes"] == IMAGE_LIMIT
+    assert declared["detail"]["request_bytes"] > body_limit
+    assert "at least" in streamed["message"] and streamed["detail"]["request_bytes"] > body_limit
+    # Between the two limits the decoder answers, with the same number.
+    between = refused(upload(api, b"\xff\xd8" + b"\x00" * (IMAGE_LIMIT + 1000)), 413)
+    assert f"the limit is {IMAGE_LIMIT} bytes" in between["message"]
+    for body in (declared, streamed):
+        assert set(body) == {"error", "message", "detail"}
+    assert len(results(upload(api, query(), k=1))) == 1  # and the app still serves
