@@ -5,6 +5,7 @@ image limit, and the 415 for a JSON route sent a form."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -61,6 +62,19 @@ def refused(response: httpx.Response, status: int = 422) -> dict:
     return body
 
 
+# -- 2. job filters ------------------------------------------------------------------------------------------
+
+def test_a_job_status_or_kind_no_job_can_have_is_a_422_listing_the_accepted_ones(api: TestClient) -> None:
+    status = refused(api.get("/v1/jobs", params={"status": "bogus"}))
+    assert status["detail"][0]["loc"] == ["query", "status"]
+    for accepted in ("queued", "running", "succeeded", "failed", "cancelled"):
+        assert accepted in status["message"]
+    kind = refused(api.get("/v1/jobs", params={"kind": "bogus"}))
+    assert kind["detail"][0]["loc"] == ["query", "kind"]
+    assert all(name in kind["message"] for name in ("train", "rebuild_index", "reembed"))
+    assert api.get("/v1/jobs", params={"status": "queued", "kind": "train"}).json() == {"jobs": []}
+
+
 # -- 5. the 413 names the configured image limit ------------------------------------------------------------
 
 def test_a_too_large_upload_names_the_configured_image_limit(api: TestClient) -> None:
@@ -82,3 +96,26 @@ def test_a_too_large_upload_names_the_configured_image_limit(api: TestClient) ->
     for body in (declared, streamed):
         assert set(body) == {"error", "message", "detail"}
     assert len(results(upload(api, query(), k=1))) == 1  # and the app still serves
+
+
+# -- 6. JSON routes sent a form ---------------------------------------------------------------------------
+
+def test_a_json_route_sent_a_form_answers_415_saying_json_is_expected(api: TestClient) -> None:
+    """`curl -X PATCH -d label=x` (a form) got "Input should be a valid dictionary"."""
+    form = refused(api.patch("/v1/images/1", data={"label": "renamed"}), 415)
+    assert "takes a JSON body" in form["message"] and "application/x-www-form-urlencoded" in form["message"]
+    assert "Content-Type: application/json" in form["message"]
+    assert form["detail"] == {"content_type": "application/x-www-form-urlencoded", "accepted": ["application/json"]}
+    untyped = refused(api.patch("/v1/images/1", content=json.dumps({"label": "renamed"})), 415)
+    assert "without a Content-Type" in untyped["message"]
+    assert api.get("/v1/images/1").json()["label"] != "renamed"  # nothing changed
+    job = refused(api.post("/v1/jobs", data={"kind": "train"}), 415)
+    assert "POST /v1/jobs takes a JSON body" in job["message"]
+    assert api.get("/v1/jobs").json() == {"jobs": []}
+
+    # JSON, and a +json type, still work.
+    label = api.get("/v1/images/1").json()["label"]
+    merge = api.patch("/v1/images/1", content=json.dumps({"label": label}),
+                      headers={"content-type": "application/merge-patch+json"})
+    assert merge.status_code == 200 and merge.json()["label"] == label
+    assert api.patch("/v1/images/1", json={"metadata": {}}).status_code == 200

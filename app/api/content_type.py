@@ -1,6 +1,7 @@
 """The upload routes read a multipart/form-data body. Any other body (JSON, raw bytes, none at all) would fail
 field by field with "body.file: Field required", which says nothing of what to send, so it is refused at once
-with the curl form that works."""
+with the curl form that works. The JSON routes (PATCH /v1/images/{id}, POST /v1/jobs) likewise refuse a body that
+is not JSON."""
 
 from __future__ import annotations
 
@@ -30,5 +31,24 @@ def multipart_body(curl_form: str, urlencoded_too: bool = False) -> Callable[[Re
         raise ApiError(415, f"{request.method} {request.url.path} takes multipart/form-data (the image and the "
                             f"options as form fields), not {sent}: curl {curl_form} {url}",
                        detail={"content_type": media_type or None, "accepted": list(accepted)})
+
+    return check
+
+
+def json_body(curl_form: str) -> Callable[[Request], None]:
+    """A route dependency: 415 unless the body is JSON (application/json or a +json type). A form-encoded body,
+    what `curl -d` sends unless told otherwise, would fail with "Input should be a valid dictionary", which says
+    nothing of what to send. `curl_form` is the route's `-d ...` example."""
+
+    def check(request: Request) -> None:
+        header = request.headers.get("content-type", "")
+        media_type = header.split(";", 1)[0].strip().lower()
+        if media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json")):
+            return
+        sent = f"a body of {media_type}" if media_type else "a body without a Content-Type"
+        url = str(request.url.replace(query=""))
+        raise ApiError(415, f"{request.method} {request.url.path} takes a JSON body, not {sent}: curl -X "
+                            f"{request.method} -H 'Content-Type: application/json' -d '{curl_form}' {url}",
+                       detail={"content_type": media_type or None, "accepted": ["application/json"]})
 
     return check

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app import metrics
-from app.api.content_type import multipart_body
+from app.api.content_type import json_body, multipart_body
 from app.api.deps import SessionDep, filters_dep, form_fields_in_the_body, get_batcher, get_deployment, not_ready
 from app.auth import require_read, require_write
 from app.db.models import Image
@@ -252,10 +252,12 @@ async def add_image(
     return out
 
 
-@router.patch("/{image_id}", response_model=ImageOut, dependencies=[Depends(require_write)],
-              responses=_errors(404))
+@router.patch("/{image_id}", response_model=ImageOut,
+              dependencies=[Depends(require_write), Depends(json_body('{"label": "sneaker"}'))],
+              responses=_errors(404, 415))
 def update_image(session: SessionDep, patch: ImageUpdate, image_id: int = IMAGE_ID) -> ImageOut:
-    """Update the label and/or metadata (a merge patch: a metadata key set to null is removed)."""
+    """Update the label and/or metadata (a merge patch: a metadata key set to null is removed). The body is JSON
+    (Content-Type: application/json)."""
     row = _live_row(session, image_id)
     if "label" in patch.model_fields_set:
         row.label = patch.label

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import jobs
+from app.api.content_type import json_body
 from app.api.deps import SessionDep
 from app.auth import require_read, require_write
 from app.errors import ApiError
@@ -19,6 +20,7 @@ from app.schemas import ErrorBody, UtcDatetime
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 JobKind = Literal["train", "rebuild_index", "reembed"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JOB_ID = Path(ge=1, le=2**62)
 
 
@@ -66,8 +68,9 @@ class JobLogs(BaseModel):
 NOT_FOUND = {404: {"model": ErrorBody}}
 
 
-@router.post("", response_model=JobOut, status_code=201, responses={422: {"model": ErrorBody}},
-             dependencies=[Depends(require_write)])
+@router.post("", response_model=JobOut, status_code=201,
+             responses={code: {"model": ErrorBody} for code in (415, 422)},
+             dependencies=[Depends(require_write), Depends(json_body('{"kind": "train", "params": {"steps": 500}}'))])
 def create_job(request: Request, session: SessionDep, body: JobCreate) -> JobOut:
     settings = request.app.state.settings
     try:
@@ -79,9 +82,12 @@ def create_job(request: Request, session: SessionDep, body: JobCreate) -> JobOut
     return out
 
 
-@router.get("", response_model=JobList, dependencies=[Depends(require_read)])
-def list_jobs(session: SessionDep, status: str | None = None, kind: str | None = None,
+@router.get("", response_model=JobList, responses={422: {"model": ErrorBody}}, dependencies=[Depends(require_read)])
+def list_jobs(session: SessionDep,
+              status: JobStatus | None = Query(None, description="Only jobs in this state."),
+              kind: JobKind | None = Query(None, description="Only jobs of this kind."),
               limit: int = Query(50, ge=1, le=500)) -> JobList:
+    """Newest first; a status or kind that no job can have is a 422 listing the accepted values."""
     return JobList(jobs=[JobOut.model_validate(j) for j in jobs.list_jobs(session, status, kind, limit)])
 
 
