@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema, computed_field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    computed_field,
+    field_validator,
+)
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -61,13 +70,19 @@ class ImagePage(BaseModel):
 
 
 class ImageUpdate(BaseModel):
-    """A merge patch: `label` replaces the label (null clears it); in `metadata` a key set to null is removed,
-    any other value is set, and keys not named are kept."""
+    """A merge patch: `label` replaces the label (null or "" clears it: an empty label is no label, as
+    everywhere in the API); in `metadata` a key set to null is removed, any other value is set, and keys not named
+    are kept."""
 
     model_config = ConfigDict(extra="forbid")
 
-    label: str | None = Field(None, max_length=255)
+    label: str | None = Field(None, max_length=255, description='The new label; null or "" clears it.')
     metadata: dict[str, Any] | None = None
+
+    @field_validator("label")
+    @classmethod
+    def _empty_label_is_none(cls, value: str | None) -> str | None:
+        return value or None
 
 
 class SearchHit(BaseModel):

@@ -75,6 +75,35 @@ def test_a_job_status_or_kind_no_job_can_have_is_a_422_listing_the_accepted_ones
     assert api.get("/v1/jobs", params={"status": "queued", "kind": "train"}).json() == {"jobs": []}
 
 
+# -- 3. an empty label is no label -------------------------------------------------------------------------
+
+def test_an_empty_label_is_no_label_in_every_route(api_on_each_db: TestClient) -> None:
+    api = api_on_each_db
+    everything = api.get("/v1/images").json()["total"]
+    assert everything == CORPUS
+    # In a query: no filter.
+    assert api.get("/v1/images", params={"label": ""}).json()["total"] == everything
+    assert len(results(api.get("/v1/images/1/similar", params={"label": "", "k": 5}))) == 5
+    assert len(results(upload(api, query(), label="", k=5))) == 5
+    assert len(results(api.post("/v1/search/recommend", data={"positive": "1", "label": "", "k": "5"}))) == 5
+    # A real label still filters.
+    assert {hit["label"] for hit in results(api.get("/v1/images/1/similar", params={"label": "red"}))} == {"red"}
+
+    # Written: null, whichever way it is sent.
+    added = upload(api, jpeg_bytes(class_image("green", 4242)), path="/v1/images", label="")
+    assert added.status_code == 201, added.text
+    image_id = added.json()["id"]
+    try:
+        assert added.json()["label"] is None
+        assert api.patch(f"/v1/images/{image_id}", json={"label": "green"}).json()["label"] == "green"
+        cleared = api.patch(f"/v1/images/{image_id}", json={"label": ""})
+        assert cleared.status_code == 200 and cleared.json()["label"] is None
+        assert api.get(f"/v1/images/{image_id}").json()["label"] is None
+        assert api.get("/v1/images", params={"label": ""}).json()["total"] == everything + 1
+    finally:
+        assert api.delete(f"/v1/images/{image_id}").status_code == 204
+
+
 # -- 5. the 413 names the configured image limit ------------------------------------------------------------
 
 def test_a_too_large_upload_names_the_configured_image_limit(api: TestClient) -> None:

@@ -20,9 +20,14 @@ from app.serving import Filters, parse_meta_filters
 META_FILTER_DOC = ("Metadata filters, each `key=value` (repeat for AND; the key is everything before the first `=`): "
                    "a string matches exactly, a boolean `true`/`false`, a null `null`, a number any value equal to "
                    "it (`year=2021`, `big=1e20`); see docs/api.md.")
-LABEL_DOC = "Only images with exactly this label."
+LABEL_DOC = "Only images with exactly this label; empty means no label filter."
 MIN_SCORE_DOC = "Drop results scoring below this cosine similarity (-1..1)."
 K_DOC = "How many neighbours to return (at most RETRIEVAL_MAX_K, 100 by default)."
+
+
+def no_label_if_empty(label: str | None) -> str | None:
+    """The one rule for an empty label: it is no label (no filter in a query, null when written)."""
+    return label if label else None
 
 
 def _body_fields(dependant: Any) -> set[str]:
@@ -121,4 +126,4 @@ def filters_dep(
     label: str | None = Query(None, max_length=255, description=LABEL_DOC),
     meta: list[str] = Query([], description=META_FILTER_DOC),
 ) -> Filters:
-    return Filters(label=label, meta=parse_meta_filters(meta))
+    return Filters(label=no_label_if_empty(label), meta=parse_meta_filters(meta))

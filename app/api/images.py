@@ -21,7 +21,15 @@ from starlette.concurrency import run_in_threadpool
 
 from app import metrics
 from app.api.content_type import json_body, multipart_body
-from app.api.deps import SessionDep, filters_dep, form_fields_in_the_body, get_batcher, get_deployment, not_ready
+from app.api.deps import (
+    SessionDep,
+    filters_dep,
+    form_fields_in_the_body,
+    get_batcher,
+    get_deployment,
+    no_label_if_empty,
+    not_ready,
+)
 from app.auth import require_read, require_write
 from app.db.models import Image
 from app.deployment import Deployment, ServingState, write_api_embedding
@@ -220,7 +228,7 @@ async def add_image(
     response: Response,
     session: SessionDep,
     file: UploadFile = File(..., description=f"The image ({FORMATS_READ})."),
-    label: str | None = Form(None, max_length=255, description="A class label, e.g. 'sneaker'."),
+    label: str | None = Form(None, max_length=255, description="A class label, e.g. 'sneaker'; empty is no label."),
     metadata: str | None = Form(None, description='A JSON object, e.g. {"color": "red", "year": 2021}.'),
     on_near_duplicate: Literal["allow", "reject"] = Form(
         "allow", description="`reject`: answer 409 (`near_duplicate`, `detail.id`, `detail.score`) when a stored "
@@ -245,8 +253,8 @@ async def add_image(
     if on_near_duplicate == "reject":
         reject_above = near_duplicate_threshold if near_duplicate_threshold is not None else \
             settings.near_duplicate_threshold
-    out = await run_in_threadpool(_commit_new_image, request, session, deployment, image, vector, data, sha256, label,
-                                  meta, reject_above)
+    out = await run_in_threadpool(_commit_new_image, request, session, deployment, image, vector, data, sha256,
+                                  no_label_if_empty(label), meta, reject_above)
     metrics.IMAGES_WRITTEN.labels("added").inc()
     response.headers["Location"] = f"/v1/images/{out.id}"
     return out
@@ -256,8 +264,8 @@ async def add_image(
               dependencies=[Depends(require_write), Depends(json_body('{"label": "sneaker"}'))],
               responses=_errors(404, 415))
 def update_image(session: SessionDep, patch: ImageUpdate, image_id: int = IMAGE_ID) -> ImageOut:
-    """Update the label and/or metadata (a merge patch: a metadata key set to null is removed). The body is JSON
-    (Content-Type: application/json)."""
+    """Update the label and/or metadata (a merge patch: a metadata key set to null is removed; a label set to null
+    or "" is cleared). The body is JSON (Content-Type: application/json)."""
     row = _live_row(session, image_id)
     if "label" in patch.model_fields_set:
         row.label = patch.label

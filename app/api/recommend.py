@@ -24,6 +24,7 @@ from app.api.deps import (
     form_fields_in_the_body,
     get_batcher,
     get_deployment,
+    no_label_if_empty,
     ranking_form,
 )
 from app.api.search import ERRORS, search_response, stored_vector
@@ -82,7 +83,7 @@ async def recommend(
     if ids:
         raise ApiError(422, f"positive/negative: ids must be between 1 and 2^62, got {ids[:5]}",
                        detail=[{"loc": ["body", "positive"], "msg": "id out of range"}])
-    filters = Filters(label=label, meta=parse_meta_filters(meta))
+    filters = Filters(label=no_label_if_empty(label), meta=parse_meta_filters(meta))
     deployment = get_deployment(request)
     await run_in_threadpool(_check_examples, session, positive, negative)
     clock = StageClock()

@@ -25,6 +25,7 @@ from app.api.deps import (
     form_fields_in_the_body,
     get_batcher,
     get_deployment,
+    no_label_if_empty,
     ranking_form,
     ranking_query,
 )
@@ -74,7 +75,7 @@ async def search(
     check_k(request, k, "body", ranking.offset)
     region = parse_box(box)
     deployment = get_deployment(request)
-    filters = Filters(label=label, meta=parse_meta_filters(meta))
+    filters = Filters(label=no_label_if_empty(label), meta=parse_meta_filters(meta))
     # An explain=true search is admitted like a batched query is (503 JSON when too many are in flight).
     async with explain_gate(request).admit() if explain else contextlib.nullcontext():
         clock = StageClock()
