@@ -104,6 +104,43 @@ def test_an_empty_label_is_no_label_in_every_route(api_on_each_db: TestClient) -
         assert api.delete(f"/v1/images/{image_id}").status_code == 204
 
 
+# -- 4. unknown and repeated form fields -------------------------------------------------------------------
+
+def test_an_unknown_form_field_is_a_422_naming_it_and_the_accepted_ones(api: TestClient) -> None:
+    """`-F K=1` and `-F top_k=5` used to answer 10 results, as if they had not been sent."""
+    misspelt = refused(upload(api, query(), K=1))
+    assert misspelt["detail"]["unknown_fields"] == ["K"]
+    assert "k" in misspelt["detail"]["accepted"] and "file" in misspelt["detail"]["accepted"]
+    assert "unknown form field K (did you mean k?)" in misspelt["message"]
+    other = refused(upload(api, query(), top_k=5))
+    assert other["detail"]["unknown_fields"] == ["top_k"] and "top_k" in other["message"]
+    assert {"k", "effort", "offset", "box", "meta"} <= set(other["detail"]["accepted"])  # the ranking options too
+
+    typo = refused(upload(api, jpeg_bytes(class_image("green", 1)), path="/v1/images", lable="green"))
+    assert typo["detail"]["unknown_fields"] == ["lable"] and "did you mean label?" in typo["message"]
+    assert api.get("/v1/images").json()["total"] == CORPUS  # nothing was stored
+    feedback = refused(api.post("/v1/search/recommend", data={"positive": "1", "postive": "2"}))
+    assert feedback["detail"]["unknown_fields"] == ["postive"]
+
+    # The fields a route takes still work, lists repeated.
+    assert len(results(upload(api, query(), k=3, effort="exact", meta=["a=1", "b=2"]))) == 0  # no image has a, b
+    assert len(results(api.post("/v1/search/recommend", data={"positive": ["1", "2"], "k": "3"}))) == 3
+
+
+def test_a_second_file_or_a_repeated_option_is_a_422_not_the_last_one_silently(api: TestClient) -> None:
+    red, blue = query(), jpeg_bytes(class_image("blue", 1))
+    files = [("file", ("a.jpg", red, "image/jpeg")), ("file", ("b.jpg", blue, "image/jpeg"))]
+    for path in ("/v1/search", "/v1/images"):
+        two = refused(api.post(path, files=files))
+        assert "one file per request" in two["message"] and two["detail"] == {"repeated_fields": {"file": 2}}
+    assert api.get("/v1/images").json()["total"] == CORPUS
+    twice = refused(api.post("/v1/search", files=files[:1], data={"k": ["3", "5"]}))
+    assert twice["detail"] == {"repeated_fields": {"k": 2}} and "k (2 times)" in twice["message"]
+    # Feedback takes several uploads by design.
+    several = [("positive_file", ("a.jpg", red, "image/jpeg")), ("positive_file", ("b.jpg", blue, "image/jpeg"))]
+    assert len(results(api.post("/v1/search/recommend", files=several, data={"k": "4"}))) == 4
+
+
 # -- 5. the 413 names the configured image limit ------------------------------------------------------------
 
 def test_a_too_large_upload_names_the_configured_image_limit(api: TestClient) -> None:

@@ -3,8 +3,10 @@ checked against settings.max_k. The query pipeline itself is app/serving.py."""
 
 from __future__ import annotations
 
+import difflib
+import types
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from fastapi import Depends, Form, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,25 +32,54 @@ def no_label_if_empty(label: str | None) -> str | None:
     return label if label else None
 
 
-def _body_fields(dependant: Any) -> set[str]:
-    """The names a route's multipart body takes, its sub-dependencies' included."""
-    names = {field.alias for field in dependant.body_params}
+def _body_fields(dependant: Any) -> dict[str, Any]:
+    """The fields a route's multipart body takes, by name, its sub-dependencies' included."""
+    fields = {field.alias: field for field in dependant.body_params}
     for sub in dependant.dependencies:
-        names |= _body_fields(sub)
-    return names
+        fields |= _body_fields(sub)
+    return fields
 
 
-def form_fields_in_the_body(request: Request) -> None:
-    """Multipart routes take their options as form fields: one sent in the query string instead (`?k=3`) would
-    be ignored without a word, so it is refused with where it goes."""
-    if not request.query_params:  # the usual case: nothing to look up
-        return
-    misplaced = sorted(set(request.query_params) & _body_fields(request.scope["route"].dependant))
+def _repeatable(annotation: Any) -> bool:
+    """A field declared as a list (`meta`, `positive_file`) may be sent several times; any other only once."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(_repeatable(arg) for arg in get_args(annotation))
+    return get_origin(annotation) in (list, tuple, set, frozenset) or annotation in (list, tuple, set, frozenset)
+
+
+async def form_fields_in_the_body(request: Request) -> None:
+    """Multipart routes take their options as form fields, and a field they do not take would be ignored without a
+    word: one sent in the query string instead (`?k=3`), a misspelt one (`-F K=3`, `-F top_k=3`), a second
+    `file`. Each is refused with a 422 that says what to send instead."""
+    fields = _body_fields(request.scope["route"].dependant)
+    misplaced = sorted(set(request.query_params) & set(fields))
     if misplaced:
-        fields = ", ".join(misplaced)
+        names = ", ".join(misplaced)
         example = " ".join(f"-F {name}={request.query_params[name]}" for name in misplaced)
-        raise ApiError(422, f"{fields} must be sent as multipart form fields with the upload, not in the query "
+        raise ApiError(422, f"{names} must be sent as multipart form fields with the upload, not in the query "
                             f"string (curl: {example})", detail={"query_parameters": misplaced})
+    form = await request.form()  # already parsed for the route (FastAPI reads the body first); this is its cache
+    accepted = sorted(fields)
+    unknown = sorted(set(form.keys()) - set(fields))
+    if unknown:
+        named = []
+        for name in unknown:
+            close = [f for f in accepted if f.lower() == name.lower()] or difflib.get_close_matches(name, accepted, 1)
+            named.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        plural = "s" if len(unknown) > 1 else ""
+        raise ApiError(422, f"unknown form field{plural} {', '.join(named)}: {request.method} "
+                            f"{request.url.path} takes {', '.join(accepted)}",
+                       detail={"unknown_fields": unknown, "accepted": accepted})
+    repeated = {name: len(form.getlist(name)) for name in form.keys()
+                if len(form.getlist(name)) > 1 and not _repeatable(fields[name].field_info.annotation)}
+    if "file" in repeated:
+        raise ApiError(422, f"one file per request: this one has {repeated['file']} `file` parts; send each image in a "
+                            "request of its own",
+                       detail={"repeated_fields": repeated})
+    if repeated:
+        names = ", ".join(f"{name} ({count} times)" for name, count in sorted(repeated.items()))
+        raise ApiError(422, f"a form field sent more than once is taken once only: {names}",
+                       detail={"repeated_fields": repeated})
 
 
 def get_session(request: Request) -> Iterator[Session]:
