@@ -9,16 +9,21 @@ service or a build writes later is named by the snapshot, so copying after it is
 (dot-prefixed temporary names) are skipped.
 
     DIR/manifest.json      format, alembic revision, the source data dir, counts
-    DIR/database.json      every table's rows (JSON; datetimes as ISO 8601)
+    DIR/database.json      every table's rows but the leases' (JSON; datetimes as ISO 8601)
     DIR/files/...          images/, embeddings/, the model versions' checkpoints, the active index version
 
 Paths stored in SQL are absolute; restore rewrites the old data dir prefix to the new one. Images registered by a
 batch build from a folder outside the data dir are referenced, not copied (their uri keeps pointing there).
+
+Leases (app/db/leases.py) belong to running processes, not to the data: the backup holds the compaction lease
+while it takes the snapshot, so a copied row would lock the restored instance out of compacting (and its backups)
+until it expired. They are neither backed up nor restored (a backup made before that still lists them: skipped).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -29,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, create_engine, insert, select, text
+from sqlalchemy import DateTime, Engine, Table, create_engine, insert, select, text
 
 from app.db import leases, migrate
 from app.db.models import Base, IndexVersion, ModelVersion
@@ -38,20 +43,29 @@ from app.indexing.compact import LEASE, LEASE_TTL_S
 from app.settings import Settings
 from index import versions
 
+log = logging.getLogger(__name__)
+
 FORMAT = "retrieval-backup/1"
 PATH_COLUMNS = {"images": ("uri",), "model_versions": ("path",), "index_versions": ("path",)}
 COPIED_DIRS = ("images", "embeddings")
+# Rows of running processes (locks), not data: not backed up, skipped when an older backup has them.
+PER_PROCESS_TABLES = frozenset({"leases"})
 
 
 class BackupError(RuntimeError):
     """A backup or restore that cannot proceed; the message says why."""
 
 
+def _data_tables() -> list[Table]:
+    """The tables a backup holds, parents before children."""
+    return [t for t in Base.metadata.sorted_tables if t.name not in PER_PROCESS_TABLES]
+
+
 def _dump_tables(engine: Engine) -> dict[str, list[dict[str, Any]]]:
     tables: dict[str, list[dict[str, Any]]] = {}
     options = {"isolation_level": "REPEATABLE READ"} if engine.dialect.name == "postgresql" else {}
     with engine.connect().execution_options(**options) as conn, conn.begin():
-        for table in Base.metadata.sorted_tables:
+        for table in _data_tables():
             rows = conn.execute(select(table).order_by(*table.primary_key.columns)).mappings().all()
             tables[table.name] = [{k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
                                   for row in rows]
@@ -140,9 +154,18 @@ def backup(settings: Settings, target: Path) -> dict[str, Any]:
         # vector of an image deleted after the snapshot, which the restored database says is live.
         # Images only gain files after the snapshot (extra files are harmless), so they are copied after the lease.
         owner = f"backup-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        with leases.holding(url, LEASE, owner, LEASE_TTL_S, wait_s=LEASE_TTL_S) as taken:
+
+        def say_waiting() -> None:
+            held = leases.holder(url, LEASE)
+            by = f" by {held[0]} until {held[1]:%Y-%m-%d %H:%M:%S} UTC" if held else ""
+            log.warning("the compaction lease is held%s (a compaction, an index build or another backup): "
+                        "waiting for it, up to %.0f s", by, LEASE_TTL_S)
+
+        with leases.holding(url, LEASE, owner, LEASE_TTL_S, wait_s=LEASE_TTL_S, on_wait=say_waiting) as taken:
             if not taken:
-                raise BackupError(f"a compaction has held its lease for over {LEASE_TTL_S:.0f} s; retry the backup")
+                held = leases.holder(url, LEASE)
+                raise BackupError(f"the compaction lease is still held{f' by {held[0]}' if held else ''} after "
+                                  f"{LEASE_TTL_S:.0f} s; retry the backup once it is free")
             tables = _sql_snapshot(settings)
             copied = _copy_dirs(data_dir, files, ["embeddings"])
         copied += _copy_dirs(data_dir, files, [d for d in COPIED_DIRS if d != "embeddings"])
@@ -189,14 +212,16 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
     migrate.upgrade(url, manifest["revision"] or "head")
     engine = get_engine(url)
     with engine.connect() as conn:
-        for table in Base.metadata.sorted_tables:
+        for table in _data_tables():
             if conn.execute(select(table).limit(1)).first() is not None:
                 raise BackupError(f"the database is not empty (table {table.name} has rows); restore into an "
                                   "empty one")
     tables = json.loads((source / "database.json").read_text())
+    # A backup made before leases were left out holds the backup's own compaction lease: never restore it.
+    tables = {name: rows for name, rows in tables.items() if name not in PER_PROCESS_TABLES}
     copied = _copy_tree(source / "files", data_dir)  # files first: rows then name only files that exist
     with engine.begin() as conn:
-        for table in Base.metadata.sorted_tables:
+        for table in _data_tables():
             rows = tables.get(table.name, [])
             dates = [c.name for c in table.columns if isinstance(c.type, DateTime)]
             for row in rows:

@@ -64,6 +64,8 @@ def test_backup_while_serving_then_restore_gives_the_same_results(tmp_path: Path
         assert _results(client) == expected
         thumb = client.get(f"/v1/images/{created.json()['id']}/thumbnail")
         assert thumb.status_code == 200  # the uploaded file came back too
+    compact = run_cli(restored, "index", "compact")  # no lease of the backup's came along
+    assert compact.returncode == 0 and "another process" not in compact.stdout.lower(), compact.stdout
     again = run_cli(restored, "restore", str(backup_dir))
     assert again.returncode == 1 and "not empty" in again.stderr
     assert run_cli(settings, "backup", str(backup_dir)).returncode == 1  # never over an existing backup
@@ -100,3 +102,111 @@ def test_a_fold_during_the_copy_loses_no_stored_vector(tmp_path: Path, monkeypat
     counted = np.concatenate([np.load(target / "model-1" / f"{s}{versions.IDS_SUFFIX}")
                               for s in versions.shard_stems(target / "model-1")])
     assert sorted(counted.tolist()) == [1, 2, 3, 4, 5, 6]
+
+
+# --- restores that must not carry a lock, and restores that fail -----------------------------------------------
+
+
+def _small_instance(root: Path, labels: list[str]):
+    """A SQLite instance with a few uploaded images (rows and files) and no index: enough for backup and restore."""
+    import hashlib
+
+    from app.db.models import Image
+    from app.db.session import session_scope
+
+    settings = make_settings(root / "data", f"sqlite:///{root / 'data' / 'retrieval.db'}")
+    settings.images_dir.mkdir(parents=True)
+    migrated_url("sqlite", None, settings.data_dir)
+    with session_scope(settings.resolved_database_url) as session:
+        for seed, label in enumerate(labels):
+            data = jpeg_bytes(class_image("red", seed=seed))
+            path = settings.images_dir / f"{hashlib.sha256(data).hexdigest()}.jpg"
+            path.write_bytes(data)
+            session.add(Image(sha256=path.stem, uri=str(path), label=label, width=96, height=96, meta={}))
+    return settings
+
+
+def _target(kind: str, request, root: Path, migrated: bool = False):
+    """Where a restore goes: a data dir that does not exist yet, and a database that is new (PostgreSQL: created,
+    no tables; SQLite: no file) or, with `migrated`, already through `retrieval db upgrade`."""
+    from app.db.migrate import upgrade
+
+    if kind == "postgresql":
+        url = request.getfixturevalue("postgres_server").create_database()
+    else:
+        url = f"sqlite:///{root / 'data' / 'retrieval.db'}"
+    if migrated:
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        upgrade(url)
+    return make_settings(root / "data", url)
+
+
+def _tables(url: str) -> set[str]:
+    from sqlalchemy import inspect
+
+    from app.db.session import get_engine
+
+    with get_engine(url).connect() as conn:
+        return set(inspect(conn).get_table_names())
+
+
+def _rows(url: str) -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    from app.db.models import Base
+    from app.db.session import get_engine
+
+    present = _tables(url)
+    with get_engine(url).connect() as conn:
+        return {t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
+                for t in Base.metadata.sorted_tables if t.name in present}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_restored_instance_holds_no_lease_of_the_backup(tmp_path: Path, kind: str, request, run_cli) -> None:
+    """The backup holds the compaction lease while it takes its snapshot: the row is not in the backup, and a
+    backup made before that (which lists it) restores without it, so the restored instance compacts and backs up
+    at once instead of 'Another process is compacting; skipped' and a backup waiting up to 600 s."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from app.db import migrate
+
+    source = _small_instance(tmp_path / "orig", ["a", "b"])
+    assert run_cli(source, "backup", str(tmp_path / "bk1")).returncode == 0
+    manifest = json.loads((tmp_path / "bk1" / "manifest.json").read_text())
+    assert "leases" not in manifest["rows"]
+    assert "leases" not in json.loads((tmp_path / "bk1" / "database.json").read_text())
+    # What an older version wrote: its own lease, held for 600 s past the snapshot.
+    database = json.loads((tmp_path / "bk1" / "database.json").read_text())
+    until = (datetime.now(UTC) + timedelta(seconds=600)).isoformat()
+    database["leases"] = [{"name": "compact_index", "owner": "backup-host-1-abcdef", "expires_at": until}]
+    (tmp_path / "bk1" / "database.json").write_text(json.dumps(database))
+
+    restored = _target(kind, request, tmp_path / "restored")
+    done = run_cli(restored, "restore", str(tmp_path / "bk1"))
+    assert done.returncode == 0, done.stderr
+    url = restored.resolved_database_url
+    assert _rows(url)["leases"] == 0 and _rows(url)["images"] == 2
+    assert migrate.current(url) == migrate.current(source.resolved_database_url)
+    compact = run_cli(restored, "index", "compact")
+    assert compact.returncode == 0 and "another process" not in compact.stdout.lower(), compact.stdout
+    again = run_cli(restored, "backup", str(tmp_path / "bk2"))
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_backup_waiting_for_the_lease_says_who_holds_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A backup that must wait for the compaction lease (up to its 600 s) says so, with the holder and until when,
+    instead of hanging silently."""
+    import logging
+
+    from app import backup
+    from app.db import leases
+
+    source = _small_instance(tmp_path / "orig", ["a"])
+    assert leases.acquire(source.resolved_database_url, "compact_index", "compactor-on-host-b", 1.5)
+    with caplog.at_level(logging.WARNING, logger="app.backup"):
+        backup.backup(source, tmp_path / "bk")
+    said = [r.getMessage() for r in caplog.records if r.name == "app.backup"]
+    assert len(said) == 1 and "held by compactor-on-host-b until" in said[0] and "waiting" in said[0], said
+    assert leases.holder(source.resolved_database_url, "compact_index") is None  # given back
