@@ -18,6 +18,10 @@ batch build from a folder outside the data dir are referenced, not copied (their
 Leases (app/db/leases.py) belong to running processes, not to the data: the backup holds the compaction lease
 while it takes the snapshot, so a copied row would lock the restored instance out of compacting (and its backups)
 until it expired. They are neither backed up nor restored (a backup made before that still lists them: skipped).
+
+A restore checks what it can before writing anything (the rows fit the target database: PostgreSQL refuses a
+label over 255 characters that SQLite stored; the data dir and the database are empty), and a restore that fails
+later undoes what it did (the rows, the migrations it ran, the files and folders it made), so it can be retried.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, Table, create_engine, insert, select, text
+from sqlalchemy import DateTime, Engine, Integer, String, Table, create_engine, delete, insert, inspect, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from app.db import leases, migrate
 from app.db.models import Base, IndexVersion, ModelVersion
@@ -50,6 +56,11 @@ PATH_COLUMNS = {"images": ("uri",), "model_versions": ("path",), "index_versions
 COPIED_DIRS = ("images", "embeddings")
 # Rows of running processes (locks), not data: not backed up, skipped when an older backup has them.
 PER_PROCESS_TABLES = frozenset({"leases"})
+# What an empty data dir may hold: the SQLite file (`retrieval db upgrade` ran first), hidden entries (the image's
+# /data/.cache), the image's /data/tmp (TMPDIR) and a fresh file system's lost+found.
+IGNORED_IN_DATA_DIR = ("tmp", "lost+found")
+INT32 = (-(2**31), 2**31 - 1)
+INSERT_CHUNK = 5000
 
 
 class BackupError(RuntimeError):
@@ -195,53 +206,246 @@ def _rewrite(value: str, old_root: str, new_root: Path) -> str:
     return str(new_root / relative) if relative is not None else value
 
 
-def restore(settings: Settings, source: Path) -> dict[str, Any]:
-    """Restore the snapshot in `source` into the (empty) data dir and (empty) database of `settings`."""
-    source = Path(source)
+def _one_line(exc: BaseException) -> str:
+    """A database or OS error in one line: the driver's message (PostgreSQL's DETAIL included) and its class."""
+    inner = getattr(exc, "orig", None) or exc
+    return f"{' '.join(str(inner).split())} ({inner.__class__.__name__})"
+
+
+def _first_few(items: list[str], shown: int = 3) -> str:
+    return "; ".join(items[:shown]) + (f"; and {len(items) - shown} more" if len(items) > shown else "")
+
+
+def _row_name(table: Table, row: dict[str, Any]) -> str:
+    return f"{table.name} row " + ", ".join(f"{c.name}={row.get(c.name)!r}" for c in table.primary_key.columns)
+
+
+def _read_backup(source: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     manifest_path = source / "manifest.json"
     if not manifest_path.is_file():
         raise BackupError(f"{source} is not a backup (no manifest.json)")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != FORMAT:
         raise BackupError(f"{source} has format {manifest.get('format')!r}; this version reads {FORMAT}")
-    data_dir = settings.data_dir.resolve()
-    if data_dir.exists() and any(not p.name.startswith("retrieval.db") for p in data_dir.iterdir()):
-        raise BackupError(f"the data dir {data_dir} is not empty; restore into an empty one")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    url = settings.resolved_database_url
-    migrate.upgrade(url, manifest["revision"] or "head")
-    engine = get_engine(url)
-    with engine.connect() as conn:
-        for table in _data_tables():
-            if conn.execute(select(table).limit(1)).first() is not None:
-                raise BackupError(f"the database is not empty (table {table.name} has rows); restore into an "
-                                  "empty one")
     tables = json.loads((source / "database.json").read_text())
     # A backup made before leases were left out holds the backup's own compaction lease: never restore it.
-    tables = {name: rows for name, rows in tables.items() if name not in PER_PROCESS_TABLES}
-    copied = _copy_tree(source / "files", data_dir)  # files first: rows then name only files that exist
-    with engine.begin() as conn:
+    return manifest, {name: rows for name, rows in tables.items() if name not in PER_PROCESS_TABLES}
+
+
+def _prepare_rows(tables: dict[str, list[dict[str, Any]]], old_root: str, data_dir: Path) -> None:
+    """In place: datetimes back from ISO 8601, stored paths moved from the old data dir to the new one."""
+    for table in _data_tables():
+        dates = [c.name for c in table.columns if isinstance(c.type, DateTime)]
+        for row in tables.get(table.name, []):
+            for name in dates:
+                if isinstance(row.get(name), str):
+                    row[name] = datetime.fromisoformat(row[name])
+            for name in PATH_COLUMNS.get(table.name, ()):
+                row[name] = _rewrite(row[name], old_root, data_dir)
+
+
+def _refused_values(tables: dict[str, list[dict[str, Any]]], dialect: str) -> list[str]:
+    """Values the target database refuses although the backup's database held them: SQLite enforces no VARCHAR
+    length and takes 64-bit integers and NUL characters in text; PostgreSQL takes none of these."""
+    if dialect != "postgresql":
+        return []
+    problems = []
+    for table in _data_tables():
+        for row in tables.get(table.name, []):
+            for column in table.columns:
+                value, kind = row.get(column.name), column.type
+                length = getattr(kind, "length", None)
+                if isinstance(value, str) and isinstance(kind, String) and length and len(value) > length:
+                    hint = (f" (PATCH /v1/images/{row.get('id')} sets a shorter one)"
+                            if (table.name, column.name) == ("images", "label") else "")
+                    problems.append(f"{_row_name(table, row)}: {column.name} is {len(value)} characters, "
+                                    f"PostgreSQL's {table.name}.{column.name} holds at most {length}{hint}")
+                elif isinstance(value, str) and "\x00" in value:
+                    problems.append(f"{_row_name(table, row)}: {column.name} holds a NUL character, which "
+                                    "PostgreSQL text cannot")
+                elif (isinstance(value, int) and not isinstance(value, bool) and isinstance(kind, Integer)
+                      and not INT32[0] <= value <= INT32[1]):
+                    problems.append(f"{_row_name(table, row)}: {column.name} {value} is outside PostgreSQL's "
+                                    "integer range")
+    return problems
+
+
+def _not_empty(data_dir: Path) -> list[str]:
+    return sorted(p.name for p in data_dir.iterdir()
+                  if not (p.name.startswith(("retrieval.db", ".")) or p.name in IGNORED_IN_DATA_DIR))
+
+
+class _Undo:
+    """What a restore changed, to take back when it fails: the rows it committed, the migrations it ran, a SQLite
+    file it created, and the data dir's new entries (the whole folder when it made it)."""
+
+    def __init__(self, url: str, data_dir: Path) -> None:
+        self.url, self.data_dir = url, data_dir
+        self.made = data_dir
+        while not self.made.parent.exists():  # the topmost folder the restore will make
+            self.made = self.made.parent
+        self.found = {p.name for p in data_dir.iterdir()} if data_dir.exists() else None
+        database = make_url(url).database if url.startswith("sqlite") else None
+        self.sqlite_file = Path(database).resolve() if database and database != ":memory:" else None
+        self.sqlite_existed = self.sqlite_file is not None and self.sqlite_file.exists()
+        self.revision_before: str | None = None
+        self.migrated = self.rows_committed = False
+
+    def run(self) -> str:
+        """Undo; says in a few words what state it left."""
+        problems = []
+        try:
+            self._database()
+        except Exception as exc:  # noqa: BLE001 - said in the one line, with what to clear by hand
+            problems.append(f"the database ({_one_line(exc)})")
+        get_engine(self.url).dispose()  # no pooled connection keeps a removed SQLite file open
+        try:
+            self._files()
+        except OSError as exc:
+            problems.append(f"the data dir ({_one_line(exc)})")
+        if problems:
+            return (f"undoing it failed for {' and '.join(problems)}: empty them by hand before restoring again")
+        return "nothing was kept (the data dir and the database are as they were): fix that and restore again"
+
+    def _database(self) -> None:
+        if self.sqlite_file is not None and not self.sqlite_existed:
+            return  # the file is removed with the data dir's new entries
+        engine = get_engine(self.url)
+        if self.rows_committed:  # the database was empty before: every row is the restore's
+            with engine.begin() as conn:
+                present = set(inspect(conn).get_table_names())
+                for table in reversed(_data_tables()):
+                    if table.name in present:
+                        conn.execute(delete(table))
+        if self.migrated and migrate.current(self.url) != self.revision_before:
+            migrate.downgrade(self.url, self.revision_before or "base")
+
+    def _files(self) -> None:
+        if self.found is None:
+            if self.made.exists():
+                shutil.rmtree(self.made)
+        else:
+            for path in self.data_dir.iterdir():
+                kept_database = self.sqlite_existed and path.name.startswith(self.sqlite_file.name)
+                if path.name in self.found or kept_database:
+                    continue
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if self.sqlite_file is not None and not self.sqlite_existed:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                self.sqlite_file.with_name(self.sqlite_file.name + suffix).unlink(missing_ok=True)
+
+
+def restore(settings: Settings, source: Path) -> dict[str, Any]:
+    """Restore the snapshot in `source` into the (empty) data dir and (empty) database of `settings`; a restore
+    that fails leaves both as it found them, and says what failed in one line (BackupError)."""
+    source = Path(source)
+    manifest, tables = _read_backup(source)
+    data_dir = settings.data_dir.resolve()
+    url = settings.resolved_database_url
+    _prepare_rows(tables, manifest["data_dir"], data_dir)
+    refused = _refused_values(tables, make_url(url).get_backend_name())
+    if refused:
+        raise BackupError(
+            f"the backup holds {len(refused)} value{'s' if len(refused) > 1 else ''} that PostgreSQL refuses "
+            f"(SQLite stored them without complaint): {_first_few(refused)}. Nothing was written; change them in "
+            "the original instance and back up again, or restore into SQLite")
+    if data_dir.exists() and (extra := _not_empty(data_dir)):
+        raise BackupError(f"the data dir {data_dir} is not empty ({', '.join(extra[:5])}"
+                          f"{', ...' if len(extra) > 5 else ''}); restore into an empty one")
+    undo = _Undo(url, data_dir)
+    try:
+        return _restore(source, manifest, tables, url, data_dir, undo)
+    except BaseException as exc:
+        undone = undo.run()
+        if isinstance(exc, BackupError) and not undo.migrated:
+            raise  # refused before changing anything (a database that is not empty)
+        if isinstance(exc, BackupError):
+            raise BackupError(f"{exc}; {undone}") from exc
+        if isinstance(exc, (DBAPIError, OSError)):
+            raise BackupError(f"restore failed: {_one_line(exc)}; {undone}") from exc
+        raise
+
+
+def _restore(source: Path, manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]]], url: str,
+             data_dir: Path, undo: _Undo) -> dict[str, Any]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    engine = get_engine(url)
+    undo.revision_before = migrate.current(url)
+    with engine.connect() as conn:
+        present = set(inspect(conn).get_table_names())
         for table in _data_tables():
-            rows = tables.get(table.name, [])
-            dates = [c.name for c in table.columns if isinstance(c.type, DateTime)]
-            for row in rows:
-                for name in dates:
-                    if row.get(name) is not None:
-                        row[name] = datetime.fromisoformat(row[name])
-                for name in PATH_COLUMNS.get(table.name, ()):
-                    row[name] = _rewrite(row[name], manifest["data_dir"], data_dir)
-            if rows:
-                conn.execute(insert(table), rows)
-        if engine.dialect.name == "postgresql":  # ids were inserted explicitly: move the sequences past them
-            for table in Base.metadata.sorted_tables:
-                if "id" in table.columns and table.c.id.autoincrement is True:
-                    conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), "
-                                      f"COALESCE((SELECT MAX(id) FROM {table.name}), 0) + 1, false)"))
-        # Versions whose files were not in the backup cannot be served again.
-        kept = {str(p) for p in (data_dir / "indexes").iterdir()} if (data_dir / "indexes").is_dir() else set()
-        conn.execute(IndexVersion.__table__.update().where(IndexVersion.status != "active",
-                                                           IndexVersion.path.not_in(kept or {""}))
-                     .values(status="retired"))
+            if table.name in present and conn.execute(select(table).limit(1)).first() is not None:
+                raise BackupError(f"the database is not empty (table {table.name} has rows); restore into an "
+                                  "empty one")
+    undo.migrated = True
+    migrate.upgrade(url, manifest["revision"] or "head")
+    copied = _copy_tree(source / "files", data_dir)  # files first: rows then name only files that exist
+    _insert_rows(engine, tables, data_dir)
+    undo.rows_committed = True
     migrate.upgrade(url)
     return {"files": copied, "rows": {name: len(rows) for name, rows in tables.items()},
             "models": len(tables.get(ModelVersion.__tablename__, []))}
+
+
+class _Refused(Exception):
+    def __init__(self, table: Table) -> None:
+        self.table = table
+
+
+def _insert_rows(engine: Engine, tables: dict[str, list[dict[str, Any]]], data_dir: Path) -> None:
+    """Every row in one transaction; when the database refuses one, BackupError names it and says why."""
+    try:
+        with engine.begin() as conn:
+            present = set(inspect(conn).get_table_names())
+            for table in _data_tables():
+                rows = tables.get(table.name, [])
+                if rows and table.name not in present:
+                    raise BackupError(f"the backup has rows for table {table.name}, which the database lacks")
+                for start in range(0, len(rows), INSERT_CHUNK):
+                    try:
+                        conn.execute(insert(table), rows[start:start + INSERT_CHUNK])
+                    except Exception as exc:
+                        raise _Refused(table) from exc
+            if engine.dialect.name == "postgresql":  # ids were inserted explicitly: move the sequences past them
+                for table in _data_tables():
+                    if "id" in table.columns and table.c.id.autoincrement is True:
+                        conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), "
+                                          f"COALESCE((SELECT MAX(id) FROM {table.name}), 0) + 1, false)"))
+            # Versions whose files were not in the backup cannot be served again.
+            kept = {str(p) for p in (data_dir / "indexes").iterdir()} if (data_dir / "indexes").is_dir() else set()
+            conn.execute(IndexVersion.__table__.update().where(IndexVersion.status != "active",
+                                                               IndexVersion.path.not_in(kept or {""}))
+                         .values(status="retired"))
+    except _Refused as refused:
+        cause = refused.__cause__
+        found = _first_refused_row(engine, tables, refused.table)
+        if found is None:  # only the batch failed (e.g. the connection): say what the driver said
+            raise BackupError(f"restoring table {refused.table.name} failed: {_one_line(cause)}") from cause
+        row, exc = found
+        raise BackupError(f"the database refused {_row_name(refused.table, row)}: {_one_line(exc)}") from exc
+
+
+def _first_refused_row(engine: Engine, tables: dict[str, list[dict[str, Any]]],
+                       failed: Table) -> tuple[dict[str, Any], Exception] | None:
+    """The first row of `failed` the database refuses, and why: the tables before it in bulk, then its rows one
+    at a time, in a transaction rolled back whatever happens (only after a failed restore, to name the row)."""
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        try:
+            for table in _data_tables():
+                rows = tables.get(table.name, [])
+                if table is not failed:
+                    if rows:
+                        conn.execute(insert(table), rows)
+                    continue
+                for row in rows:
+                    try:
+                        conn.execute(insert(table), [row])
+                    except Exception as exc:  # noqa: BLE001 - the refusal we are looking for
+                        return row, exc
+                return None
+        except Exception:  # noqa: BLE001 - an earlier table failing here too: nothing more precise to say
+            return None
+        finally:
+            transaction.rollback()
+    return None

@@ -210,3 +210,120 @@ def test_a_backup_waiting_for_the_lease_says_who_holds_it(tmp_path: Path, caplog
     said = [r.getMessage() for r in caplog.records if r.name == "app.backup"]
     assert len(said) == 1 and "held by compactor-on-host-b until" in said[0] and "waiting" in said[0], said
     assert leases.holder(source.resolved_database_url, "compact_index") is None  # given back
+
+
+def test_a_label_postgresql_refuses_is_named_before_anything_is_written(tmp_path: Path, request, run_cli) -> None:
+    """SQLite stored a label over images.label's 255 characters (a build from deep folders can write one);
+    PostgreSQL refuses it. The restore says which image and column before it writes anything (no truncation);
+    the same backup restores into SQLite whole."""
+    source = _small_instance(tmp_path / "orig", ["ok", "x" * 300, "fine"])
+    assert run_cli(source, "backup", str(tmp_path / "bk")).returncode == 0
+    target = _target("postgresql", request, tmp_path / "pg")
+    refused = run_cli(target, "restore", str(tmp_path / "bk"))
+    assert refused.returncode == 1
+    line = refused.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line, line
+    assert "images row id=2: label is 300 characters" in line and "at most 255" in line, line
+    assert "PATCH /v1/images/2" in line and "Nothing was written" in line, line
+    assert not (tmp_path / "pg" / "data").exists()
+    assert _tables(target.resolved_database_url) == set()  # not even migrated
+    into_sqlite = _target("sqlite", request, tmp_path / "lite")
+    assert run_cli(into_sqlite, "restore", str(tmp_path / "bk")).returncode == 0
+    from app.db.models import Image
+    from app.db.session import session_scope
+
+    with session_scope(into_sqlite.resolved_database_url) as session:
+        assert session.get(Image, 2).label == "x" * 300
+
+
+@pytest.mark.parametrize("migrated", [False, True], ids=["new", "db-upgraded"])
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_restore_that_fails_half_way_leaves_the_target_as_it_found_it(tmp_path: Path, kind: str,
+                                                                          migrated: bool, request, run_cli) -> None:
+    """A row the database refuses once the files are copied (here two images with the same sha256, written into
+    the backup by hand): one line names the row and the reason, the rows are rolled back, the migrations the
+    restore ran are undone and the files it copied removed, so the same command with a good backup then works."""
+    import json
+
+    from app.db import migrate
+
+    source = _small_instance(tmp_path / "orig", ["a", "b", "c"])
+    assert run_cli(source, "backup", str(tmp_path / "good")).returncode == 0
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(tmp_path / "good", bad)
+    database = json.loads((bad / "database.json").read_text())
+    database["images"][2]["sha256"] = database["images"][0]["sha256"]
+    (bad / "database.json").write_text(json.dumps(database))
+
+    target = _target(kind, request, tmp_path / "target", migrated=migrated)
+    url = target.resolved_database_url
+    before = (migrate.current(url) if migrated else None, sorted(_tables(url)) if kind == "postgresql" or migrated
+              else None)
+    failed = run_cli(target, "restore", str(bad))
+    assert failed.returncode == 1
+    line = failed.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line, line
+    assert "the database refused images row id=3" in line and "sha256" in line.lower(), line
+    assert "nothing was kept" in line, line
+    if migrated:  # the data dir was there (with the SQLite file): only what the restore wrote is gone
+        assert sorted(p.name for p in (tmp_path / "target" / "data").iterdir()
+                      if not p.name.startswith("retrieval.db")) == []
+        assert (migrate.current(url), sorted(_tables(url))) == before
+        assert set(_rows(url).values()) == {0}
+    else:
+        assert not (tmp_path / "target" / "data").exists()
+        if kind == "postgresql":
+            assert migrate.current(url) is None and _tables(url) <= {"alembic_version"}
+    retried = run_cli(target, "restore", str(tmp_path / "good"))
+    assert retried.returncode == 0, retried.stderr
+    assert _rows(url)["images"] == 3
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_restore_failing_after_its_rows_committed_takes_them_back(tmp_path: Path, kind: str, request, run_cli,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last step (migrating the restored rows to the current schema) fails: the committed rows are deleted
+    and the schema taken back to where it was (none), and the line says what failed."""
+    from app import backup
+    from app.db import migrate
+
+    source = _small_instance(tmp_path / "orig", ["a"])
+    assert run_cli(source, "backup", str(tmp_path / "bk")).returncode == 0
+    target = _target(kind, request, tmp_path / "target")
+    real_upgrade, calls = migrate.upgrade, []
+
+    def upgrade_then_fail(url: str, revision: str = "head") -> None:
+        calls.append(revision)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_upgrade(url, revision)
+
+    monkeypatch.setattr(backup.migrate, "upgrade", upgrade_then_fail)
+    failed = run_cli(target, "restore", str(tmp_path / "bk"))
+    assert failed.returncode == 1
+    assert "restore failed: [Errno 28] No space left on device" in failed.stderr, failed.stderr
+    assert "nothing was kept" in failed.stderr
+    assert not (tmp_path / "target" / "data").exists()
+    if kind == "postgresql":
+        url = target.resolved_database_url
+        assert migrate.current(url) is None and _tables(url) <= {"alembic_version"}
+
+
+def test_restore_into_the_images_fresh_data_volume(tmp_path: Path, run_cli) -> None:
+    """The image's /data is never bare: it holds tmp/ (TMPDIR) and, once torch is imported, .cache/. Those do not
+    make it 'not empty'; anything else does, and is named."""
+    source = _small_instance(tmp_path / "orig", ["a"])
+    assert run_cli(source, "backup", str(tmp_path / "bk")).returncode == 0
+    volume = tmp_path / "volume"
+    (volume / "tmp").mkdir(parents=True)
+    (volume / ".cache" / "torchinductor").mkdir(parents=True)
+    target = make_settings(volume, f"sqlite:///{volume / 'retrieval.db'}")
+    done = run_cli(target, "restore", str(tmp_path / "bk"))
+    assert done.returncode == 0, done.stderr
+    assert (volume / "tmp").is_dir() and (volume / ".cache" / "torchinductor").is_dir()
+    other = tmp_path / "other"
+    (other / "models").mkdir(parents=True)
+    refused = run_cli(make_settings(other, f"sqlite:///{other / 'retrieval.db'}"), "restore", str(tmp_path / "bk"))
+    assert refused.returncode == 1 and "is not empty (models)" in refused.stderr, refused.stderr
