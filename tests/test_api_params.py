@@ -62,6 +62,29 @@ def refused(response: httpx.Response, status: int = 422) -> dict:
     return body
 
 
+# -- 1. k ------------------------------------------------------------------------------------------------------
+
+def test_a_search_without_k_gets_ten_results_or_max_k_when_that_is_lower(settings, api: TestClient) -> None:
+    """With RETRIEVAL_MAX_K=5 every search that did not send k was a 422 ("body.k: Input should be less than or
+    equal to 5"): the default was 10 whatever the limit."""
+    with app_client(settings, max_k=5) as low:
+        assert len(results(upload(low, query()))) == 5
+        assert len(results(low.get("/v1/images/1/similar"))) == 5
+        assert len(results(low.post("/v1/search/recommend", data={"positive": "1"}))) == 5
+        # k itself is still checked against the limit, and named
+        over = refused(upload(low, query(), k=6))
+        assert over["detail"][0]["loc"] == ["body", "k"] and "5" in over["message"]
+        assert low.get("/readyz").json()["detail"]["max_k"] == 5  # what the query page follows
+
+    # Under the default limit (100) the default k is 10.
+    assert len(results(upload(api, query()))) == 10
+    assert len(results(api.get("/v1/images/1/similar"))) == 10
+    assert api.get("/readyz").json()["detail"]["max_k"] == 100
+    spec = api.get("/openapi.json").json()
+    form = spec["components"]["schemas"]["Body_search_v1_search_post"]["properties"]["k"]
+    assert "Default 10, or RETRIEVAL_MAX_K when that is lower" in form["description"]
+
+
 # -- 2. job filters ------------------------------------------------------------------------------------------
 
 def test_a_job_status_or_kind_no_job_can_have_is_a_422_listing_the_accepted_ones(api: TestClient) -> None:

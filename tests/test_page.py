@@ -303,3 +303,66 @@ def test_swagger_ui_renders_with_no_other_host_reachable(page_server: LiveServer
         finally:
             browser.close()
     assert elsewhere == [] and console_errors == []
+
+
+def test_the_results_field_follows_the_servers_max_k(request: pytest.FixtureRequest,
+                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With RETRIEVAL_MAX_K=8 the page sent k=12 (and offered up to 100): every search was a 422. It now reads the
+    limit from /readyz: the field starts at 8 at most, a larger k is brought down to it, and "More results" asks
+    for what is left below it instead of a page the server refuses."""
+    binary, playwright_api = require_chromium()
+    tmp = tmp_path_factory.mktemp("page-max-k")
+    settings = build_served_corpus(tmp, migrated_url("sqlite", request, tmp), per_class=3)  # 12 images
+    server = start_server(settings, tmp / "server.log", max_k=8)
+    queries = []
+    for seed in (5050, 5051, 5052):
+        queries.append(tmp / f"query-{seed}.jpg")
+        class_image("blue", seed=seed, size=128).save(queries[-1], quality=92)
+    console_errors: list[str] = []
+    try:
+        with playwright_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=binary, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
+                page.add_init_script(RECORD_FORMS)
+                page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+                page.goto(server.base_url + "/")
+                page.wait_for_function("document.getElementById('status').textContent.includes('index')")
+                assert page.get_attribute("#k", "max") == "8" and page.input_value("#k") == "8"
+
+                with page.expect_response("**/v1/search") as first:
+                    page.set_input_files("#file", str(queries[0]))
+                assert first.value.status == 200 and page.evaluate("window.sentForms.at(-1)")["k"] == "8"
+                page.wait_for_function("document.getElementById('message').textContent.includes('8 results in')")
+                assert page.locator("#results li").count() == 8 and not page.locator("#more").is_visible()
+
+                # Pages of 5: the second asks for the 3 left below the limit.
+                page.fill("#k", "5")
+                with page.expect_response("**/v1/search"):
+                    page.set_input_files("#file", str(queries[1]))
+                page.wait_for_function("document.getElementById('message').textContent.includes('5 results in')")
+                assert page.locator("#more").is_visible()
+                with page.expect_response("**/v1/search") as second:
+                    page.click("#more")
+                assert second.value.status == 200
+                sent = page.evaluate("window.sentForms.at(-1)")
+                assert (sent["k"], sent["offset"]) == ("3", "5")
+                page.wait_for_function("document.getElementById('message').textContent === '8 results'")
+                assert page.locator("#results li").count() == 8 and not page.locator("#more").is_visible()
+
+                # A k over the limit typed in is brought down to it, and shown so.
+                page.fill("#k", "50")
+                with page.expect_response("**/v1/search") as third:
+                    page.set_input_files("#file", str(queries[2]))
+                assert third.value.status == 200 and page.evaluate("window.sentForms.at(-1)")["k"] == "8"
+                assert page.input_value("#k") == "8"
+                page.wait_for_selector("#results li .more-like-this", timeout=30_000)
+                with page.expect_response("**/similar?*") as similar:
+                    page.locator("#results li .more-like-this").first.click()
+                assert similar.value.status == 200 and "k=8" in similar.value.url
+                assert not page.locator("#message.error").is_visible()
+            finally:
+                browser.close()
+    finally:
+        server.stop()
+    assert console_errors == []

@@ -24,7 +24,9 @@ META_FILTER_DOC = ("Metadata filters, each `key=value` (repeat for AND; the key 
                    "it (`year=2021`, `big=1e20`); see docs/api.md.")
 LABEL_DOC = "Only images with exactly this label; empty means no label filter."
 MIN_SCORE_DOC = "Drop results scoring below this cosine similarity (-1..1)."
-K_DOC = "How many neighbours to return (at most RETRIEVAL_MAX_K, 100 by default)."
+DEFAULT_K = 10
+K_DOC = (f"How many neighbours to return: 1..RETRIEVAL_MAX_K (a setting, 100 unless configured). Default "
+         f"{DEFAULT_K}, or RETRIEVAL_MAX_K when that is lower.")
 
 
 def no_label_if_empty(label: str | None) -> str | None:
@@ -118,10 +120,13 @@ def explain_gate(request: Request) -> AdmissionGate:
     return request.app.state.explain_gate
 
 
-def check_k(request: Request, k: int, where: str, offset: int = 0) -> int:
-    """k (and offset + k, the depth a page reaches) within settings.max_k, or the same 422 a declared bound
-    gives (its JSON body names k, or offset)."""
+def check_k(request: Request, k: int | None, where: str, offset: int = 0) -> int:
+    """The k a search runs with: the one asked for, else DEFAULT_K or settings.max_k when that is lower. k (and
+    offset + k, the depth a page reaches) within settings.max_k, or the same 422 a declared bound gives (its JSON
+    body names k, or offset)."""
     max_k = request.app.state.settings.max_k
+    if k is None:
+        k = min(DEFAULT_K, max_k)
     if k > max_k:
         raise RequestValidationError([{"loc": (where, "k"), "msg": f"Input should be less than or equal to {max_k}",
                                        "type": "less_than_equal", "input": k, "ctx": {"le": max_k}}])

@@ -47,6 +47,7 @@ async def readyz(request: Request) -> JSONResponse:
                       index_device=deployment.index_device)
     detail["queue_depth"] = state.batcher.depth
     detail["near_duplicate_threshold"] = state.settings.near_duplicate_threshold  # the page's "near-duplicates"
+    detail["max_k"] = state.settings.max_k  # the largest k a search takes: the page's "Results" field follows it
     if serving.last_swap is not None:
         detail["last_swap"] = serving.last_swap
     if serving.swap_error is not None:

@@ -62,7 +62,7 @@ async def recommend(
     negative: list[int] = Form([], description="Stored image ids to move away from (repeat the field)."),
     positive_file: list[UploadFile] = File([], description="Uploaded images to move towards."),
     negative_file: list[UploadFile] = File([], description="Uploaded images to move away from."),
-    k: int = Form(10, ge=1, description=K_DOC),
+    k: int | None = Form(None, ge=1, description=K_DOC),
     label: str | None = Form(None, max_length=255, description=LABEL_DOC),
     meta: list[str] = Form([], description=META_FILTER_DOC),
     min_score: float | None = Form(None, ge=-1.0, le=1.0, description=MIN_SCORE_DOC),
@@ -72,7 +72,7 @@ async def recommend(
     positives minus half the mean of negatives). At least one positive (id or file); the example ids never come
     back as results."""
     settings = request.app.state.settings
-    check_k(request, k, "body", ranking.offset)
+    k = check_k(request, k, "body", ranking.offset)
     if not positive and not positive_file:
         raise ApiError(422, "positive: give at least one positive example (a stored id or a positive_file)",
                        detail=[{"loc": ["body", "positive"], "msg": "at least one positive example"}])

@@ -61,7 +61,7 @@ async def search(
     request: Request,
     session: SessionDep,
     file: UploadFile = File(..., description=f"The query image ({FORMATS_READ})."),
-    k: int = Form(10, ge=1, description=K_DOC),
+    k: int | None = Form(None, ge=1, description=K_DOC),
     label: str | None = Form(None, max_length=255, description=LABEL_DOC),
     meta: list[str] = Form([], description=META_FILTER_DOC),
     min_score: float | None = Form(None, ge=-1.0, le=1.0, description=MIN_SCORE_DOC),
@@ -72,7 +72,7 @@ async def search(
     """The k stored images most similar to the uploaded one (or to the `box` region of it); with explain=true,
     heatmaps of why."""
     settings = request.app.state.settings
-    check_k(request, k, "body", ranking.offset)
+    k = check_k(request, k, "body", ranking.offset)
     region = parse_box(box)
     deployment = get_deployment(request)
     filters = Filters(label=no_label_if_empty(label), meta=parse_meta_filters(meta))
@@ -167,13 +167,13 @@ async def similar(
     request: Request,
     session: SessionDep,
     image_id: int = Path(ge=1, le=2**62),
-    k: int = Query(10, ge=1, description=K_DOC),
+    k: int | None = Query(None, ge=1, description=K_DOC),
     min_score: float | None = Query(None, ge=-1.0, le=1.0, description=MIN_SCORE_DOC),
     filters: Filters = Depends(filters_dep),
     ranking: Ranking = Depends(ranking_query),
 ) -> SearchResponse:
     """The k stored images most similar to stored image `image_id` (itself excluded): "more like this"."""
-    check_k(request, k, "query", ranking.offset)
+    k = check_k(request, k, "query", ranking.offset)
     deployment = get_deployment(request)
     clock = StageClock()
     vector = await stored_vector(request, session, deployment, image_id, clock)

@@ -16,11 +16,36 @@ function say(text, isError = false) {
   $("message").classList.toggle("error", isError);
 }
 
+// The largest k the server takes (RETRIEVAL_MAX_K, from /readyz): the "Results" field never asks for more.
+let maxK = null;
+
+function followMaxK(limit) {
+  if (!Number.isInteger(limit) || limit < 1) return;
+  maxK = limit;
+  const input = $("k");
+  input.max = String(limit);
+  if (Number(input.value) > limit) input.value = String(limit);
+}
+
+// The k a new search asks for: the "Results" field (12 when empty), within 1..maxK (the field then shows it).
+function wantedK() {
+  const asked = Math.max(1, Math.floor(Number($("k").value)) || 12);
+  if (maxK === null || asked <= maxK) return asked;
+  $("k").value = String(maxK);
+  return maxK;
+}
+
+// The k of that search's page at `offset`: the server refuses offset + k past maxK, so the last page is shorter.
+function kAt(k, offset) {
+  return String(maxK === null ? k : Math.max(1, Math.min(k, maxK - offset)));
+}
+
 async function checkReady() {
   try {
     const res = await fetch("/readyz");
     const body = await res.json();
     const d = body.detail || {};
+    followMaxK(d.max_k);
     $("status").textContent = res.ok
       ? `model ${d.model_version} · index ${d.index_version} · ${d.vectors} images`
       : `not ready: ${d.index || d.database || body.status}`;
@@ -78,7 +103,7 @@ async function query(file) {
   $("drop-text").hidden = true;
   const form = new FormData();
   form.append("file", file);
-  form.append("k", $("k").value || "12");
+  form.append("k", String(wantedK()));
   if ($("label").value) form.append("label", $("label").value);
   if ($("min-score").value) form.append("min_score", $("min-score").value);
   searchTools.addOptions(form, file);

@@ -26,7 +26,8 @@ const searchTools = (() => {
     lastRequest = (offset) => {
       const again = new FormData();
       // Deeper pages get no heatmaps drawn, so they do not ask for them.
-      for (const [key, value] of form.entries()) if (key !== "offset" && key !== "explain") again.append(key, value);
+      for (const [key, value] of form.entries()) if (!["offset", "explain", "k"].includes(key)) again.append(key, value);
+      again.append("k", kAt(Number(form.get("k")), offset));  // app.js: the last page stops at RETRIEVAL_MAX_K
       again.append("offset", String(offset));
       return fetch("/v1/search", { method: "POST", body: again, headers: authHeaders() });
     };
@@ -90,8 +91,9 @@ const searchTools = (() => {
   }
 
   function similarRequest(id, extra) {
+    const k = wantedK();  // app.js: within the server's RETRIEVAL_MAX_K
     return (offset) => {
-      const params = new URLSearchParams({ k: el("k").value || "12", offset: String(offset), ...extra });
+      const params = new URLSearchParams({ k: kAt(k, offset), offset: String(offset), ...extra });
       return fetch(`/v1/images/${id}/similar?${params}`, { headers: authHeaders() });
     };
   }
