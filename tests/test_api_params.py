@@ -75,6 +75,12 @@ def test_a_search_without_k_gets_ten_results_or_max_k_when_that_is_lower(setting
         over = refused(upload(low, query(), k=6))
         assert over["detail"][0]["loc"] == ["body", "k"] and "5" in over["message"]
         assert low.get("/readyz").json()["detail"]["max_k"] == 5  # what the query page follows
+        # Paging with k=3 hands out next_offset 3; that page, asked with the same k, stops at the limit (it was a
+        # 422 for offset + k past max_k). An offset at the limit is still refused.
+        first = upload(low, query(), k=3).json()
+        last = upload(low, query(), k=3, offset=first["next_offset"]).json()
+        assert first["next_offset"] == 3 and len(last["results"]) == 2 and last["next_offset"] is None
+        assert refused(upload(low, query(), k=3, offset=5))["detail"][0]["loc"] == ["body", "offset"]
 
     # Under the default limit (100) the default k is 10.
     assert len(results(upload(api, query()))) == 10

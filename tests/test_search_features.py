@@ -270,7 +270,7 @@ def test_bad_input_is_422_naming_the_field(catalogue: Catalogue) -> None:
         "per_group zero": (upload(catalogue.url, query, diversify="label", per_group=0), "per_group"),
         "diversify unknown": (upload(catalogue.url, query, diversify="colour"), "diversify"),
         "mmr above 1": (upload(catalogue.url, query, mmr=1.5), "mmr"),
-        "offset past max_k": (upload(catalogue.url, query, k=10, offset=25), "offset"),
+        "offset at max_k": (upload(catalogue.url, query, k=10, offset=30), "offset"),
         "similar effort": (catalogue.get(f"/v1/images/{some_id}/similar", effort="slow"), "effort"),
         "threshold above 1": (catalogue.get("/v1/duplicates", threshold=1.5), "threshold"),
         "threshold below -1": (catalogue.get("/v1/duplicates", threshold=-2), "threshold"),

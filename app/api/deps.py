@@ -121,20 +121,21 @@ def explain_gate(request: Request) -> AdmissionGate:
 
 
 def check_k(request: Request, k: int | None, where: str, offset: int = 0) -> int:
-    """The k a search runs with: the one asked for, else DEFAULT_K or settings.max_k when that is lower. k (and
-    offset + k, the depth a page reaches) within settings.max_k, or the same 422 a declared bound gives (its JSON
-    body names k, or offset)."""
+    """The k a search runs with: the one asked for, else DEFAULT_K or settings.max_k when that is lower. k within
+    settings.max_k and an offset below it, or the same 422 a declared bound gives (its JSON body names k, or
+    offset). A page that would reach past max_k stops there (a shorter last page, without next_offset): the
+    next_offset a full page hands out, asked for with the same k, is always answered."""
     max_k = request.app.state.settings.max_k
     if k is None:
         k = min(DEFAULT_K, max_k)
     if k > max_k:
         raise RequestValidationError([{"loc": (where, "k"), "msg": f"Input should be less than or equal to {max_k}",
                                        "type": "less_than_equal", "input": k, "ctx": {"le": max_k}}])
-    if offset + k > max_k:
-        raise RequestValidationError([{"loc": (where, "offset"), "type": "less_than_equal", "input": offset,
-                                       "msg": f"offset + k must be at most RETRIEVAL_MAX_K ({max_k}); got "
-                                              f"{offset} + {k}"}])
-    return k
+    if offset >= max_k:
+        raise RequestValidationError([{"loc": (where, "offset"), "type": "less_than", "input": offset,
+                                       "msg": f"offset must be below RETRIEVAL_MAX_K ({max_k}), the deepest a search "
+                                              f"pages; got {offset}"}])
+    return min(k, max_k - offset)
 
 
 def _ranking_dep(param: Callable[..., Any], where: str) -> Callable[..., Ranking]:

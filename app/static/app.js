@@ -35,7 +35,7 @@ function wantedK() {
   return maxK;
 }
 
-// The k of that search's page at `offset`: the server refuses offset + k past maxK, so the last page is shorter.
+// The k of that search's page at `offset`: pages stop at maxK, so the last one asks only for what is left.
 function kAt(k, offset) {
   return String(maxK === null ? k : Math.max(1, Math.min(k, maxK - offset)));
 }
