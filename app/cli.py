@@ -11,11 +11,17 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from app.cli_train import _add_set_option, add_train_eval_cli
+from app.cli_train import _override, add_train_eval_cli
 from app.db.models import Job
-from app.jobs import JOB_KINDS
+from app.jobs import JOB_KINDS, JOB_PARAMS
 from app.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+MAX_ATTEMPTS = 20  # POST /v1/jobs takes max_attempts 1-20
 
 
 def _port(value: str) -> int:
@@ -29,6 +35,13 @@ def _positive(value: str) -> int:
     number = _int(value, "this option")
     if number < 1:
         raise argparse.ArgumentTypeError(f"needs an integer >= 1; got {value}")
+    return number
+
+
+def _attempts(value: str) -> int:
+    number = _int(value, "--max-attempts")
+    if not 1 <= number <= MAX_ATTEMPTS:  # the API's bound (app/api/jobs.py)
+        raise argparse.ArgumentTypeError(f"a job gets 1-{MAX_ATTEMPTS} runs; got {value}")
     return number
 
 
@@ -239,9 +252,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    """Errors (no such job, a param the queue refuses) are JobErrors, said by main() in one line, exit 1."""
     from app import jobs
     from app.db.session import session_scope
-    from app.worker import wait_for
 
     settings = get_settings()
     url = settings.resolved_database_url
@@ -255,7 +268,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         params = dict(args.params or {})
         params.update(args.overrides)  # --set KEY=VALUE pairs, parsed by _override like train's
         with session_scope(url) as session:
-            job = jobs.enqueue(session, args.kind, params, args.max_attempts or settings.job_max_attempts)
+            attempts = settings.job_max_attempts if args.max_attempts is None else args.max_attempts
+            job = jobs.enqueue(session, args.kind, params, attempts)
             job_id = job.id
         print(f"job {job_id} queued")
         if not args.follow:
@@ -264,10 +278,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         action = "follow"
     if action == "show":
         with session_scope(url) as session:
-            job = jobs.get_job(session, args.id)
-            if job is None:
-                print(f"job {args.id} does not exist")
-                return 1
+            job = _existing_job(session, args.id)
             row = {c.name: getattr(job, c.name) for c in Job.__table__.columns}
         from app.schemas import utc_timestamp
 
@@ -275,18 +286,38 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                          default=str))
         return 0
     if action == "logs":
-        print("\n".join(jobs.read_log(settings, args.id, args.tail)))
+        with session_scope(url) as session:
+            _existing_job(session, args.id)
+        for line in jobs.read_log(settings, args.id, args.tail):  # a job no worker has started has no log yet
+            print(line)
         return 0
     if action == "cancel":
         with session_scope(url) as session:
+            status = _existing_job(session, args.id).status
+            if status in ("succeeded", "failed"):
+                raise jobs.JobError(f"job {args.id} already {status}")  # the API's 409
             job = jobs.request_cancel(session, args.id)
             print(_job_line(job))
         return 0
     # follow: print each change until the job finishes; the exit status says how it ended.
-    job = wait_for(settings, args.id, timeout=args.timeout, on_change=lambda j: print(_job_line(j), flush=True))
+    from app.worker import wait_for  # imports faiss: only here
+
+    try:
+        job = wait_for(settings, args.id, timeout=args.timeout, on_change=lambda j: print(_job_line(j), flush=True))
+    except TimeoutError as exc:
+        raise jobs.JobError(f"{exc}; only the watching stopped (`retrieval jobs follow {args.id}` again)") from None
     if job.error:
         print(job.error)
     return 0 if job.status == "succeeded" else 1
+
+
+def _existing_job(session: Session, job_id: int) -> Job:
+    from app import jobs
+
+    job = jobs.get_job(session, job_id)
+    if job is None:
+        raise jobs.JobError(f"job {job_id} does not exist")  # the API's 404
+    return job
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -382,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run queued jobs (train, rebuild_index, reembed) until stopped")
     worker.add_argument("--once", action="store_true", help="exit when the queue is empty")
-    worker.add_argument("--max-jobs", type=int, help="exit after this many jobs")
+    worker.add_argument("--max-jobs", type=_positive, help="exit after this many jobs")
     worker.add_argument("--id", help="worker id shown on its jobs (default host-pid-random)")
     worker.set_defaults(func=cmd_worker)
 
@@ -392,12 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
     listing = jsub.add_parser("list", help="recent jobs (default)")
     listing.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
     listing.add_argument("--kind", choices=list(JOB_KINDS))
-    listing.add_argument("--limit", type=int, default=20)
-    submit = jsub.add_parser("submit", help="queue a job")
+    listing.add_argument("--limit", type=_positive, default=20, help="this many, newest first (default 20)")
+    submit = jsub.add_parser(
+        "submit", help="queue a job", epilog="params each kind takes: " + "; ".join(
+            f"{kind}: {', '.join(sorted(JOB_PARAMS[kind]))}" for kind in JOB_KINDS))
     submit.add_argument("kind", choices=list(JOB_KINDS))
-    _add_set_option(submit, what="a job param")
+    submit.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                        help="a job param (parsed as YAML), e.g. --set steps=200 --set lr=0.0003")
     submit.add_argument("--params", type=_json_object, help="job params as a JSON object")
-    submit.add_argument("--max-attempts", type=int)
+    submit.add_argument("--max-attempts", type=_attempts,
+                        help=f"runs before a job whose worker dies fails, 1-{MAX_ATTEMPTS} "
+                             "(RETRIEVAL_JOB_MAX_ATTEMPTS, default 3)")
     submit.add_argument("--follow", action="store_true", help="then follow it until it finishes")
     submit.add_argument("--timeout", type=float)
     for name, text in (("show", "one job as JSON"), ("follow", "print progress until the job finishes"),
@@ -407,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "follow":
             p.add_argument("--timeout", type=float)
         if name == "logs":
-            p.add_argument("--tail", type=int, default=200)
+            p.add_argument("--tail", type=_positive, default=200, help="the last N lines (default 200)")
 
     keys = sub.add_parser("keys", help="API keys: create (shown once), list, revoke")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
