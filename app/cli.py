@@ -496,6 +496,9 @@ def _user_error(exc: Exception) -> tuple[str, int] | None:
         return f"invalid setting: {problems}", 2
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"{exc.strerror}: {exc.filename}", 1
+    not_ready = _database_not_ready(exc)
+    if not_ready is not None:
+        return not_ready, 1
     for module_name, class_name in USER_ERRORS.items():
         module = sys.modules.get(module_name)
         if module is not None and isinstance(exc, getattr(module, class_name)):
@@ -503,6 +506,53 @@ def _user_error(exc: Exception) -> tuple[str, int] | None:
                 return f"{exc} (RETRIEVAL_DEVICE, or --device where a command takes it)", 2
             return str(exc), 1
     return None
+
+
+# What a database driver says when a table or column the code reads is not there, or the SQLite file cannot be
+# opened (its folder does not exist yet): psycopg2's exception classes, SQLite's messages.
+SCHEMA_MISSING_ERRORS = ("UndefinedTable", "UndefinedColumn")
+SCHEMA_MISSING_MESSAGES = ("no such table", "no such column", "unable to open database file")
+
+
+def _database_not_ready(exc: Exception) -> str | None:
+    """The line for a command that reached a database with no schema, or one older than the code's: run `db
+    upgrade`. Said only when Alembic agrees (no revision, or not the head); a missing table in an up-to-date
+    database is a bug, and its traceback shows."""
+    from sqlalchemy.exc import DBAPIError
+
+    if not isinstance(exc, DBAPIError):
+        return None
+    if not (type(exc.orig).__name__ in SCHEMA_MISSING_ERRORS
+            or any(text in str(exc.orig) for text in SCHEMA_MISSING_MESSAGES)):
+        return None
+    alembic_log = logging.getLogger("alembic")
+    level = alembic_log.level
+    alembic_log.setLevel(logging.WARNING)  # its INFO lines would come before the one line said here
+    try:
+        from alembic.script import ScriptDirectory
+        from sqlalchemy import make_url
+
+        from app.db import migrate
+
+        url = get_settings().resolved_database_url
+        where = make_url(url).render_as_string(hide_password=True)
+        head = ScriptDirectory.from_config(migrate.alembic_config(url)).get_current_head()
+        try:
+            revision = migrate.current(url)
+        except DBAPIError:
+            sqlite_file = make_url(url).database if url.startswith("sqlite") else None
+            if not sqlite_file or Path(sqlite_file).exists():  # there, and still not opened: not ours to explain
+                return None
+            revision = None  # a SQLite file in a folder not made yet
+    except Exception:  # explaining must not hide the error it explains: its traceback shows
+        return None
+    finally:
+        alembic_log.setLevel(level)
+    if revision == head:
+        return None
+    if revision is None:
+        return f"the database at {where} is not set up: run `retrieval db upgrade` first"
+    return f"the database at {where} is at revision {revision}, not this version's {head}: run `retrieval db upgrade`"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ import pytest
 
 from tests.conftest import make_settings, migrated_url
 
+NOT_SET_UP = "is not set up: run `retrieval db upgrade` first"
+# Read commands: none of them migrates the database itself (index build, demo and keys do).
+READ_COMMANDS = (["index", "verify"], ["index", "rebuild", "--no-progress"], ["index", "compact"], ["jobs", "list"],
+                 ["jobs", "submit", "train"], ["jobs", "show", "1"], ["jobs", "logs", "1"], ["jobs", "cancel", "1"])
+
 
 def one_line(text: str) -> str:
     assert "Traceback" not in text and len(text.strip().splitlines()) == 1, text
@@ -21,6 +26,43 @@ def one_line(text: str) -> str:
 def queue(tmp_path: Path, request: pytest.FixtureRequest):
     """Settings over a migrated, empty SQLite database: a job queue with nothing in it."""
     return make_settings(tmp_path / "data", migrated_url("sqlite", request, tmp_path))
+
+
+def test_a_fresh_data_dir_says_to_run_db_upgrade(tmp_path: Path, run_cli) -> None:
+    from app.db import migrate
+
+    data = tmp_path / "data"  # RETRIEVAL_DATA_DIR of a user who has run nothing yet: not even the folder
+    settings = make_settings(data, f"sqlite:///{data / 'retrieval.db'}")
+    for args in READ_COMMANDS:
+        result = run_cli(settings, *args)
+        assert result.returncode == 1, (args, result)
+        assert one_line(result.stderr) == f"retrieval: the database at sqlite:///{data}/retrieval.db {NOT_SET_UP}"
+    data.mkdir()  # the folder there: SQLite opens an empty file, whose tables are missing
+    for args in READ_COMMANDS:
+        result = run_cli(settings, *args)
+        assert result.returncode == 1 and NOT_SET_UP in one_line(result.stderr), (args, result)
+    assert migrate.current(settings.resolved_database_url) is None  # nothing migrated behind the user's back
+    assert run_cli(settings, "db", "upgrade").returncode == 0
+    listed = run_cli(settings, "jobs", "list")
+    assert (listed.returncode, listed.stdout, listed.stderr) == (0, "", "")
+
+
+def test_a_database_behind_the_code_names_its_revision(tmp_path: Path, run_cli) -> None:
+    from app.db import migrate
+
+    url = f"sqlite:///{tmp_path / 'retrieval.db'}"
+    migrate.upgrade(url, "0001")  # before the leases table compaction takes its lease in
+    result = run_cli(make_settings(tmp_path / "data", url), "index", "compact")
+    assert result.returncode == 1
+    assert one_line(result.stderr).endswith("is at revision 0001, not this version's 0002: run `retrieval db upgrade`")
+
+
+def test_an_unmigrated_postgresql_database_says_so_without_its_password(postgres_server, tmp_path: Path,
+                                                                        run_cli) -> None:
+    url = postgres_server.create_database().replace("postgres@", "postgres:s3cret@")  # trust auth ignores it
+    result = run_cli(make_settings(tmp_path / "data", url), "jobs", "list")
+    line = one_line(result.stderr)
+    assert result.returncode == 1 and NOT_SET_UP in line and "postgres:***@" in line and "s3cret" not in line
 
 
 def test_the_submit_help_example_is_a_job_the_queue_takes(queue, run_cli) -> None:
