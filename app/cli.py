@@ -222,17 +222,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Build the demo index (once; re-runs add nothing) and serve it."""
     from app.db import migrate
     from app.demo import export_fashion_mnist
-    from app.indexing import build_index
+    from app.indexing import EmptySource, build_index
+    from app.indexing.sources import SourceError
 
     settings = get_settings()
+    corpus = settings.demo_source
+    if corpus is not None and not corpus.exists():
+        print(f"retrieval demo: RETRIEVAL_DEMO_SOURCE={corpus} does not exist (a folder of your images, sub-folder "
+              "names as labels; unset it for Fashion-MNIST)", file=sys.stderr)
+        return 1
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.resolved_database_url)
-    if settings.demo_source is not None:
-        corpus = settings.demo_source
-    else:
-        corpus, queries = export_fashion_mnist(settings.data_dir, per_class=args.per_class)
-        print(f"demo corpus: {corpus}\nheld-out query images: {queries}")
-    build_index(settings, corpus, progress=True)
+    try:
+        if corpus is None:
+            corpus, queries = export_fashion_mnist(settings.data_dir, per_class=args.per_class)
+            print(f"demo corpus: {corpus}\nheld-out query images: {queries}")
+        build_index(settings, corpus, progress=True)
+    except (EmptySource, FileNotFoundError, SourceError) as exc:  # Fashion-MNIST not installed, an empty folder
+        print(f"retrieval demo: {exc}", file=sys.stderr)
+        return 1
     if args.no_serve:
         return 0
     return cmd_serve(args)
@@ -399,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build a demo index from Fashion-MNIST (or RETRIEVAL_DEMO_SOURCE) and serve")
     add_serve_options(demo)
-    demo.add_argument("--per-class", type=int, default=100, help="demo images per class")
+    demo.add_argument("--per-class", type=_positive, default=100, help="Fashion-MNIST images per class (default 100)")
     demo.add_argument("--no-serve", action="store_true", help="build the demo index and exit")
     demo.set_defaults(func=cmd_demo)
 

@@ -26,6 +26,8 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _export(images: np.ndarray, labels: np.ndarray, out: Path, per_class: int) -> int:
+    if per_class < 1:  # [:0] would export nothing and [:-3] all but the last 3 of each class
+        raise ValueError(f"per_class needs an integer >= 1; got {per_class}")
     written = 0
     for class_id, name in enumerate(FASHION_MNIST_CLASSES):
         folder = out / name

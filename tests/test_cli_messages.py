@@ -3,6 +3,7 @@ what to do, exit 1 (2 for a bad option), never a traceback; and a line on stdout
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_settings, migrated_url
+from tests.test_indexing import make_corpus
 
 NOT_SET_UP = "is not set up: run `retrieval db upgrade` first"
 # Read commands: none of them migrates the database itself (index build, demo and keys do).
@@ -65,6 +67,31 @@ def test_an_unmigrated_postgresql_database_says_so_without_its_password(postgres
     assert result.returncode == 1 and NOT_SET_UP in line and "postgres:***@" in line and "s3cret" not in line
 
 
+def test_demo_options_and_sources_are_checked_before_anything_is_exported(
+        tmp_path: Path, run_cli, tiny_embedder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app import demo
+
+    settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'retrieval.db'}", embedder=str(tiny_embedder))
+    for per_class in ("-3", "0"):  # -3 was a [:-3] slice: every image but the last 3 of each class
+        result = run_cli(settings, "demo", "--per-class", per_class, "--no-serve")
+        assert result.returncode == 2 and f"--per-class: needs an integer >= 1; got {per_class}" in result.stderr
+    assert not (settings.data_dir / "demo").exists()
+    missing = tmp_path / "nonexistent"
+    result = run_cli(settings, "demo", "--no-serve", demo_source=missing)
+    assert result.returncode == 1
+    assert one_line(result.stderr).startswith(f"retrieval demo: RETRIEVAL_DEMO_SOURCE={missing} does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli(settings, "demo", "--no-serve", demo_source=empty)
+    assert result.returncode == 1 and "Traceback" not in result.stderr  # under the register bar, one line:
+    assert result.stderr.splitlines()[-1].startswith(f"retrieval demo: no image file under {empty}")
+    # Fashion-MNIST not installed (Debian's dataset-fashion-mnist): the line says what to install.
+    monkeypatch.setattr(demo, "export_fashion_mnist", functools.partial(demo.export_fashion_mnist,
+                                                                         source_dir=tmp_path / "no-fashion-mnist"))
+    result = run_cli(settings, "demo", "--no-serve")
+    assert result.returncode == 1 and "install Debian's dataset-fashion-mnist" in one_line(result.stderr)
+
+
 def test_the_submit_help_example_is_a_job_the_queue_takes(queue, run_cli) -> None:
     shown = run_cli(queue, "jobs", "submit", "--help")
     assert shown.returncode == 0
@@ -113,3 +140,11 @@ def test_cancel_and_follow_say_what_became_of_the_job(queue, run_cli) -> None:
     result = run_cli(queue, "jobs", "cancel", "1")  # the API answers 409
     assert result.returncode == 1 and one_line(result.stderr) == "retrieval: job 1 already succeeded"
     assert run_cli(queue, "jobs", "logs", "1").returncode == 0  # a job that exists but wrote no log: no lines
+
+
+def test_demo_builds_a_folder_of_the_users_own(tmp_path: Path, request: pytest.FixtureRequest,
+                                                       run_cli, tiny_embedder: Path) -> None:
+    """The demo on a folder of the user's own (RETRIEVAL_DEMO_SOURCE), built and not served."""
+    settings = make_settings(tmp_path / "data", migrated_url("sqlite", request, tmp_path), embedder=str(tiny_embedder))
+    result = run_cli(settings, "demo", "--no-serve", demo_source=make_corpus(tmp_path / "photos", per_class=1))
+    assert result.returncode == 0 and "(Flat, 4 vectors)" in result.stdout, result.stderr
