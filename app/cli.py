@@ -148,9 +148,15 @@ def cmd_index_verify(args: argparse.Namespace) -> int:
     if report.ok:
         print(f"index {report.version}: SQL and index agree{pending}")
         return 0
+    if report.version is None:
+        print("retrieval index verify: no active index version yet: `retrieval index build FOLDER` builds one",
+              file=sys.stderr)
+        return 1
     print(f"index {report.version}: {len(report.problems)} problem(s)", file=sys.stderr)
     for problem in report.problems:
         print(f"  {problem}", file=sys.stderr)
+    print("`retrieval index rebuild` publishes a new version from SQL and the stored embeddings (embedding the live "
+          "images that have none)", file=sys.stderr)
     return 1
 
 
@@ -164,9 +170,11 @@ def cmd_index_merge(args: argparse.Namespace) -> int:
         print(compact_index(settings, owner=f"cli-{os.getpid()}").message)
         return 0
     if args.index_command == "rebuild":
-        rebuild_index(settings, factory=args.factory, progress=not args.no_progress)
+        report = rebuild_index(settings, factory=args.factory, progress=not args.no_progress)
     else:
-        merge_shards(settings, factory=args.factory, ondisk=args.ondisk, progress=not args.no_progress)
+        report = merge_shards(settings, factory=args.factory, ondisk=args.ondisk, progress=not args.no_progress)
+    if args.no_progress:  # with progress on, the summary is printed under the bars
+        print(report.summary())
     return 0
 
 

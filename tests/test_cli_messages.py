@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_settings, migrated_url
+from tests.test_api_helpers import build_served_corpus
 from tests.test_indexing import make_corpus
 
 NOT_SET_UP = "is not set up: run `retrieval db upgrade` first"
@@ -140,6 +141,32 @@ def test_cancel_and_follow_say_what_became_of_the_job(queue, run_cli) -> None:
     result = run_cli(queue, "jobs", "cancel", "1")  # the API answers 409
     assert result.returncode == 1 and one_line(result.stderr) == "retrieval: job 1 already succeeded"
     assert run_cli(queue, "jobs", "logs", "1").returncode == 0  # a job that exists but wrote no log: no lines
+
+
+def test_rebuild_and_merge_say_what_they_published(tmp_path: Path, request: pytest.FixtureRequest, run_cli) -> None:
+    settings = build_served_corpus(tmp_path, migrated_url("sqlite", request, tmp_path), per_class=1)
+    rebuilt = run_cli(settings, "index", "rebuild", "--no-progress")
+    assert rebuilt.returncode == 0
+    assert re.search(r"^published index index-\S+ \(Flat, 4 vectors\)$", rebuilt.stdout, re.M), rebuilt.stdout
+    merged = run_cli(settings, "index", "merge", "--no-progress")
+    assert merged.returncode == 0 and re.search(r"^index index-\S+ is up to date: nothing to publish$",
+                                                merged.stdout, re.M), merged.stdout
+
+
+def test_verify_says_which_command_mends_the_index(tmp_path: Path, request: pytest.FixtureRequest, run_cli) -> None:
+    url = migrated_url("sqlite", request, tmp_path)
+    result = run_cli(make_settings(tmp_path / "empty", url), "index", "verify")
+    assert result.returncode == 1
+    assert "no active index version yet: `retrieval index build FOLDER` builds one" in one_line(result.stderr)
+    settings = build_served_corpus(tmp_path, url, per_class=1)
+    for version in settings.indexes_dir.iterdir():
+        if version.is_dir():
+            (version / "index.faiss").unlink()
+    result = run_cli(settings, "index", "verify")
+    assert result.returncode == 1 and "index files of" in result.stderr
+    assert "`retrieval index rebuild`" in result.stderr.splitlines()[-1]
+    assert run_cli(settings, "index", "rebuild", "--no-progress").returncode == 0  # what it said to run
+    assert run_cli(settings, "index", "verify").returncode == 0
 
 
 def test_demo_builds_a_folder_of_the_users_own(tmp_path: Path, request: pytest.FixtureRequest,
