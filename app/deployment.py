@@ -13,6 +13,10 @@ deleted with its reason). That is what makes an added image survive a restart an
 When the active index file is missing or corrupt at start, load_active serves the newest earlier version of the
 same model, else an index rebuilt from the embedding store, both reconciled as above, and says which in /readyz;
 a corrupt version met at a hot swap is refused and the old pair keeps serving (check_for_new_version).
+
+A service started before its database is set up (`retrieval serve` before `retrieval db upgrade`) or before any
+index is published says what to do once, in one log line, and /readyz says it for as long as it holds: each poll
+of the hot-swap watcher brings that message up to date (ServingState.database_failed, NO_ACTIVE_INDEX).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from app import metrics
 from app.batching import default_max_batch_size
 from app.db.models import IndexVersion, ModelVersion
 from app.db.queries import live_image_ids
-from app.db.session import session_scope
+from app.db.session import database_problem, session_scope
 from app.indexing import BuildReport, embed_into_store
 from app.indexing.fold import API_SHARD_PREFIX
 from app.inference import load_runner
@@ -51,6 +55,11 @@ from models.embedder import Embedder, eval_transform
 from models.runtime import Runner, TorchRunner
 
 log = logging.getLogger(__name__)
+
+NO_ACTIVE_INDEX = ("no active index yet: run `retrieval index build SOURCE` (a folder or a CSV manifest), or "
+                   "`retrieval index rebuild` for an empty index that uploads fill")
+SET_UP_FIRST = ("run `retrieval db upgrade`, then `retrieval index build SOURCE` (or `retrieval index rebuild` for an "
+                "empty index)")
 
 
 @dataclass(eq=False)
@@ -332,8 +341,34 @@ class ServingState:
     pending: int = 0
     pending_since: float | None = None  # time.monotonic() of the oldest of them
     last_compaction: dict[str, Any] | None = None
+    # Why SQL cannot be read (not set up yet, not answering): logged once per change, in /readyz while nothing loads.
+    database_problem: str | None = None
     # Serialises API writes with the final step of a swap, so no write lands on an index being replaced.
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def database_failed(self, exc: BaseException, url: str, serving: bool) -> bool:
+        """Note a failure to read SQL that is the database's state, not a bug: one log line when it differs from
+        the last one, and the /readyz message when nothing is served. False for any other error (the caller
+        raises it)."""
+        found = database_problem(exc, url)
+        if found is None:
+            return False
+        problem, set_up = found
+        message = f"{problem}: {SET_UP_FIRST}" if set_up else f"{problem}; retrying every poll"
+        if message != self.database_problem:
+            log.warning("%s", message)
+        self.database_problem = message
+        if not serving:
+            self.load_error = message
+        return True
+
+    def database_ok(self) -> None:
+        """SQL answered: a database problem noted before is over (and no longer in /readyz)."""
+        if self.database_problem is not None:
+            log.info("the database is set up and answering now")
+            if self.load_error == self.database_problem:
+                self.load_error = None
+            self.database_problem = None
 
     def note_changes(self, count: int) -> None:
         """Record online changes (API writes, or differences a load reconciled) for the compaction trigger."""
@@ -376,11 +411,19 @@ def fit_batch_cap(app: FastAPI, settings: Settings, deployment: Deployment) -> N
 async def check_for_new_version(app: FastAPI, settings: Settings) -> bool:
     """Load and swap in the active version when it is not the one served. True when a swap happened."""
     state: ServingState = app.state.serving
-    rows = await asyncio.to_thread(_active_rows, settings)
+    current: Deployment | None = app.state.deployment
+    try:
+        rows = await asyncio.to_thread(_active_rows, settings)
+    except Exception as exc:
+        if state.database_failed(exc, settings.resolved_database_url, serving=current is not None):
+            return False
+        raise
+    state.database_ok()
     if rows is None:
+        if current is None:
+            state.load_error = NO_ACTIVE_INDEX  # whatever failed before, this is what holds now
         return False
     index_row, model_row = rows
-    current: Deployment | None = app.state.deployment
     if current is not None and current.index_name == index_row.name:
         return False
     if state.failed_version == index_row.name:
@@ -398,6 +441,8 @@ async def check_for_new_version(app: FastAPI, settings: Settings) -> bool:
                       getattr(current, "index_name", None))
         metrics.SWAPS.labels("failed").inc()
         state.failed_version = index_row.name
+        if current is None:  # nothing served: /readyz's index line says why, not an older reason
+            state.load_error = f"loading index version {index_row.name} failed: {exc.__class__.__name__}: {exc}"
         state.swap_error = {"index_version": index_row.name, "model_version": model_row.name,
                             "error": f"{exc.__class__.__name__}: {exc}", "at": utc_timestamp(datetime.now(UTC))}
         return False
@@ -415,4 +460,9 @@ def converge_with_peers(app: FastAPI, settings: Settings) -> dict[str, int] | No
         deployment: Deployment | None = app.state.deployment
         if deployment is None:
             return None
-        return reconcile(settings, deployment, embed_from_files=False)
+        try:
+            return reconcile(settings, deployment, embed_from_files=False)
+        except Exception as exc:  # the database went away: said once (database_failed), retried next poll
+            if state.database_failed(exc, settings.resolved_database_url, serving=True):
+                return None
+            raise

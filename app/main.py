@@ -26,7 +26,7 @@ from app import metrics
 from app.api import duplicates, health, images, jobs, recommend, search, versions
 from app.batching import AdmissionGate, MicroBatcher, default_max_batch_size
 from app.compaction import maintain
-from app.deployment import ServingState, fit_batch_cap, load_active
+from app.deployment import NO_ACTIVE_INDEX, ServingState, fit_batch_cap, load_active
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.settings import Settings, get_settings
@@ -47,11 +47,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.deployment = None
         metrics.forget_dead_workers()
+        serving: ServingState = app.state.serving
         try:
-            app.state.deployment = await run_in_threadpool(load_active, settings, app.state.serving)
+            app.state.deployment = await run_in_threadpool(load_active, settings, serving)
         except Exception as exc:  # serve /healthz and report in /readyz instead of dying
-            log.exception("could not load the active model and index")
-            app.state.serving.load_error = f"loading the active version failed: {exc}"
+            # A database not set up yet (or not answering) is one line saying what to do, not a traceback.
+            if not serving.database_failed(exc, app.state.database_url, serving=False):
+                log.exception("could not load the active model and index")
+                serving.load_error = f"loading the active version failed: {exc}"
+        if app.state.deployment is None and serving.load_error is None:
+            serving.load_error = NO_ACTIVE_INDEX
         if app.state.deployment is not None:
             d = app.state.deployment
             fit_batch_cap(app, settings, d)

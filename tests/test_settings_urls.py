@@ -1,6 +1,8 @@
-"""RETRIEVAL_DATABASE_URL as users write it: `postgresql://` (what docs and most hosts show) and `postgres://`
-(Heroku's spelling) use the installed psycopg2 driver, against the real test PostgreSQL server; an explicit
-driver is kept as written."""
+"""The database a user points the service at: RETRIEVAL_DATABASE_URL as users write it (`postgresql://`, what docs
+and most hosts show, and `postgres://`, Heroku's spelling, use the installed psycopg2 driver, against the real test
+PostgreSQL server; an explicit driver is kept as written), and a service started before that database is set up
+(`retrieval serve` before `retrieval db upgrade`): one log line saying what to do, and a /readyz that follows what
+holds now."""
 
 from __future__ import annotations
 
@@ -54,3 +56,66 @@ def test_db_upgrade_and_a_query_through_a_plain_url(scheme: str, postgres_server
     with get_engine(plain).connect() as conn:  # a caller that skipped the settings gets the same driver
         assert conn.execute(text("SELECT count(*) FROM images")).scalar_one() == 0
         assert conn.dialect.driver == "psycopg2"
+
+
+def _wait_for(client, check, timeout_s: float = 30.0) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = client.get("/readyz").json()
+        if check(body) or time.monotonic() > deadline:
+            return body
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_serve_before_db_upgrade_says_what_to_do_once(kind: str, request, tmp_path: Path, run_cli,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """`retrieval serve` on a fresh data dir (SQLite: no folder, no file; PostgreSQL: a database without tables):
+    one warning naming `retrieval db upgrade` and the index commands, no traceback however many polls pass; after
+    `retrieval db upgrade`, /readyz says the database is fine and that no index is active yet (not the stale
+    error); after an index is published, ready."""
+    import logging
+    import time
+
+    from app.db import migrate
+    from app.deployment import NO_ACTIVE_INDEX
+    from tests.conftest import make_settings
+    from tests.test_api_helpers import app_client, save_tiny_embedder
+
+    url = (f"sqlite:///{tmp_path / 'data' / 'retrieval.db'}" if kind == "sqlite"
+           else request.getfixturevalue("postgres_server").create_database())
+    settings = make_settings(tmp_path / "data", url, embedder=str(save_tiny_embedder(tmp_path / "tiny")))
+    with caplog.at_level(logging.INFO), app_client(settings, swap_poll_s=0.1) as client:
+        time.sleep(1.0)  # ten polls of the hot-swap watcher
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        said = ready.json()["detail"]["index"]
+        assert "run `retrieval db upgrade`, then `retrieval index build SOURCE`" in said, said
+        assert ("does not exist yet" if kind == "sqlite" else "has no tables yet") in said, said
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("app")]
+        assert [r.getMessage() for r in warnings] == [said], [r.getMessage() for r in warnings]
+        assert not [r for r in caplog.records if r.exc_info], "no traceback"
+
+        if kind == "sqlite":
+            settings.data_dir.mkdir(parents=True)
+        migrate.upgrade(url)
+        body = _wait_for(client, lambda b: b["detail"]["index"] == NO_ACTIVE_INDEX)
+        assert body["detail"] == body["detail"] | {"database": "ok", "index": NO_ACTIVE_INDEX}, body
+
+        assert run_cli(settings, "index", "rebuild").returncode == 0  # an empty index, as the message says
+        body = _wait_for(client, lambda b: b["status"] == "ready")
+        assert body["status"] == "ready" and body["detail"]["vectors"] == 0, body
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
+
+
+def test_a_database_that_does_not_answer_is_one_line_without_its_password(postgres_server) -> None:
+    from app.db.session import database_problem, get_engine
+
+    url = postgres_server.url("no_such_database").replace("postgres@", "postgres:s3cret@")
+    with pytest.raises(Exception) as raised:
+        get_engine(url).connect()
+    problem, set_up = database_problem(raised.value, url)
+    assert "does not answer" in problem and "no_such_database" in problem and not set_up
+    assert "s3cret" not in problem and "\n" not in problem

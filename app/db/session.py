@@ -8,6 +8,8 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import normalize_database_url
@@ -39,6 +41,22 @@ def _engine(url: str) -> Engine:
     # seconds instead of hanging; pre-ping replaces connections that died while the server was away.
     return create_engine(url, pool_pre_ping=True, pool_timeout=CONNECT_TIMEOUT_S,
                          connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+
+
+def database_problem(exc: BaseException, url: str) -> tuple[str, bool] | None:
+    """When `exc` is the database not being there (no SQLite file, no tables: `retrieval db upgrade` not run yet)
+    or not answering, one line saying so and whether `retrieval db upgrade` is the fix; None for anything else."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    said = " ".join(str(exc.orig).split())
+    where = make_url(url).render_as_string(hide_password=True)
+    if "no such table" in said or getattr(exc.orig, "pgcode", None) == "42P01":  # 42P01: undefined_table
+        return f"the database {where} has no tables yet ({said})", True
+    if url.startswith("sqlite") and "unable to open database file" in said:
+        return f"the database {where} does not exist yet ({said})", True
+    if isinstance(exc, OperationalError):
+        return f"the database {where} does not answer ({said})", False
+    return None
 
 
 def session_factory(url: str) -> sessionmaker[Session]:
