@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_settings, migrated_url
+from tests.conftest import make_settings, migrated_url, settings_env
 from tests.test_api_helpers import build_served_corpus
 from tests.test_indexing import make_corpus
 
@@ -175,3 +175,15 @@ def test_demo_builds_a_folder_of_the_users_own(tmp_path: Path, request: pytest.F
     settings = make_settings(tmp_path / "data", migrated_url("sqlite", request, tmp_path), embedder=str(tiny_embedder))
     result = run_cli(settings, "demo", "--no-serve", demo_source=make_corpus(tmp_path / "photos", per_class=1))
     assert result.returncode == 0 and "(Flat, 4 vectors)" in result.stdout, result.stderr
+
+
+def test_a_real_process_says_only_its_one_line(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """In its own process, as the user runs it: FAISS's loader lines (which of its builds it tried) are not said
+    around the one line unless -v asks for them."""
+    import subprocess
+    import sys
+
+    settings = make_settings(tmp_path / "data", migrated_url("sqlite", request, tmp_path))
+    command = [sys.executable, "-m", "app.cli", "index", "verify"]
+    result = subprocess.run(command, env=settings_env(settings), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and one_line(result.stderr).startswith("retrieval index verify: no active index")
