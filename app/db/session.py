@@ -51,7 +51,8 @@ def database_problem(exc: BaseException, url: str) -> tuple[str, bool] | None:
     said = " ".join(str(exc.orig).split())
     where = make_url(url).render_as_string(hide_password=True)
     if "no such table" in said or getattr(exc.orig, "pgcode", None) == "42P01":  # 42P01: undefined_table
-        return f"the database {where} has no tables yet ({said})", True
+        first = str(exc.orig).strip().splitlines()[0]  # not PostgreSQL's LINE/caret lines under it
+        return f"the database {where} has no tables yet ({first})", True
     if url.startswith("sqlite") and "unable to open database file" in said:
         return f"the database {where} does not exist yet ({said})", True
     if isinstance(exc, OperationalError):
