@@ -526,23 +526,24 @@ def _user_error(exc: Exception) -> tuple[str, int] | None:
     return None
 
 
-# What a database driver says when a table or column the code reads is not there, or the SQLite file cannot be
-# opened (its folder does not exist yet): psycopg2's exception classes, SQLite's messages.
-SCHEMA_MISSING_ERRORS = ("UndefinedTable", "UndefinedColumn")
-SCHEMA_MISSING_MESSAGES = ("no such table", "no such column", "unable to open database file")
-
-
 def _database_not_ready(exc: Exception) -> str | None:
-    """The line for a command that reached a database with no schema, or one older than the code's: run `db
-    upgrade`. Said only when Alembic agrees (no revision, or not the head); a missing table in an up-to-date
-    database is a bug, and its traceback shows."""
+    """The line for a command that met a database it cannot use as it is (app.db.session.database_problem tells):
+    one with no tables, or behind the code's migrations, needs `retrieval db upgrade`, said only when Alembic agrees
+    (a missing table in a database at head is a bug, and its traceback shows); a server that could not be connected
+    to is said as such."""
     from sqlalchemy.exc import DBAPIError
+
+    from app.db.session import database_problem
 
     if not isinstance(exc, DBAPIError):
         return None
-    if not (type(exc.orig).__name__ in SCHEMA_MISSING_ERRORS
-            or any(text in str(exc.orig) for text in SCHEMA_MISSING_MESSAGES)):
+    url = get_settings().resolved_database_url  # read before the command could fail on it
+    found = database_problem(exc, url)
+    if found is None:
         return None
+    problem, upgrade_fixes = found
+    if not upgrade_fixes:  # not answering: only a failed connect (SQLite raises OperationalError for bad SQL too)
+        return problem if exc.statement is None or exc.connection_invalidated else None
     alembic_log = logging.getLogger("alembic")
     level = alembic_log.level
     alembic_log.setLevel(logging.WARNING)  # its INFO lines would come before the one line said here
@@ -552,7 +553,6 @@ def _database_not_ready(exc: Exception) -> str | None:
 
         from app.db import migrate
 
-        url = get_settings().resolved_database_url
         where = make_url(url).render_as_string(hide_password=True)
         head = ScriptDirectory.from_config(migrate.alembic_config(url)).get_current_head()
         try:
@@ -571,7 +571,6 @@ def _database_not_ready(exc: Exception) -> str | None:
     if revision is None:
         return f"the database at {where} is not set up: run `retrieval db upgrade` first"
     return f"the database at {where} is at revision {revision}, not this version's {head}: run `retrieval db upgrade`"
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -187,3 +187,15 @@ def test_a_real_process_says_only_its_one_line(tmp_path: Path, request: pytest.F
     command = [sys.executable, "-m", "app.cli", "index", "verify"]
     result = subprocess.run(command, env=settings_env(settings), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and one_line(result.stderr).startswith("retrieval index verify: no active index")
+
+
+def test_a_database_server_that_does_not_answer_is_one_line(tmp_path: Path, run_cli) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once it is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = make_settings(tmp_path / "data", f"postgresql://retrieval:s3cret@127.0.0.1:{port}/retrieval")
+    result = run_cli(settings, "jobs", "list")
+    line = one_line(result.stderr)
+    assert result.returncode == 1 and "does not answer" in line and "retrieval:***@" in line and "s3cret" not in line
