@@ -479,8 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # FAISS logs each build it tried to load (AVX512, AVX2, generic): lines on every command
+    if not args.verbose:  # FAISS logs each build it tried to load (AVX512, AVX2, generic), and Alembic each of its
+        # plugins it set up: lines on every command that tell a user nothing
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
