@@ -486,8 +486,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("retrieval: interrupted. What was committed stays, and the same command goes on from it where it can "
-              "(an index build from its last flushed shard).", file=sys.stderr)
+        if getattr(args, "command", None) == "restore":  # app.backup.restore undoes itself on any exception
+            print("retrieval restore: interrupted; what it had written was undone, so the data dir and the database "
+                  "are as they were and the same command can run again.", file=sys.stderr)
+        else:
+            print("retrieval: interrupted. What was committed stays, and the same command goes on from it where it "
+                  "can (an index build from its last flushed shard).", file=sys.stderr)
         return 130
     except Exception as exc:
         said = None if args.verbose else _user_error(exc)

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from app.db.session import get_engine
+from app.db.session import database_problem, get_engine
 from app.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -20,12 +20,17 @@ def healthz() -> Health:
 
 
 def _database_ok(url: str) -> str:
+    """"ok" when the database answers and is migrated (its alembic_version table is there); else what is wrong:
+    "not set up: ..." (`retrieval db upgrade` not run yet) or "unreachable: ..."."""
     try:
         with get_engine(url).connect() as conn:
-            conn.execute(text("SELECT 1"))
+            conn.execute(text("SELECT 1 FROM alembic_version"))
         return "ok"
     except Exception as exc:  # any failure means not ready
-        return f"unreachable: {exc.__class__.__name__}"
+        found = database_problem(exc, url)
+        if found is not None and found[1]:
+            return f"not set up: {found[0]}: run `retrieval db upgrade`"
+        return f"unreachable: {found[0] if found else exc.__class__.__name__}"
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
