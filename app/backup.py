@@ -363,6 +363,7 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
             raise BackupError(f"{exc}; {undone}") from exc
         if isinstance(exc, (DBAPIError, OSError)):
             raise BackupError(f"restore failed: {_one_line(exc)}; {undone}") from exc
+        exc.add_note(undone)  # Ctrl-C, or a bug: what the undo did is said with it (the CLI prints it)
         raise
 
 

@@ -485,10 +485,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        if getattr(args, "command", None) == "restore":  # app.backup.restore undoes itself on any exception
-            print("retrieval restore: interrupted; what it had written was undone, so the data dir and the database "
-                  "are as they were and the same command can run again.", file=sys.stderr)
+    except KeyboardInterrupt as interrupted:
+        if getattr(args, "command", None) == "restore":  # app.backup.restore undoes itself, and notes how it went
+            undone = " ".join(getattr(interrupted, "__notes__", [])) or "nothing had been written"
+            print(f"retrieval restore: interrupted; {undone}", file=sys.stderr)
         else:
             print("retrieval: interrupted. What was committed stays, and the same command goes on from it where it "
                   "can (an index build from its last flushed shard).", file=sys.stderr)
@@ -533,10 +533,10 @@ def _user_error(exc: Exception) -> tuple[str, int] | None:
 
 
 def _database_not_ready(exc: Exception) -> str | None:
-    """The line for a command that met a database it cannot use as it is (app.db.session.database_problem tells):
-    one with no tables, or behind the code's migrations, needs `retrieval db upgrade`, said only when Alembic agrees
-    (a missing table in a database at head is a bug, and its traceback shows); a server that could not be connected
-    to is said as such."""
+    """The line for a command that met a database it cannot use as it is (app.db.session.database_problem tells,
+    as it does for the service): one not set up, or behind the code's migrations, needs `retrieval db upgrade` (a
+    missing table in a database at this code's revision is a bug, and its traceback shows); a server that could not
+    be connected to is said as such."""
     from sqlalchemy.exc import DBAPIError
 
     from app.db.session import database_problem
@@ -550,33 +550,8 @@ def _database_not_ready(exc: Exception) -> str | None:
     problem, upgrade_fixes = found
     if not upgrade_fixes:  # not answering: only a failed connect (SQLite raises OperationalError for bad SQL too)
         return problem if exc.statement is None or exc.connection_invalidated else None
-    alembic_log = logging.getLogger("alembic")
-    level = alembic_log.level
-    alembic_log.setLevel(logging.WARNING)  # its INFO lines would come before the one line said here
-    try:
-        from alembic.script import ScriptDirectory
-        from sqlalchemy import make_url
+    return f"{problem}: run `retrieval db upgrade` first"
 
-        from app.db import migrate
-
-        where = make_url(url).render_as_string(hide_password=True)
-        head = ScriptDirectory.from_config(migrate.alembic_config(url)).get_current_head()
-        try:
-            revision = migrate.current(url)
-        except DBAPIError:
-            sqlite_file = make_url(url).database if url.startswith("sqlite") else None
-            if not sqlite_file or Path(sqlite_file).exists():  # there, and still not opened: not ours to explain
-                return None
-            revision = None  # a SQLite file in a folder not made yet
-    except Exception:  # explaining must not hide the error it explains: its traceback shows
-        return None
-    finally:
-        alembic_log.setLevel(level)
-    if revision == head:
-        return None
-    if revision is None:
-        return f"the database at {where} is not set up: run `retrieval db upgrade` first"
-    return f"the database at {where} is at revision {revision}, not this version's {head}: run `retrieval db upgrade`"
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -77,16 +77,20 @@ def _check_factory(session: Session, kind: str, params: dict[str, Any]) -> None:
 
 def _check_model_version(session: Session, kind: str, params: dict[str, Any]) -> None:
     """A reembed's `model_version` that is neither registered nor an embedder to register is a JobError now."""
-    from app.registry import is_embedder_spec, unknown_model_message
+    from app.registry import embedder_version_name, is_embedder_spec, name_taken, unknown_model_message
 
     wanted = params.get("model_version") if kind == "reembed" else None
     if wanted is None:
         return
     if not isinstance(wanted, str) or not wanted:
         raise JobError(f"model_version is a model version's name, a preset or a checkpoint directory; got {wanted!r}")
-    registered = session.scalar(select(ModelVersion.id).where(ModelVersion.name == wanted))
+    registered = session.scalar(select(ModelVersion).where(ModelVersion.name == wanted))
     if registered is None and not is_embedder_spec(wanted):
         raise JobError(unknown_model_message(session, wanted))
+    if registered is None:  # a checkpoint directory whose name may be a version's already
+        named = session.scalar(select(ModelVersion).where(ModelVersion.name == embedder_version_name(wanted)))
+        if named is not None and (taken := name_taken(named, wanted)) is not None:
+            raise JobError(taken)
 
 
 def enqueue(session: Session, kind: str, params: dict[str, Any] | None = None,

@@ -73,15 +73,29 @@ def unknown_model_message(session: Session, wanted: str) -> str:
             f"a preset ({', '.join(PRESETS)}) or a checkpoint directory")
 
 
+def name_taken(existing: ModelVersion, spec: str) -> str | None:
+    """Why checkpoint directory `spec` cannot be the registered version of its name, or None: a version of that
+    name registered from another directory (run1/best and run2/best are both 'best') would be used instead of it,
+    silently. A preset, or a version registered before the source was recorded, is taken as the same."""
+    source = (existing.metrics or {}).get("registered_from")
+    if source is None or not Path(spec).is_dir() or Path(spec).resolve() == Path(source):
+        return None
+    return (f"a model version named {existing.name!r} is already registered from {source}, not {Path(spec).resolve()}:"
+            " copy the checkpoint to a directory with another name and name that")
+
+
 def register_embedder(session: Session, settings: Settings, spec: str, status: str = "candidate") -> ModelVersion:
     """The version of embedder `spec` (a preset name or a checkpoint directory): the one registered under its name
-    (made `active` if asked), else its checkpoint saved under the models dir and registered with `status`."""
+    from it (made `active` if asked), else its checkpoint saved under the models dir and registered with `status`.
+    A version of that name from another directory is a ValueError (see name_taken)."""
     from models.checkpoint import is_checkpoint, read_config, save_checkpoint
     from models.zoo import create_embedder
 
     name = embedder_version_name(spec)
     existing = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
     if existing is not None:
+        if (taken := name_taken(existing, spec)) is not None:
+            raise ValueError(taken)
         if status == "active" and existing.status != "active":
             existing.status = "active"
             existing.activated_at = datetime.now(UTC)
@@ -91,7 +105,8 @@ def register_embedder(session: Session, settings: Settings, spec: str, status: s
         save_checkpoint(create_embedder(spec), target)
     config = read_config(target)
     arch = config.arch if config.arch != "timm" else config.backbone
-    return register_model(session, target.resolve(), name, arch, config.dim, status=status)
+    source = {"registered_from": str(Path(spec).resolve())} if is_checkpoint(spec) else {}
+    return register_model(session, target.resolve(), name, arch, config.dim, metrics=source, status=status)
 
 
 def promote(session: Session, index_version: IndexVersion) -> None:

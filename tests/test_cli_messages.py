@@ -57,7 +57,8 @@ def test_a_database_behind_the_code_names_its_revision(tmp_path: Path, run_cli) 
     migrate.upgrade(url, "0001")  # before the leases table compaction takes its lease in
     result = run_cli(make_settings(tmp_path / "data", url), "index", "compact")
     assert result.returncode == 1
-    assert one_line(result.stderr).endswith("is at revision 0001, not this version's 0002: run `retrieval db upgrade`")
+    assert one_line(result.stderr).endswith(
+        "is at revision 0001, not this version's 0002: run `retrieval db upgrade` first")
 
 
 def test_an_unmigrated_postgresql_database_says_so_without_its_password(postgres_server, tmp_path: Path,

@@ -93,9 +93,9 @@ def test_serve_before_db_upgrade_says_what_to_do_once(kind: str, request, tmp_pa
         assert ready.status_code == 503
         said = ready.json()["detail"]["index"]
         assert "run `retrieval db upgrade`, then `retrieval index build SOURCE`" in said, said
-        assert ("does not exist yet" if kind == "sqlite" else "has no tables yet") in said, said
+        assert "is not set up: run `retrieval db upgrade`" in said, said
         database = ready.json()["detail"]["database"]  # not "ok" (SELECT 1 answered) nor "unreachable"
-        assert database.startswith("not set up: ") and database.endswith("run `retrieval db upgrade`"), database
+        assert database.endswith("is not set up: run `retrieval db upgrade`"), database
         warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("app")]
         assert [r.getMessage() for r in warnings] == [said], [r.getMessage() for r in warnings]
         assert not [r for r in caplog.records if r.exc_info], "no traceback"

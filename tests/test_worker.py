@@ -324,6 +324,13 @@ def test_reembed_moves_the_corpus_to_another_embedder(world: Settings, tmp_path:
         found = upload(client, jpeg_bytes(class_image("red", seed=5)), k=3)
         assert found.status_code == 200 and found.json()["model_version"] == "wider-embedder"
 
+    # Another run's checkpoint under the same folder name would silently be the first one: refused, saying so.
+    namesake = save_tiny_embedder(tmp_path / "run2" / "wider-embedder", dim=32, seed=2)
+    with pytest.raises(jobs.JobError) as taken:
+        enqueue(world, "reembed", {"model_version": str(namesake)})
+    assert str(taken.value).startswith(f"a model version named 'wider-embedder' is already registered from {other}")
+    assert enqueue(world, "reembed", {"model_version": str(other)})  # the same directory again: a re-run, fine
+
 
 def test_rerun_after_a_crash_past_promotion_does_not_redo_it(world: Settings) -> None:
     """A run that promoted and then died: the re-run finds the candidate active and records success."""

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from app.db.session import database_problem, get_engine
+from app.db.session import database_problem, schema_behind
 from app.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -20,17 +19,16 @@ def healthz() -> Health:
 
 
 def _database_ok(url: str) -> str:
-    """"ok" when the database answers and is migrated (its alembic_version table is there); else what is wrong:
-    "not set up: ..." (`retrieval db upgrade` not run yet) or "unreachable: ..."."""
+    """"ok" when the database answers at this code's migration revision; else what is wrong: the line
+    `retrieval db upgrade` fixes, or "unreachable: ..."."""
     try:
-        with get_engine(url).connect() as conn:
-            conn.execute(text("SELECT 1 FROM alembic_version"))
-        return "ok"
+        behind = schema_behind(url)
     except Exception as exc:  # any failure means not ready
         found = database_problem(exc, url)
         if found is not None and found[1]:
-            return f"not set up: {found[0]}: run `retrieval db upgrade`"
+            return f"{found[0]}: run `retrieval db upgrade`"
         return f"unreachable: {found[0] if found else exc.__class__.__name__}"
+    return "ok" if behind is None else f"{behind}: run `retrieval db upgrade`"
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -44,20 +45,53 @@ def _engine(url: str) -> Engine:
 
 
 def database_problem(exc: BaseException, url: str) -> tuple[str, bool] | None:
-    """When `exc` is the database not being there (no SQLite file, no tables: `retrieval db upgrade` not run yet)
-    or not answering, one line saying so and whether `retrieval db upgrade` is the fix; None for anything else."""
+    """When `exc` is the database not being set up for this code (no SQLite file, no tables, or a revision behind:
+    `retrieval db upgrade` not run) or not answering, one line saying so and whether `retrieval db upgrade` is the
+    fix; None for anything else (a table missing from a database at this code's revision is a bug)."""
     if not isinstance(exc, DBAPIError):
         return None
     said = " ".join(str(exc.orig).split())
     where = make_url(url).render_as_string(hide_password=True)
-    if "no such table" in said or getattr(exc.orig, "pgcode", None) == "42P01":  # 42P01: undefined_table
-        first = str(exc.orig).strip().splitlines()[0]  # not PostgreSQL's LINE/caret lines under it
-        return f"the database {where} has no tables yet ({first})", True
+    if _missing_table(exc):
+        try:
+            behind = schema_behind(url)
+        except DBAPIError:
+            return None
+        return (behind, True) if behind is not None else None
     if url.startswith("sqlite") and "unable to open database file" in said:
-        return f"the database {where} does not exist yet ({said})", True
+        database = make_url(url).database
+        if database and Path(database).exists():  # there and not opened: permissions, a folder in its place
+            return f"the database at {where} cannot be opened ({said})", False
+        return f"the database at {where} is not set up", True  # no file yet
     if isinstance(exc, OperationalError):
-        return f"the database {where} does not answer ({said})", False
+        return f"the database at {where} does not answer ({said})", False
     return None
+
+
+def _missing_table(exc: DBAPIError) -> bool:
+    return "no such table" in str(exc.orig) or getattr(exc.orig, "pgcode", None) == "42P01"  # undefined_table
+
+
+def schema_behind(url: str) -> str | None:
+    """None when the database is at this code's migration revision; else what it is instead (not set up, or at an
+    older revision), the line `retrieval db upgrade` fixes. Raises what connecting raises. One SELECT, without
+    Alembic's migration context (which logs at every call: /readyz asks)."""
+    from app.db.migrate import head_revision
+
+    where = make_url(url).render_as_string(hide_password=True)
+    with get_engine(url).connect() as conn:
+        try:
+            revisions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        except DBAPIError as exc:
+            if not _missing_table(exc):
+                raise
+            revisions = []
+    head = head_revision()
+    if head in revisions:
+        return None
+    if not revisions:
+        return f"the database at {where} is not set up"
+    return f"the database at {where} is at revision {', '.join(revisions)}, not this version's {head}"
 
 
 def session_factory(url: str) -> sessionmaker[Session]:
