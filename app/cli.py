@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING
 
 from app.cli_train import _override, add_train_eval_cli
 from app.db.models import Job
-from app.jobs import JOB_KINDS, JOB_PARAMS
+from app.jobs import JOB_KINDS, JOB_PARAMS, JOB_STATUSES, MAX_ATTEMPTS
 from app.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-MAX_ATTEMPTS = 20  # POST /v1/jobs takes max_attempts 1-20
 
 
 def _port(value: str) -> int:
@@ -40,7 +39,7 @@ def _positive(value: str) -> int:
 
 def _attempts(value: str) -> int:
     number = _int(value, "--max-attempts")
-    if not 1 <= number <= MAX_ATTEMPTS:  # the API's bound (app/api/jobs.py)
+    if not 1 <= number <= MAX_ATTEMPTS:  # the API's bound
         raise argparse.ArgumentTypeError(f"a job gets 1-{MAX_ATTEMPTS} runs; got {value}")
     return number
 
@@ -437,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_parser.set_defaults(func=cmd_jobs, jobs_command=None, status=None, kind=None, limit=20)
     jsub = jobs_parser.add_subparsers(dest="jobs_command")
     listing = jsub.add_parser("list", help="recent jobs (default)")
-    listing.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    listing.add_argument("--status", choices=list(JOB_STATUSES))
     listing.add_argument("--kind", choices=list(JOB_KINDS))
     listing.add_argument("--limit", type=_positive, default=20, help="this many, newest first (default 20)")
     submit = jsub.add_parser(

@@ -31,7 +31,9 @@ from app.db.session import get_engine, session_scope
 from app.settings import Settings
 
 JOB_KINDS = ("train", "rebuild_index", "reembed")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
+MAX_ATTEMPTS = 20  # the most runs a job may be given (the API's and the CLI's bound)
 # TrainConfig fields (models/config.py) a train job may set directly.
 TRAIN_FIELDS = ("steps", "batch_size", "m_per_class", "lr", "head_lr", "loss_lr", "weight_decay", "warmup_steps",
                 "seed", "num_workers", "eval_every", "checkpoint_every", "log_every", "eval_batch_size", "amp",

@@ -19,8 +19,8 @@ from app.schemas import ErrorBody, UtcDatetime
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-JobKind = Literal["train", "rebuild_index", "reembed"]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobKind = Literal[jobs.JOB_KINDS]  # Literal[("a", "b")] is Literal["a", "b"]
+JobStatus = Literal[jobs.JOB_STATUSES]
 JOB_ID = Path(ge=1, le=2**62)
 
 
@@ -32,7 +32,8 @@ class JobCreate(BaseModel):
                     "dict) or config_path, init ('active' or 'config'), image_size, val_fraction, split_seed, "
                     "force_promote, name. rebuild_index: factory. reembed: model_version, factory.",
     )
-    max_attempts: int | None = Field(None, ge=1, le=20, description="Runs before a job whose worker dies fails.")
+    max_attempts: int | None = Field(None, ge=1, le=jobs.MAX_ATTEMPTS,
+                                     description="Runs before a job whose worker dies fails.")
 
 
 class JobOut(BaseModel):
