@@ -69,5 +69,7 @@ async def maintain(app: FastAPI, settings: Settings) -> None:
                 last_trim = time.monotonic()
         except asyncio.CancelledError:
             raise
-        except Exception:  # e.g. the database is briefly unreachable; try again next tick
-            log.exception("checking for a new active version or compacting failed")
+        except Exception as exc:  # e.g. the database is briefly unreachable; try again next tick
+            serving = app.state.deployment is not None
+            if not app.state.serving.database_failed(exc, settings.resolved_database_url, serving=serving):
+                log.exception("checking for a new active version or compacting failed")  # database ones: one line
