@@ -241,10 +241,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.resolved_database_url)
     try:
-        if corpus is None:
+        exported = corpus is None
+        if exported:
             corpus, queries = export_fashion_mnist(settings.data_dir, per_class=args.per_class)
             print(f"demo corpus: {corpus}\nheld-out query images: {queries}")
-        build_index(settings, corpus, progress=True)
+        # The exported folder is the demo's own: images an earlier, larger --per-class left are retired with it.
+        build_index(settings, corpus, progress=True, prune=exported)
     except (EmptySource, FileNotFoundError, SourceError) as exc:  # Fashion-MNIST not installed, an empty folder
         print(f"retrieval demo: {exc}", file=sys.stderr)
         return 1

@@ -37,6 +37,10 @@ def _export(images: np.ndarray, labels: np.ndarray, out: Path, per_class: int) -
             if not path.exists():
                 Image.fromarray(images[idx], mode="L").save(path)
                 written += 1
+        # An earlier run with a larger --per-class left more: the folder holds what this run asked for.
+        for extra in folder.glob("[0-9][0-9][0-9][0-9][0-9].png"):
+            if int(extra.stem) >= per_class:
+                extra.unlink()
     return written
 
 

@@ -94,6 +94,36 @@ def test_demo_options_and_sources_are_checked_before_anything_is_exported(
     assert result.returncode == 1 and "install Debian's dataset-fashion-mnist" in one_line(result.stderr)
 
 
+def test_a_demo_run_again_with_fewer_per_class_serves_that_many(tmp_path: Path, run_cli, tiny_embedder: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`retrieval demo --per-class 3` after a run with 4 built all 4 per class (the export folder kept them)."""
+    import gzip
+
+    import numpy as np
+
+    from app import demo
+    from app.db.session import session_scope
+    from app.indexing import verify_index
+    from app.registry import active_index
+
+    source = tmp_path / "fashion-mnist"
+    source.mkdir()
+    labels = np.repeat(np.arange(10, dtype=np.uint8), 5)  # 5 of each of the 10 classes
+    images = np.random.default_rng(0).integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+    for split in ("train", "t10k"):  # IDX: a zero, the type (8: ubyte), the dimension count, each size, the bytes
+        for name, array in (("images-idx3", images), ("labels-idx1", labels)):
+            header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+            (source / f"{split}-{name}-ubyte.gz").write_bytes(gzip.compress(header + array.tobytes()))
+    monkeypatch.setattr(demo, "export_fashion_mnist", functools.partial(demo.export_fashion_mnist, source_dir=source))
+    settings = make_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'retrieval.db'}", embedder=str(tiny_embedder))
+    for per_class in (4, 3):
+        result = run_cli(settings, "demo", "--per-class", str(per_class), "--no-serve")
+        assert result.returncode == 0, result.stderr
+        assert verify_index(settings).ok
+        with session_scope(settings.resolved_database_url) as session:
+            assert active_index(session).ntotal == 10 * per_class, result.stdout
+
+
 def test_the_submit_help_example_is_a_job_the_queue_takes(queue, run_cli) -> None:
     shown = run_cli(queue, "jobs", "submit", "--help")
     assert shown.returncode == 0

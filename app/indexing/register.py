@@ -194,17 +194,19 @@ def _retire(image: Image, now: datetime, why: str) -> None:
 
 def missing_files(settings: Settings, source: str | Path) -> list[tuple[int, str]]:
     """(id, path) of the live images registered from folder `source` whose file is no longer there. Uploads kept
-    in the data dir are not the folder's, wherever it is."""
+    in the data dir are not the folder's, wherever it is, unless the folder is itself in the data dir (the demo's)."""
     root = Path(source).resolve()
     if not root.is_dir():
         return []  # a manifest or one file lists what it holds, not what left
     prefix, data_dir = str(root) + os.sep, str(settings.data_dir.resolve()) + os.sep
+    # A folder inside the data dir (the demo's export) holds its own files; else the data dir's are uploads.
+    own_data_dir = prefix.startswith(data_dir)
     with session_scope(settings.resolved_database_url) as session:
         rows = session.execute(select(Image.id, Image.uri).where(
             Image.deleted_at.is_(None), Image.uri.startswith(prefix, autoescape=True)))
         # startswith again: SQLite's LIKE ignores ASCII case, and /photos is not /Photos.
         return [(image_id, uri) for image_id, uri in rows
-                if uri.startswith(prefix) and not uri.startswith(data_dir) and file_gone(uri)]
+                if uri.startswith(prefix) and (own_data_dir or not uri.startswith(data_dir)) and file_gone(uri)]
 
 
 def retire_missing(settings: Settings, source: str | Path, report: BuildReport, prune: bool) -> None:
