@@ -14,11 +14,11 @@ class BodyTooLarge(Exception):
 class BodySizeLimit:
     """Pure ASGI middleware: 413 on a Content-Length over the limit, or once the streamed bytes pass it.
 
-    `max_bytes` is the body limit: the largest image (RETRIEVAL_MAX_UPLOAD_BYTES) plus room for the multipart
-    framing and the form fields. The 413 names the image limit, the number a user set and can act on, not the
-    body limit; it is `image_bytes`, else the app's settings.max_upload_bytes, else the body limit itself."""
+    `max_bytes` is the body limit: the largest image, `image_bytes` (RETRIEVAL_MAX_UPLOAD_BYTES), plus room for
+    the multipart framing and the form fields. The 413 names the image limit, the number a user set and can act
+    on, not the body limit."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, image_bytes: int | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, image_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.image_bytes = image_bytes
@@ -30,7 +30,7 @@ class BodySizeLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, send, int(declared), exact=True)
+            await self._reject(send, int(declared), exact=True)
             return
 
         received = 0
@@ -47,7 +47,7 @@ class BodySizeLimit:
                     # form read into an HTTP error of its own): every 413 for size says the same thing.
                     if not response_started:
                         response_started = rejected = True
-                        await self._reject(scope, send, received, exact=False)
+                        await self._reject(send, received, exact=False)
                     raise BodyTooLarge()
             return message
 
@@ -63,16 +63,10 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not response_started:
-                await self._reject(scope, send, received, exact=False)
+                await self._reject(send, received, exact=False)
 
-    def _image_limit(self, scope: Scope) -> int:
-        if self.image_bytes is not None:
-            return self.image_bytes
-        settings = getattr(getattr(scope.get("app"), "state", None), "settings", None)
-        return getattr(settings, "max_upload_bytes", None) or self.max_bytes
-
-    async def _reject(self, scope: Scope, send: Send, size: int, exact: bool) -> None:
-        limit = self._image_limit(scope)
+    async def _reject(self, send: Send, size: int, exact: bool) -> None:
+        limit = self.image_bytes
         body = json.dumps({
             "error": "payload_too_large",
             "message": f"the upload is too large: an image may be at most {limit} bytes ({_readable(limit)}, "

@@ -102,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                            "explain requests")
     install_error_handlers(app)
     body_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD
-    app.add_middleware(BodySizeLimit, max_bytes=body_limit)
+    app.add_middleware(BodySizeLimit, max_bytes=body_limit, image_bytes=settings.max_upload_bytes)
     # Uploads stay in memory up to the body limit (the route reads them whole anyway). Past Starlette's 1 MB spool
     # every 64 KB chunk of a phone photo went to a temporary file through a threadpool hop, and back.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, body_limit)
