@@ -69,6 +69,11 @@ class ImagePage(BaseModel):
     next_cursor: int | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
 
+def no_label_if_empty(label: str | None) -> str | None:
+    """The one rule for an empty label: it is no label (no filter in a query, null when written)."""
+    return label if label else None
+
+
 class ImageUpdate(BaseModel):
     """A merge patch: `label` replaces the label (null or "" clears it: an empty label is no label, as
     everywhere in the API); in `metadata` a key set to null is removed, any other value is set, and keys not named
@@ -79,10 +84,7 @@ class ImageUpdate(BaseModel):
     label: str | None = Field(None, max_length=255, description='The new label; null or "" clears it.')
     metadata: dict[str, Any] | None = None
 
-    @field_validator("label")
-    @classmethod
-    def _empty_label_is_none(cls, value: str | None) -> str | None:
-        return value or None
+    _empty_label_is_none = field_validator("label")(no_label_if_empty)
 
 
 class SearchHit(BaseModel):

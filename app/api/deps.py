@@ -17,6 +17,7 @@ from app.db.session import session_scope
 from app.deployment import Deployment
 from app.errors import ApiError
 from app.ranking import DIVERSIFY_DOC, EFFORT_DOC, MMR_DOC, OFFSET_DOC, PER_GROUP_DOC, Effort, Ranking, parse_diversify
+from app.schemas import no_label_if_empty
 from app.serving import Filters, parse_meta_filters
 
 META_FILTER_DOC = ("Metadata filters, each `key=value` (repeat for AND; the key is everything before the first `=`): "
@@ -27,11 +28,6 @@ MIN_SCORE_DOC = "Drop results scoring below this cosine similarity (-1..1)."
 DEFAULT_K = 10
 K_DOC = (f"How many neighbours to return: 1..RETRIEVAL_MAX_K (a setting, 100 unless configured). Default "
          f"{DEFAULT_K}, or RETRIEVAL_MAX_K when that is lower.")
-
-
-def no_label_if_empty(label: str | None) -> str | None:
-    """The one rule for an empty label: it is no label (no filter in a query, null when written)."""
-    return label if label else None
 
 
 def _body_fields(dependant: Any) -> dict[str, Any]:

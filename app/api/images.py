@@ -27,7 +27,6 @@ from app.api.deps import (
     form_fields_in_the_body,
     get_batcher,
     get_deployment,
-    no_label_if_empty,
     not_ready,
 )
 from app.auth import require_read, require_write
@@ -36,7 +35,7 @@ from app.deployment import Deployment, ServingState, write_api_embedding
 from app.duplicates import near_duplicate_of
 from app.errors import ApiError
 from app.images import FORMATS_READ, read_image_file
-from app.schemas import ErrorBody, ImageOut, ImagePage, ImageUpdate
+from app.schemas import ErrorBody, ImageOut, ImagePage, ImageUpdate, no_label_if_empty
 from app.serving import Filters, StageClock, check_metadata, decode_query, embed_pixels
 from app.settings import Settings
 

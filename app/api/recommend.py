@@ -24,7 +24,6 @@ from app.api.deps import (
     form_fields_in_the_body,
     get_batcher,
     get_deployment,
-    no_label_if_empty,
     ranking_form,
 )
 from app.api.search import ERRORS, search_response, stored_vector
@@ -32,7 +31,7 @@ from app.auth import require_read
 from app.db.models import Image
 from app.errors import ApiError
 from app.ranking import Ranking, rocchio
-from app.schemas import SearchResponse
+from app.schemas import SearchResponse, no_label_if_empty
 from app.serving import Filters, StageClock, decode_query, embed_pixels, parse_meta_filters, search_and_join
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_read)])

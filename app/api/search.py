@@ -25,7 +25,6 @@ from app.api.deps import (
     form_fields_in_the_body,
     get_batcher,
     get_deployment,
-    no_label_if_empty,
     ranking_form,
     ranking_query,
 )
@@ -37,7 +36,7 @@ from app.explain import decode_for_explain, explain_pair, explain_results, forwa
 from app.images import FORMATS_READ
 from app.ranking import Ranking
 from app.region import BOX_DOC, parse_box
-from app.schemas import ErrorBody, ExplainResponse, SearchHit, SearchResponse
+from app.schemas import ErrorBody, ExplainResponse, SearchHit, SearchResponse, no_label_if_empty
 from app.serving import (
     Filters,
     StageClock,
