@@ -22,14 +22,12 @@ def multipart_body(curl_form: str, urlencoded_too: bool = False) -> Callable[[Re
     accepted = (MULTIPART, URLENCODED) if urlencoded_too else (MULTIPART,)
 
     def check(request: Request) -> None:
-        header = request.headers.get("content-type", "")
-        media_type = header.split(";", 1)[0].strip().lower()
+        media_type = _media_type(request)
         if media_type in accepted:
             return
-        sent = f"a body of {media_type}" if media_type else "a body without a Content-Type"
         url = str(request.url.replace(query=""))
         raise ApiError(415, f"{request.method} {request.url.path} takes multipart/form-data (the image and the "
-                            f"options as form fields), not {sent}: curl {curl_form} {url}",
+                            f"options as form fields), not {_sent(media_type)}: curl {curl_form} {url}",
                        detail={"content_type": media_type or None, "accepted": list(accepted)})
 
     return check
@@ -41,14 +39,21 @@ def json_body(curl_form: str) -> Callable[[Request], None]:
     nothing of what to send. `curl_form` is the route's `-d ...` example."""
 
     def check(request: Request) -> None:
-        header = request.headers.get("content-type", "")
-        media_type = header.split(";", 1)[0].strip().lower()
+        media_type = _media_type(request)
         if media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json")):
             return
-        sent = f"a body of {media_type}" if media_type else "a body without a Content-Type"
         url = str(request.url.replace(query=""))
-        raise ApiError(415, f"{request.method} {request.url.path} takes a JSON body, not {sent}: curl -X "
+        raise ApiError(415, f"{request.method} {request.url.path} takes a JSON body, not {_sent(media_type)}: curl -X "
                             f"{request.method} -H 'Content-Type: application/json' -d '{curl_form}' {url}",
                        detail={"content_type": media_type or None, "accepted": ["application/json"]})
 
     return check
+
+
+def _media_type(request: Request) -> str:
+    """The request's Content-Type without its parameters (boundary, charset), lower case; "" when there is none."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _sent(media_type: str) -> str:
+    return f"a body of {media_type}" if media_type else "a body without a Content-Type"
