@@ -11,16 +11,11 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from app.cli_train import _override, add_train_eval_cli
 from app.db.models import Job
 from app.jobs import JOB_KINDS, JOB_PARAMS, JOB_STATUSES, MAX_ATTEMPTS
 from app.settings import Settings, get_settings
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
 
 
 def _port(value: str) -> int:
@@ -295,7 +290,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         action = "follow"
     if action == "show":
         with session_scope(url) as session:
-            job = _existing_job(session, args.id)
+            job = jobs.get_job(session, args.id)
             row = {c.name: getattr(job, c.name) for c in Job.__table__.columns}
         from app.schemas import utc_timestamp
 
@@ -304,15 +299,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     if action == "logs":
         with session_scope(url) as session:
-            _existing_job(session, args.id)
+            jobs.get_job(session, args.id)
         for line in jobs.read_log(settings, args.id, args.tail):  # a job no worker has started has no log yet
             print(line)
         return 0
     if action == "cancel":
         with session_scope(url) as session:
-            status = _existing_job(session, args.id).status
-            if status in ("succeeded", "failed"):
-                raise jobs.JobError(f"job {args.id} already {status}")  # the API's 409
             job = jobs.request_cancel(session, args.id)
             print(_job_line(job))
         return 0
@@ -326,15 +318,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if job.error:
         print(job.error)
     return 0 if job.status == "succeeded" else 1
-
-
-def _existing_job(session: Session, job_id: int) -> Job:
-    from app import jobs
-
-    job = jobs.get_job(session, job_id)
-    if job is None:
-        raise jobs.JobError(f"job {job_id} does not exist")  # the API's 404
-    return job
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

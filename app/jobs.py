@@ -56,6 +56,14 @@ class JobError(ValueError):
     """A request the queue refuses (unknown kind, unknown job)."""
 
 
+class JobNotFound(JobError):
+    """No job has that id (the API's 404)."""
+
+
+class JobFinished(JobError):
+    """The job already succeeded or failed: nothing left to cancel (the API's 409)."""
+
+
 def _check_factory(session: Session, kind: str, params: dict[str, Any]) -> None:
     """A `factory` FAISS cannot make for the model the job indexes with is a JobError now, not a failed job later
     (a train job's model, and so its dimension, does not exist yet)."""
@@ -116,8 +124,12 @@ def enqueue(session: Session, kind: str, params: dict[str, Any] | None = None,
     return job
 
 
-def get_job(session: Session, job_id: int) -> Job | None:
-    return session.get(Job, job_id)
+def get_job(session: Session, job_id: int) -> Job:
+    """The job, or JobNotFound."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(f"job {job_id} does not exist")
+    return job
 
 
 def list_jobs(session: Session, status: str | None = None, kind: str | None = None, limit: int = 50) -> list[Job]:
@@ -205,10 +217,11 @@ def release(url: str, job_id: int, worker_id: str, message: str) -> bool:
 
 
 def request_cancel(session: Session, job_id: int) -> Job:
-    """Cancel a queued job now; ask a running one to stop (its worker sees the flag at the next heartbeat)."""
-    job = session.get(Job, job_id)
-    if job is None:
-        raise JobError(f"job {job_id} does not exist")
+    """Cancel a queued job now; ask a running one to stop (its worker sees the flag at the next heartbeat).
+    JobNotFound, or JobFinished for a job that already succeeded or failed."""
+    job = get_job(session, job_id)
+    if job.status in ("succeeded", "failed"):
+        raise JobFinished(f"job {job_id} already {job.status}")
     now = utcnow()
     session.execute(
         update(Job).where(Job.id == job_id, Job.status == "queued")

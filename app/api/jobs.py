@@ -94,10 +94,10 @@ def list_jobs(session: SessionDep,
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND, dependencies=[Depends(require_read)])
 def get_job(session: SessionDep, job_id: int = JOB_ID) -> JobOut:
-    job = jobs.get_job(session, job_id)
-    if job is None:
-        raise ApiError(404, f"job {job_id} does not exist")
-    return JobOut.model_validate(job)
+    try:
+        return JobOut.model_validate(jobs.get_job(session, job_id))
+    except jobs.JobNotFound as exc:
+        raise ApiError(404, str(exc)) from None
 
 
 @router.get("/{job_id}/logs", response_model=JobLogs, responses=NOT_FOUND, dependencies=[Depends(require_read)])
@@ -111,11 +111,11 @@ def get_job_logs(request: Request, session: SessionDep, job_id: int = JOB_ID,
              dependencies=[Depends(require_write)])
 def cancel_job(session: SessionDep, job_id: int = JOB_ID) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its worker's next heartbeat."""
-    job = jobs.get_job(session, job_id)
-    if job is None:
-        raise ApiError(404, f"job {job_id} does not exist")
-    if job.status in ("succeeded", "failed"):
-        raise ApiError(409, f"job {job_id} already {job.status}")
-    cancelled = JobOut.model_validate(jobs.request_cancel(session, job_id))
+    try:
+        cancelled = JobOut.model_validate(jobs.request_cancel(session, job_id))
+    except jobs.JobNotFound as exc:
+        raise ApiError(404, str(exc)) from None
+    except jobs.JobFinished as exc:
+        raise ApiError(409, str(exc)) from None
     session.commit()
     return cancelled

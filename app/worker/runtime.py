@@ -134,8 +134,6 @@ def wait_for(settings: Settings, job_id: int, timeout: float | None = None,
     while True:
         with session_scope(settings.resolved_database_url) as session:
             job = jobs.get_job(session, job_id)
-            if job is None:
-                raise jobs.JobError(f"job {job_id} does not exist")
             session.expunge(job)
         state = (job.status, round(job.progress, 4), job.message)
         if state != seen and on_change is not None:
