@@ -94,11 +94,13 @@ def _check_model_version(session: Session, kind: str, params: dict[str, Any]) ->
         return
     if not isinstance(wanted, str) or not wanted:
         raise JobError(f"model_version is a model version's name, a preset or a checkpoint directory; got {wanted!r}")
-    registered = session.scalar(select(ModelVersion).where(ModelVersion.name == wanted))
-    if registered is None and not is_embedder_spec(wanted):
+    if session.scalar(select(ModelVersion.id).where(ModelVersion.name == wanted)) is not None:
+        return
+    if not is_embedder_spec(wanted):
         raise JobError(unknown_model_message(session, wanted))
-    if registered is None:  # a checkpoint directory whose name may be a version's already
-        named = session.scalar(select(ModelVersion).where(ModelVersion.name == embedder_version_name(wanted)))
+    name = embedder_version_name(wanted)
+    if name != wanted:  # a checkpoint directory, registered under its folder name: that version may be another's
+        named = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
         if named is not None and (taken := name_taken(named, wanted)) is not None:
             raise JobError(taken)
 

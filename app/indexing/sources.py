@@ -13,8 +13,8 @@ from typing import Any
 
 from models.data import IMAGE_SUFFIXES
 
-MANIFEST_DELIMITERS = ",;\t"
-URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)  # spreadsheets save ';' where ',' is the decimal mark
+MANIFEST_DELIMITERS = ",;\t"  # spreadsheets save ';' where ',' is the decimal mark
+URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)  # a manifest row naming a URL, not a file
 
 
 class SourceError(ValueError):
