@@ -17,30 +17,25 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.conftest import CLASS_COLOURS, DATABASES, class_image, jpeg_bytes, migrated_url
-from tests.test_api_helpers import app_client, build_served_corpus, upload
+from tests.test_api_helpers import app_client, build_served_corpus, client_on_each_db, upload
 
 
-def served(kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-           ) -> Iterator[TestClient]:
+def served_settings(kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp(f"api-{kind}")
-    settings = build_served_corpus(tmp, migrated_url(kind, request, tmp), max_upload_bytes=200_000)
-    with app_client(settings) as client:
-        yield client
+    return build_served_corpus(tmp, migrated_url(kind, request, tmp), max_upload_bytes=200_000)
 
 
 @pytest.fixture(scope="module")
 def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     """One app over 20 images on SQLite, shared by the module: each test leaves the corpus as it found it."""
-    yield from served("sqlite", request, tmp_path_factory)
+    with app_client(served_settings("sqlite", request, tmp_path_factory)) as client:
+        yield client
 
 
 @pytest.fixture(scope="module", params=DATABASES)
 def api_on_each_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                    api: TestClient) -> Iterator[TestClient]:
-    if request.param == "sqlite":
-        yield api
-    else:
-        yield from served(request.param, request, tmp_path_factory)
+    yield from client_on_each_db(request, api, lambda kind: served_settings(kind, request, tmp_path_factory))
 
 
 def add(client: TestClient, image: Image.Image, label: str | None = None, **meta: object) -> httpx.Response:

@@ -4,7 +4,7 @@ process is the point: kill -9, concurrency under real HTTP, the page in Chromium
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +16,7 @@ from tests.live_server import LiveServer
 from tests.test_indexing import make_corpus
 
 if TYPE_CHECKING:
+    import pytest
     from fastapi.testclient import TestClient
 
     from app.settings import Settings
@@ -62,6 +63,17 @@ def app_client(settings: Settings, **overrides: object) -> Iterator[TestClient]:
     app = create_app(settings.model_copy(update={**TEST_SERVING, **overrides}))
     with TestClient(app, raise_server_exceptions=False, base_url="http://testserver") as client:
         yield client
+
+
+def client_on_each_db(request: pytest.FixtureRequest, sqlite_client: TestClient,
+                      settings_on: Callable[[str], Settings]) -> Iterator[TestClient]:
+    """For a fixture parametrized over DATABASES: the module's SQLite client as it is, or an app of its own over
+    `settings_on(kind)` (the same corpus on that database)."""
+    if request.param == "sqlite":
+        yield sqlite_client
+    else:
+        with app_client(settings_on(request.param)) as client:
+            yield client
 
 
 def server_env(settings: Settings, **env: object) -> dict[str, str]:

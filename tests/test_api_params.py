@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import DATABASES, class_image, jpeg_bytes, migrated_url
-from tests.test_api_helpers import app_client, build_served_corpus, upload
+from tests.test_api_helpers import app_client, build_served_corpus, client_on_each_db, upload
 
 IMAGE_LIMIT = 200_000  # RETRIEVAL_MAX_UPLOAD_BYTES here; the body limit is this plus 64 KiB of multipart room
 CORPUS = 12  # 3 images of each of the 4 classes
@@ -39,11 +39,7 @@ def api(settings) -> Iterator[TestClient]:
 @pytest.fixture(scope="module", params=DATABASES)
 def api_on_each_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                    api: TestClient) -> Iterator[TestClient]:
-    if request.param == "sqlite":
-        yield api
-    else:
-        with app_client(served_settings(request.param, request, tmp_path_factory)) as client:
-            yield client
+    yield from client_on_each_db(request, api, lambda kind: served_settings(kind, request, tmp_path_factory))
 
 
 def query() -> bytes:
